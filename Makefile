@@ -1,0 +1,58 @@
+# The single entry point. `make test` and `make demo` create .venv from the lock when it is missing.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+# pip takes a local CPU wheel of this release when the machine has one (see README, "Development").
+TORCH_VERSION := 2.13.0
+PACKAGES := packages/tqai-core packages/tqai-torch packages/tqai-mlx packages/tqai-diffusers
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-gpu lint fmt bench lock readme ci clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements/lock.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(PY) -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
+	$(UV) pip install -q --python $(PY) -r requirements/lock.txt $(foreach p,$(PACKAGES),-e $(p))
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/tqai benchmark
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_distortion.py
+	$(PY) benchmarks/bench_codec.py
+	$(PY) scripts/update_readme.py
+
+readme: $(STAMP)
+	$(PY) scripts/update_readme.py
+
+lock: $(STAMP)
+	$(UV) pip compile requirements/dev.in --python-version 3.11 --no-header --no-annotate \
+		--no-emit-package torch $(if $(wildcard /opt/wheels),--find-links /opt/wheels) -o requirements/lock.body
+	{ head -n 3 requirements/lock.txt; cat requirements/lock.body; } > requirements/lock.tmp
+	mv requirements/lock.tmp requirements/lock.txt; rm -f requirements/lock.body
+
+ci: lint test
+
+clean:
+	rm -rf $(VENV) dist build .pytest_cache .hypothesis
