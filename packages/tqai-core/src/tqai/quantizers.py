@@ -157,13 +157,30 @@ class _TurboQuant:
         return dtype
 
     def _codes(self, y: Any, xp: ModuleType) -> Any:
-        cb = self.codebook
-        bounds = self._constants.get(f"bounds{cb.n_bits}", cb.boundaries, y, xp)
-        return nearest_codes(y, bounds, cb.n_bits, xp=xp)
+        bounds = self.constant("boundaries", y, xp=xp)
+        return nearest_codes(y, bounds, self.codebook.n_bits, xp=xp)
 
-    def _centroids(self, codes: Any, like: Any, xp: ModuleType) -> Any:
-        cb = self.codebook
-        table = self._constants.get(f"cent{cb.n_bits}", cb.centroids, like, xp)
+    def constant(self, name: str, like: Any, *, xp: ModuleType | None = None) -> Any:
+        """A host constant of this quantizer next to ``like`` (its namespace, dtype, device).
+
+        ``name``: ``"centroids"``, ``"boundaries"``, ``"sketch"`` (``(m, d)``, prod only) or
+        ``"sketch_t"`` (its transpose). Moved once per target and cached.
+        """
+        xp = _xp.namespace(like, xp=xp)
+        hosts = {
+            "centroids": lambda: self.codebook.centroids,
+            "boundaries": lambda: self.codebook.boundaries,
+            "sketch": lambda: self.sketch,
+            "sketch_t": lambda: self.sketch.T,
+        }
+        if name not in hosts:
+            raise ValueError(f"name must be one of {sorted(hosts)}, got {name!r}")
+        return self._constants.get(name, hosts[name](), like, xp)
+
+    def lookup_centroids(self, codes: Any, like: Any, *, xp: ModuleType | None = None) -> Any:
+        """``codes (...)`` -> centroid values ``(...)`` in ``like``'s namespace and dtype."""
+        xp = _xp.namespace(like, xp=xp)
+        table = self.constant("centroids", like, xp=xp)
         flat = xp.take(table, xp.reshape(xp.astype(codes, xp.int64), (-1,)), axis=0)
         return xp.reshape(flat, tuple(codes.shape))
 
@@ -247,7 +264,7 @@ class TurboQuantMSE(_TurboQuant):
         xp = _xp.namespace(qt.norms, xp=xp)
         codes = self.codes(qt, xp=xp)
         norms = xp.astype(qt.norms, xp.float32)
-        return self._centroids(codes, norms, xp) * norms[..., None]
+        return self.lookup_centroids(codes, norms, xp=xp) * norms[..., None]
 
 
 class TurboQuantProd(_TurboQuant):
@@ -295,7 +312,7 @@ class TurboQuantProd(_TurboQuant):
     def _mse_part(self, codes: Any, like: Any, xp: ModuleType) -> Any:
         if self.codebook is None:
             return xp.zeros_like(like)
-        return self._centroids(codes, like, xp)
+        return self.lookup_centroids(codes, like, xp=xp)
 
     def quantize(self, x: Any, *, xp: ModuleType | None = None) -> QuantizedTensor:
         """Quantize ``(..., d)`` floating vectors into a :class:`QuantizedTensor` (same namespace)."""
@@ -309,7 +326,7 @@ class TurboQuantProd(_TurboQuant):
         else:
             codes = self._codes(y, xp)
         residual = y - self._mse_part(codes, y, xp)
-        projected = residual @ self._constants.get("st", self.sketch.T, y, xp)
+        projected = residual @ self.constant("sketch_t", y, xp=xp)
         signs = xp.astype(projected >= 0, xp.uint8)
         return QuantizedTensor(
             spec=s,
@@ -329,9 +346,9 @@ class TurboQuantProd(_TurboQuant):
         norms = xp.astype(qt.norms, xp.float32)
         gamma = xp.astype(qt.residual_norms, xp.float32)
         signs = xp.astype(unpack_bits(qt.qjl, 1, s.qjl_dim, xp=xp), xp.float32) * 2 - 1
-        sketch = self._constants.get("s", self.sketch, norms, xp)
+        sketch = self.constant("sketch", norms, xp=xp)
         qjl_part = (signs @ sketch) * (gamma * (math.sqrt(math.pi / 2) / s.qjl_dim))[..., None]
         if s.mse_bits:
             codes = unpack_bits(qt.packed, s.mse_bits, s.d, xp=xp)
-            qjl_part = qjl_part + self._centroids(codes, norms, xp)
+            qjl_part = qjl_part + self.lookup_centroids(codes, norms, xp=xp)
         return qjl_part * norms[..., None]

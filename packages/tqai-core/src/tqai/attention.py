@@ -1,0 +1,247 @@
+"""Attention read directly from TurboQuant codes: the reference for every fused kernel.
+
+Because a rotation ``Pi`` is orthogonal, ``q . k = (Pi q) . (Pi k)``: the scores of a query
+against compressed keys come from the rotated query and the keys' centroids times their norms,
+``||k|| (Pi_K q) . c[idx_k]``, and the value sum can be taken in the values' rotated domain and
+rotated back once at the end (TurboQuant, arXiv:2504.19874, Section 4; SPEC.md "The cache").
+The history is walked in chunks with an online softmax (the FlashAttention recurrence, Dao et al.
+2022, arXiv:2205.14135), so the extra memory is O(chunk) and no full-precision copy of the
+history ever exists. TurboQuant_prod keys and values are supported as well: the QJL part of a
+score is ``sqrt(pi/2)/m * gamma * (S Pi q) . sign_bits``, computed from the sketched query.
+
+Full-precision segments (attention-sink tokens before the history and a recent window after it)
+join the same softmax: their keys and values are rotated into the same domains first.
+
+Shapes: ``query (B, Hq, Tq, D)``; compressed tensors have leading shape ``(B, Hkv, T)``;
+full-precision segments ``(B, Hkv, S, D)``; ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA: each
+group of ``Hq / Hkv`` query heads shares one KV head, never repeated in memory). The mask is
+boolean ``(B | 1, 1 | Hq, Tq, S + T + W)`` with True meaning "attend" (transformers' sdpa mask
+convention) or None; columns follow time order: prefix, history, suffix. Output
+``(B, Hq, Tq, D)`` in the query's dtype; the math runs in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+from tqai import _xp
+from tqai.container import QuantizedTensor
+from tqai.packing import unpack_bits
+from tqai.quantizers import TurboQuantMSE, TurboQuantProd
+
+__all__ = ["attention_reference", "compressed_attention", "slice_tokens"]
+
+Quantizer = TurboQuantMSE | TurboQuantProd
+
+
+def slice_tokens(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
+    """The tokens ``[start, stop)`` of a compressed tensor of leading shape ``(..., T)`` (views)."""
+    arrays = {
+        name: (a[..., start:stop, :] if a.ndim == len(qt.shape) + 1 else a[..., start:stop])
+        for name, a in qt.arrays().items()
+    }
+    shape = (*qt.shape[:-1], max(0, min(stop, qt.shape[-1]) - start))
+    return QuantizedTensor(spec=qt.spec, shape=shape, dtype=qt.dtype, **arrays)
+
+
+def _group(x: Any, n_kv: int, xp: ModuleType) -> Any:
+    """``(B, Hq, T, X) -> (B, Hkv, G * T, X)``: query heads grouped under their KV head."""
+    b, hq, t, last = x.shape
+    return xp.reshape(x, (b, n_kv, (hq // n_kv) * t, last))
+
+
+def _group_mask(mask: Any, n_kv: int, hq: int, xp: ModuleType) -> Any:
+    """Boolean ``(B|1, 1|Hq, Tq, K) -> (B|1, Hkv|1, G*Tq | Tq-broadcastable, K)``."""
+    b, h, tq, k = mask.shape
+    g = hq // n_kv
+    if h == 1:
+        mask = xp.reshape(mask, (b, 1, 1, tq, k))
+        mask = xp.broadcast_to(mask, (b, 1, g, tq, k))
+        return xp.reshape(mask, (b, 1, g * tq, k))
+    return xp.reshape(mask, (b, n_kv, g * tq, k))
+
+
+class _OnlineSoftmax:
+    """Running max ``m``, normalizer ``l`` and accumulators of the FlashAttention recurrence."""
+
+    def __init__(self, rows_shape: tuple[int, ...], xp: ModuleType, like: Any) -> None:
+        device = _xp.device_of(like)
+        self.xp = xp
+        self.m = xp.full(rows_shape, -math.inf, dtype=xp.float32, device=device)
+        self.l = xp.zeros(rows_shape, dtype=xp.float32, device=device)
+        self.accs: dict[str, Any] = {}
+
+    def step(self, scores: Any, values: dict[str, Any]) -> None:
+        """Fold in a chunk: ``scores (..., R, C)``, ``values[name] (..., C, X)``."""
+        xp = self.xp
+        m_new = xp.maximum(self.m, xp.max(scores, axis=-1))
+        # Rows with every score masked so far keep m = -inf; shift by 0 there to avoid inf - inf.
+        shift = xp.where(xp.isfinite(m_new), m_new, xp.zeros_like(m_new))
+        p = xp.exp(scores - shift[..., None])
+        alpha = xp.exp(self.m - shift)
+        self.l = self.l * alpha + xp.sum(p, axis=-1)
+        # Every accumulator is rescaled, also those this chunk does not add to.
+        self.accs = {name: acc * alpha[..., None] for name, acc in self.accs.items()}
+        for name, v in values.items():
+            contrib = p @ v
+            acc = self.accs.get(name)
+            self.accs[name] = contrib if acc is None else acc + contrib
+        self.m = m_new
+
+
+def _masked(scores: Any, mask: Any | None, start: int, stop: int, xp: ModuleType) -> Any:
+    if mask is None:
+        return scores
+    return xp.where(mask[..., start:stop], scores, xp.full_like(scores, -math.inf))
+
+
+def _key_scores(
+    q_rot: Any, q_sketch: Any | None, keys: QuantizedTensor, quantizer: Quantizer, xp: ModuleType
+) -> Any:
+    """Scores ``(B, Hkv, R, C)`` of grouped rotated queries against a chunk of compressed keys."""
+    spec = quantizer.spec
+    norms = xp.astype(keys.norms, xp.float32)
+    scores = None
+    if spec.mse_bits:
+        codes = unpack_bits(keys.packed, spec.mse_bits, spec.d, xp=xp)
+        cent = quantizer.lookup_centroids(codes, norms, xp=xp)  # (B, Hkv, C, D): O(chunk)
+        scores = q_rot @ xp.matrix_transpose(cent)
+    if spec.kind == "prod":
+        signs = xp.astype(unpack_bits(keys.qjl, 1, spec.qjl_dim, xp=xp), xp.float32) * 2 - 1
+        gamma = xp.astype(keys.residual_norms, xp.float32)
+        qjl = (q_sketch @ xp.matrix_transpose(signs)) * (
+            gamma * (math.sqrt(math.pi / 2) / spec.qjl_dim)
+        )[..., None, :]
+        scores = qjl if scores is None else scores + qjl
+    return scores * norms[..., None, :]
+
+
+def _value_terms(values: QuantizedTensor, quantizer: Quantizer, xp: ModuleType) -> dict[str, Any]:
+    """The chunk's values as the accumulators want them: rotated MSE part and QJL sign part."""
+    spec = quantizer.spec
+    norms = xp.astype(values.norms, xp.float32)
+    terms = {}
+    if spec.mse_bits:
+        codes = unpack_bits(values.packed, spec.mse_bits, spec.d, xp=xp)
+        terms["rot"] = quantizer.lookup_centroids(codes, norms, xp=xp) * norms[..., None]
+    if spec.kind == "prod":
+        signs = xp.astype(unpack_bits(values.qjl, 1, spec.qjl_dim, xp=xp), xp.float32) * 2 - 1
+        gamma = xp.astype(values.residual_norms, xp.float32) * norms
+        terms["sketch"] = signs * (gamma * (math.sqrt(math.pi / 2) / spec.qjl_dim))[..., None]
+    return terms
+
+
+def compressed_attention(
+    query: Any,
+    keys: QuantizedTensor,
+    values: QuantizedTensor,
+    key_quantizer: Quantizer,
+    value_quantizer: Quantizer,
+    *,
+    scale: float,
+    mask: Any | None = None,
+    prefix: tuple[Any, Any] | None = None,
+    suffix: tuple[Any, Any] | None = None,
+    chunk_size: int = 1024,
+    xp: ModuleType | None = None,
+) -> Any:
+    """Softmax attention of ``query`` over compressed keys/values, chunked, in rotated domains.
+
+    Args:
+        query: ``(B, Hq, Tq, D)`` floating queries.
+        keys, values: compressed tensors of leading shape ``(B, Hkv, T)`` (T may be 0 when only
+            full-precision segments exist), made by ``key_quantizer`` / ``value_quantizer``.
+        key_quantizer, value_quantizer: the quantizers (their rotations and codebooks are used).
+        scale: softmax scale (usually ``1 / sqrt(D)``).
+        mask: boolean ``(B|1, 1|Hq, Tq, S+T+W)``, True = attend; None attends to everything.
+        prefix: optional full-precision ``(keys, values)`` of shape ``(B, Hkv, S, D)`` placed
+            before the history (attention sinks).
+        suffix: optional full-precision ``(keys, values)`` ``(B, Hkv, W, D)`` after the history
+            (recent window and tokens not yet compressed).
+        chunk_size: history tokens per online-softmax step (extra memory is O(chunk)).
+
+    Returns:
+        ``(B, Hq, Tq, D)`` attention output in ``query``'s dtype.
+    """
+    xp = _xp.namespace(query, xp=xp)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b, hq, tq, d = query.shape
+    n_kv = keys.shape[1]
+    if hq % n_kv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({n_kv})")
+    out_dtype = query.dtype
+    q = _group(xp.astype(query, xp.float32), n_kv, xp) * scale  # (B, Hkv, G*Tq, D)
+    q_rot = key_quantizer.rotation.rotate(q, xp=xp)
+    q_sketch = None
+    if key_quantizer.spec.kind == "prod":
+        q_sketch = q_rot @ key_quantizer.constant("sketch_t", q_rot, xp=xp)
+    if mask is not None:
+        mask = _group_mask(mask, n_kv, hq, xp)
+    state = _OnlineSoftmax((b, n_kv, q.shape[2]), xp, q)
+    v_rot = value_quantizer.rotation
+
+    def full_segment(k: Any, v: Any, start: int) -> None:
+        k = key_quantizer.rotation.rotate(xp.astype(k, xp.float32), xp=xp)
+        scores = _masked(q_rot @ xp.matrix_transpose(k), mask, start, start + k.shape[2], xp)
+        state.step(scores, {"rot": v_rot.rotate(xp.astype(v, xp.float32), xp=xp)})
+
+    column = 0
+    if prefix is not None and prefix[0].shape[2]:
+        full_segment(*prefix, column)
+        column += prefix[0].shape[2]
+    history = keys.shape[2]
+    for start in range(0, history, chunk_size):
+        stop = min(start + chunk_size, history)
+        k_chunk = slice_tokens(keys, start, stop)
+        scores = _key_scores(q_rot, q_sketch, k_chunk, key_quantizer, xp)
+        scores = _masked(scores, mask, column + start, column + stop, xp)
+        state.step(scores, _value_terms(slice_tokens(values, start, stop), value_quantizer, xp))
+    column += history
+    if suffix is not None and suffix[0].shape[2]:
+        full_segment(*suffix, column)
+    if not state.accs:
+        raise ValueError("attention over an empty key sequence: no history and no segments")
+    acc = state.accs.get("rot")
+    if "sketch" in state.accs:
+        extra = state.accs["sketch"] @ value_quantizer.constant("sketch", q, xp=xp)
+        acc = extra if acc is None else acc + extra
+    l_safe = xp.where(state.l > 0, state.l, xp.ones_like(state.l))
+    out = v_rot.unrotate(acc / l_safe[..., None], xp=xp)  # one rotation back, at the end
+    return xp.astype(xp.reshape(out, (b, hq, tq, d)), out_dtype)
+
+
+def attention_reference(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    scale: float,
+    mask: Any | None = None,
+    xp: ModuleType | None = None,
+) -> Any:
+    """Plain softmax attention with GQA, float32 math: the uncompressed reference.
+
+    Args:
+        query: ``(B, Hq, Tq, D)``; key, value: ``(B, Hkv, T, D)``; mask: boolean
+            ``(B|1, 1|Hq, Tq, T)`` (True = attend) or None.
+
+    Returns:
+        ``(B, Hq, Tq, D)`` in ``query``'s dtype. Rows with every key masked give 0.
+    """
+    xp = _xp.namespace(query, xp=xp)
+    b, hq, tq, d = query.shape
+    n_kv = key.shape[1]
+    if hq % n_kv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({n_kv})")
+    q = _group(xp.astype(query, xp.float32), n_kv, xp) * scale
+    scores = q @ xp.matrix_transpose(xp.astype(key, xp.float32))
+    if mask is not None:
+        scores = _masked(scores, _group_mask(mask, n_kv, hq, xp), 0, key.shape[2], xp)
+    state = _OnlineSoftmax((b, n_kv, q.shape[2]), xp, q)
+    state.step(scores, {"v": xp.astype(value, xp.float32)})
+    l_safe = xp.where(state.l > 0, state.l, xp.ones_like(state.l))
+    out = state.accs["v"] / l_safe[..., None]
+    return xp.astype(xp.reshape(out, (b, hq, tq, d)), query.dtype)
