@@ -135,8 +135,8 @@ def _value_terms(values: QuantizedTensor, quantizer: Quantizer, xp: ModuleType) 
 
 def compressed_attention(
     query: Any,
-    keys: QuantizedTensor,
-    values: QuantizedTensor,
+    keys: QuantizedTensor | None,
+    values: QuantizedTensor | None,
     key_quantizer: Quantizer,
     value_quantizer: Quantizer,
     *,
@@ -151,8 +151,9 @@ def compressed_attention(
 
     Args:
         query: ``(B, Hq, Tq, D)`` floating queries.
-        keys, values: compressed tensors of leading shape ``(B, Hkv, T)`` (T may be 0 when only
-            full-precision segments exist), made by ``key_quantizer`` / ``value_quantizer``.
+        keys, values: compressed tensors of leading shape ``(B, Hkv, T)`` made by
+            ``key_quantizer`` / ``value_quantizer``, or None when there is no compressed history
+            yet (then ``prefix`` or ``suffix`` must hold tokens).
         key_quantizer, value_quantizer: the quantizers (their rotations and codebooks are used).
         scale: softmax scale (usually ``1 / sqrt(D)``).
         mask: boolean ``(B|1, 1|Hq, Tq, S+T+W)``, True = attend; None attends to everything.
@@ -169,7 +170,10 @@ def compressed_attention(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, hq, tq, d = query.shape
-    n_kv = keys.shape[1]
+    segments = [s[0] for s in (prefix, suffix) if s is not None]
+    if keys is None and not segments:
+        raise ValueError("attention over an empty key sequence: no history and no segments")
+    n_kv = keys.shape[1] if keys is not None else segments[0].shape[1]
     if hq % n_kv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({n_kv})")
     out_dtype = query.dtype
@@ -192,7 +196,7 @@ def compressed_attention(
     if prefix is not None and prefix[0].shape[2]:
         full_segment(*prefix, column)
         column += prefix[0].shape[2]
-    history = keys.shape[2]
+    history = 0 if keys is None else keys.shape[2]
     for start in range(0, history, chunk_size):
         stop = min(start + chunk_size, history)
         k_chunk = slice_tokens(keys, start, stop)

@@ -36,10 +36,12 @@ from tqai.codebooks import validate_dim, validate_n_bits
 
 __all__ = [
     "FORMAT_VERSION",
+    "ITEMSIZE",
     "NORM_DTYPES",
     "QuantizedTensor",
     "QuantizerSpec",
     "TqaiFormatError",
+    "dtype_name",
 ]
 
 MAGIC = b"TQAI"
@@ -47,7 +49,7 @@ FORMAT_VERSION = 1
 NORM_DTYPES = ("float16", "float32")
 _PREFIX = struct.Struct("<4sHI")
 _DIGEST = 32
-_ITEMSIZE = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+ITEMSIZE = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 _ARRAY_FIELDS = ("packed", "norms", "qjl", "residual_norms")
 
 
@@ -142,7 +144,7 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes really held by the arrays (codes, norms, QJL bits, residual norms)."""
-        return sum(math.prod(a.shape) * _ITEMSIZE[dtype_name(a)] for a in self.arrays().values())
+        return sum(math.prod(a.shape) * ITEMSIZE[dtype_name(a)] for a in self.arrays().values())
 
     @property
     def bits_per_coordinate(self) -> float:
@@ -208,7 +210,7 @@ class QuantizedTensor:
             payload = blob[start:-_DIGEST]
             arrays = {}
             for e in header["arrays"]:
-                if e["name"] not in _ARRAY_FIELDS or e["dtype"] not in _ITEMSIZE:
+                if e["name"] not in _ARRAY_FIELDS or e["dtype"] not in ITEMSIZE:
                     raise ValueError(f"unknown array {e['name']!r} of dtype {e['dtype']!r}")
                 raw = payload[e["offset"] : e["offset"] + e["nbytes"]]
                 a = np.frombuffer(raw, dtype=np.dtype(e["dtype"]).newbyteorder("<"))

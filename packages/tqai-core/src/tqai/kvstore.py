@@ -1,0 +1,359 @@
+"""One attention layer's compressed K/V store: the cache logic every backend shares.
+
+The transformers cache (tqai-torch) and the mlx-lm cache (tqai-mlx) are thin adapters around
+:class:`KVStore`; all the logic of what is kept how lives here, in pure array API:
+
+- ``sink_tokens``: the first tokens of the sequence, kept in full precision (attention sinks,
+  Xiao et al. 2023, arXiv:2309.17453).
+- the history: every other token as TurboQuant codes (packed, with fp16 norms) in growable
+  buffers: amortized growth by at least 1/8 of the capacity, never a concatenation of the whole
+  history per step; ``nbytes`` counts the allocated capacity, i.e. the memory really held.
+- ``residual_window``: the most recent tokens in full precision (KIVI, Liu et al. 2024,
+  arXiv:2402.02750); older ones are compressed as they leave the window.
+
+Tokens of the current forward pass are staged by :meth:`KVStore.update`, attend with the rest in
+full precision (they exist in full precision anyway), and are committed (compressed or moved into
+the sinks/window) by :meth:`KVStore.attend` or :meth:`KVStore.commit`. So after every forward
+pass the store holds only sinks, packed codes and the window.
+
+Strategies (SPEC.md "The cache"): ``compressed`` (attention read from the codes, chunked
+online softmax: :func:`tqai.attention.compressed_attention`), ``residual`` (the same with a
+full-precision recent window, 128 tokens unless ``residual_window`` says otherwise) and ``full``
+(dequantize everything each step; the reference for tests).
+
+Arrays are ``(B, H, T, D)``: batch, KV heads, tokens, head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from types import ModuleType
+from typing import Any
+
+from tqai import _xp
+from tqai.attention import compressed_attention
+from tqai.codebooks import validate_dim, validate_n_bits
+from tqai.container import ITEMSIZE, NORM_DTYPES, QuantizedTensor, dtype_name
+from tqai.quantizers import TurboQuantMSE, TurboQuantProd
+
+__all__ = ["STRATEGIES", "KVCacheConfig", "KVStore"]
+
+STRATEGIES = ("compressed", "residual", "full")
+_DEFAULT_RESIDUAL_WINDOW = 128
+_MIN_GROWTH = 256
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KVCacheConfig:
+    """How a layer's K/V are kept. Validated on construction; errors name the field.
+
+    Attributes:
+        bits_k, bits_v: bits per coordinate for keys and values (1..8; with ``use_qjl`` the
+            key budget includes the 1-bit QJL stage, so ``bits_k >= 2``).
+        sink_tokens: leading tokens kept in full precision.
+        residual_window: most recent tokens kept in full precision (``residual`` strategy: 128
+            when left at 0).
+        strategy: ``"compressed"``, ``"residual"`` or ``"full"``.
+        use_qjl: keys with TurboQuant_prod (unbiased scores) instead of TurboQuant_mse.
+        rotation: ``"haar"``, ``"hadamard"``, ``"rotor"`` or a ``tqai.rotations`` plugin.
+        seed: rotation seed (keys use ``seed``, values ``seed + 1``).
+        norm_dtype: ``"float16"`` or ``"float32"``.
+        chunk_size: history tokens per online-softmax step.
+    """
+
+    bits_k: int = 4
+    bits_v: int = 2
+    sink_tokens: int = 4
+    residual_window: int = 0
+    strategy: str = "compressed"
+    use_qjl: bool = False
+    rotation: str = "haar"
+    seed: int = 0
+    norm_dtype: str = "float16"
+    chunk_size: int = 1024
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        validate_n_bits(self.bits_k, name="bits_k", low=2 if self.use_qjl else 1)
+        validate_n_bits(self.bits_v, name="bits_v")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        for name in ("sink_tokens", "residual_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.norm_dtype not in NORM_DTYPES:
+            raise ValueError(f"norm_dtype must be one of {NORM_DTYPES}, got {self.norm_dtype!r}")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
+            raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size}")
+
+    @property
+    def window(self) -> int:
+        """The effective full-precision recent window."""
+        if self.strategy == "residual" and self.residual_window == 0:
+            return _DEFAULT_RESIDUAL_WINDOW
+        return self.residual_window
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def make_quantizers(self, head_dim: int) -> tuple[Any, Any]:
+        """The (key, value) quantizers for vectors of size ``head_dim``."""
+        head_dim = validate_dim(head_dim, name="head_dim")
+        common = {"rotation": self.rotation, "norm_dtype": self.norm_dtype}
+        if self.use_qjl:
+            key_q = TurboQuantProd(head_dim, self.bits_k, seed=self.seed, **common)
+        else:
+            key_q = TurboQuantMSE(head_dim, self.bits_k, seed=self.seed, **common)
+        value_q = TurboQuantMSE(head_dim, self.bits_v, seed=self.seed + 1, **common)
+        return key_q, value_q
+
+
+def _cat(xp: ModuleType, parts: list[Any], axis: int) -> Any:
+    parts = [p for p in parts if p is not None and p.shape[axis]]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=axis)
+
+
+class _PackedHistory:
+    """Growable buffers for the arrays of a :class:`QuantizedTensor` along the token axis."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Any] = {}
+        self.length = 0
+        self.template: QuantizedTensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.buffers.values())).shape[2] if self.buffers else 0
+
+    def append(self, qt: QuantizedTensor, xp: ModuleType) -> None:
+        new = qt.shape[2]
+        if self.template is None:
+            self.template = qt
+        if self.length + new > self.capacity:
+            grow = max(_MIN_GROWTH, self.capacity // 8, self.length + new - self.capacity)
+            for name, a in qt.arrays().items():
+                old = self.buffers.get(name)
+                shape = (*a.shape[:2], grow, *a.shape[3:])
+                pad = xp.zeros(shape, dtype=a.dtype, device=_xp.device_of(a))
+                self.buffers[name] = pad if old is None else xp.concat([old, pad], axis=2)
+        for name, a in qt.arrays().items():
+            self.buffers[name][:, :, self.length : self.length + new, ...] = a
+        self.length += new
+
+    def view(self) -> QuantizedTensor:
+        """The held tokens as a compressed tensor of leading shape ``(B, H, length)`` (views)."""
+        arrays = {name: b[:, :, : self.length, ...] for name, b in self.buffers.items()}
+        b, h = arrays["norms"].shape[:2]
+        spec, dtype = self.template.spec, self.template.dtype
+        return QuantizedTensor(spec=spec, shape=(b, h, self.length), dtype=dtype, **arrays)
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def map_batch(self, fn) -> None:
+        self.buffers = {name: fn(b) for name, b in self.buffers.items()}
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(b) for b in self.buffers.values())
+
+
+def _nbytes(a: Any) -> int:
+    return math.prod(a.shape) * ITEMSIZE[dtype_name(a)]
+
+
+class KVStore:
+    """Sinks + packed history + recent window of one layer's keys and values.
+
+    Args:
+        config: a :class:`KVCacheConfig`.
+
+    Example:
+        >>> import numpy as np
+        >>> store = KVStore(KVCacheConfig(bits_k=4, bits_v=2, sink_tokens=2))
+        >>> k = v = np.random.default_rng(0).standard_normal((1, 2, 10, 64)).astype(np.float32)
+        >>> store.update(k, v)
+        >>> out = store.attend(np.ones((1, 4, 10, 64), np.float32), scale=0.125, mask=None)
+        >>> store.length, store.sink_length, store.history_length
+        (10, 2, 8)
+    """
+
+    def __init__(self, config: KVCacheConfig) -> None:
+        self.config = config
+        self.key_quantizer: Any = None
+        self.value_quantizer: Any = None
+        self.xp: ModuleType | None = None
+        self.sinks: tuple[Any, Any] | None = None
+        self.window: tuple[Any, Any] | None = None
+        self.pending: tuple[Any, Any] | None = None
+        self.keys = _PackedHistory()
+        self.values = _PackedHistory()
+        self.dtype: Any = None
+
+    # ---- sizes ---------------------------------------------------------------------------
+    @property
+    def sink_length(self) -> int:
+        return 0 if self.sinks is None else self.sinks[0].shape[2]
+
+    @property
+    def window_length(self) -> int:
+        return 0 if self.window is None else self.window[0].shape[2]
+
+    @property
+    def pending_length(self) -> int:
+        return 0 if self.pending is None else self.pending[0].shape[2]
+
+    @property
+    def history_length(self) -> int:
+        return self.keys.length
+
+    @property
+    def length(self) -> int:
+        """Tokens held (sinks + history + window + staged)."""
+        return self.sink_length + self.history_length + self.window_length + self.pending_length
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes really held, by part: ``{"sinks", "codes", "window", "staged"}``."""
+        full = [self.sinks, self.window, self.pending]
+        sizes = [0 if p is None else _nbytes(p[0]) + _nbytes(p[1]) for p in full]
+        return {
+            "sinks": sizes[0],
+            "codes": self.keys.nbytes() + self.values.nbytes(),
+            "window": sizes[1],
+            "staged": sizes[2],
+        }
+
+    # ---- writing -------------------------------------------------------------------------
+    def _initialize(self, keys: Any, xp: ModuleType) -> None:
+        self.xp = xp
+        self.dtype = keys.dtype
+        self.key_quantizer, self.value_quantizer = self.config.make_quantizers(keys.shape[-1])
+
+    def update(self, keys: Any, values: Any) -> None:
+        """Stage new tokens ``(B, H, T, D)``; they are committed by :meth:`attend`/:meth:`commit`."""
+        xp = _xp.namespace(keys, values)
+        if keys.ndim != 4 or tuple(keys.shape) != tuple(values.shape):
+            raise ValueError(
+                "keys and values must both be (batch, heads, tokens, head_dim), got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        if self.xp is None:
+            self._initialize(keys, xp)
+        self.commit()
+        self.pending = (keys, values)
+
+    def commit(self) -> None:
+        """Move staged tokens into the sinks, the window and the packed history."""
+        if self.pending is None:
+            return
+        xp = self.xp
+        keys, values = self.pending
+        self.pending = None
+        room = self.config.sink_tokens - self.sink_length
+        if room > 0:
+            take = min(room, keys.shape[2])
+            head = (keys[:, :, :take, ...], values[:, :, :take, ...])
+            self.sinks = (
+                head
+                if self.sinks is None
+                else tuple(_cat(xp, [s, h], 2) for s, h in zip(self.sinks, head, strict=True))
+            )
+            keys, values = keys[:, :, take:, ...], values[:, :, take:, ...]
+        if not keys.shape[2]:
+            return
+        if self.window is not None:
+            keys = _cat(xp, [self.window[0], keys], 2)
+            values = _cat(xp, [self.window[1], values], 2)
+        overflow = keys.shape[2] - self.config.window
+        if overflow > 0:
+            self.keys.append(self.key_quantizer.quantize(keys[:, :, :overflow, ...], xp=xp), xp)
+            self.values.append(
+                self.value_quantizer.quantize(values[:, :, :overflow, ...], xp=xp), xp
+            )
+            keys, values = keys[:, :, overflow:, ...], values[:, :, overflow:, ...]
+        self.window = (keys, values) if keys.shape[2] else None
+
+    # ---- reading -------------------------------------------------------------------------
+    def _suffix(self) -> tuple[Any, Any] | None:
+        xp = self.xp
+        parts = [p for p in (self.window, self.pending) if p is not None]
+        if not parts:
+            return None
+        return (_cat(xp, [p[0] for p in parts], 2), _cat(xp, [p[1] for p in parts], 2))
+
+    def attend(self, query: Any, *, scale: float, mask: Any | None) -> Any:
+        """Attention of ``query (B, Hq, Tq, D)`` over everything held, then commit.
+
+        ``mask``: boolean ``(B|1, 1|Hq, Tq, length)`` (True = attend) or None.
+        """
+        if self.xp is None:
+            raise RuntimeError("attend() before any update(): the store holds no tokens")
+        keys = self.keys.view() if self.keys.length else None
+        values = self.values.view() if self.values.length else None
+        out = compressed_attention(
+            query,
+            keys,
+            values,
+            self.key_quantizer,
+            self.value_quantizer,
+            scale=scale,
+            mask=mask,
+            prefix=self.sinks,
+            suffix=self._suffix(),
+            chunk_size=self.config.chunk_size,
+            xp=self.xp,
+        )
+        self.commit()
+        return out
+
+    def dequantize(self) -> tuple[Any, Any]:
+        """All tokens as ``(B, H, length, D)`` arrays (the ``full`` strategy and tests)."""
+        xp = self.xp
+        hist_k = hist_v = None
+        if self.keys.length:
+            hist_k = xp.astype(self.key_quantizer.dequantize(self.keys.view(), xp=xp), self.dtype)
+            hist_v = xp.astype(
+                self.value_quantizer.dequantize(self.values.view(), xp=xp), self.dtype
+            )
+        suffix = self._suffix() or (None, None)
+        sinks = self.sinks or (None, None)
+        return (
+            _cat(xp, [sinks[0], hist_k, suffix[0]], 2),
+            _cat(xp, [sinks[1], hist_v, suffix[1]], 2),
+        )
+
+    # ---- editing -------------------------------------------------------------------------
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens (speculative decoding rolls back rejected ones)."""
+        self.commit()
+        if length < 0:
+            length = max(0, self.length + length)
+        if length >= self.length:
+            return
+        s = min(length, self.sink_length)
+        if self.sinks is not None:
+            self.sinks = (self.sinks[0][:, :, :s, ...], self.sinks[1][:, :, :s, ...]) if s else None
+        rest = length - s
+        h = min(rest, self.keys.length)
+        self.keys.crop(h)
+        self.values.crop(h)
+        w = rest - h
+        if self.window is not None:
+            self.window = (
+                (self.window[0][:, :, :w, ...], self.window[1][:, :, :w, ...]) if w else None
+            )
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (e.g. ``lambda a: a[indices]``) to the batch axis of every array."""
+        self.commit()
+        for part in ("sinks", "window"):
+            value = getattr(self, part)
+            if value is not None:
+                setattr(self, part, (fn(value[0]), fn(value[1])))
+        self.keys.map_batch(fn)
+        self.values.map_batch(fn)

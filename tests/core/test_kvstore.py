@@ -1,0 +1,105 @@
+"""KVStore: sinks + packed history + window, staged tokens, crop, batch maps, bytes held."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tqai._xp import to_host
+from tqai.attention import attention_reference
+from tqai.kvstore import KVCacheConfig, KVStore
+from tqai.testing import make_array
+
+
+def _run(store: KVStore, xp, steps, rng, hq=4, d=32):
+    ks, vs = [], []
+    out = ref = None
+    for t in steps:
+        k = rng.standard_normal((2, 2, t, d)).astype(np.float32)
+        v = rng.standard_normal((2, 2, t, d)).astype(np.float32)
+        q = rng.standard_normal((2, hq, t, d)).astype(np.float32)
+        ks.append(k)
+        vs.append(v)
+        store.update(make_array(xp, k), make_array(xp, v))
+        k_hat, v_hat = (to_host(a) for a in store.dequantize())
+        out = to_host(store.attend(make_array(xp, q), scale=d**-0.5, mask=None))
+        ref = attention_reference(q, k_hat, v_hat, scale=d**-0.5)
+        np.testing.assert_allclose(out, ref, atol=3e-5, rtol=1e-4)
+    exact = attention_reference(q, np.concatenate(ks, 2), np.concatenate(vs, 2), scale=d**-0.5)
+    return out, exact
+
+
+@pytest.mark.parametrize(
+    ("strategy", "sinks", "window"),
+    [("compressed", 4, 0), ("compressed", 0, 0), ("compressed", 2, 5), ("residual", 4, 0)],
+)
+def test_store_attention_equals_dequantized_attention(xp, strategy, sinks, window):
+    config = KVCacheConfig(
+        bits_k=4,
+        bits_v=3,
+        sink_tokens=sinks,
+        residual_window=window,
+        strategy=strategy,
+        norm_dtype="float32",
+        chunk_size=16,
+    )
+    store = KVStore(config)
+    _run(store, xp, [7, 1, 1, 40, 1], np.random.default_rng(0))
+    assert store.length == 50
+    assert store.sink_length == min(sinks, 50)
+    assert store.window_length == min(config.window, 50 - store.sink_length)
+    assert store.history_length == 50 - store.sink_length - store.window_length
+    assert store.pending_length == 0  # nothing stays staged after attend
+
+
+def test_eight_bits_is_close_to_exact():
+    store = KVStore(KVCacheConfig(bits_k=8, bits_v=8, norm_dtype="float32"))
+    out, exact = _run(store, np, [30, 1, 1], np.random.default_rng(1))
+    assert np.max(np.abs(out - exact)) < 1e-2
+
+
+def test_nbytes_counts_codes_and_full_precision_parts():
+    store = KVStore(KVCacheConfig(bits_k=4, bits_v=2, sink_tokens=4))
+    k = np.zeros((1, 2, 300, 64), np.float32)
+    store.update(k, k)
+    store.commit()
+    parts = store.nbytes()
+    assert parts["sinks"] == 2 * 1 * 2 * 4 * 64 * 4
+    # 296 tokens in buffers of capacity 296 (first growth): K 32 + 2, V 16 + 2 bytes per vector
+    assert parts["codes"] == 2 * store.keys.capacity * (32 + 2 + 16 + 2)
+    assert store.keys.capacity >= 296
+
+
+def test_crop_and_map_batch():
+    store = KVStore(KVCacheConfig(sink_tokens=2, residual_window=3))
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((3, 1, 20, 16)).astype(np.float32)
+    store.update(k, k)
+    store.commit()
+    full_k, _ = store.dequantize()
+    store.crop(12)
+    assert store.length == 12
+    np.testing.assert_array_equal(store.dequantize()[0], full_k[:, :, :12])
+    store.crop(1)
+    assert (store.length, store.history_length, store.window_length) == (1, 0, 0)
+    store2 = KVStore(KVCacheConfig(sink_tokens=2))
+    store2.update(k, k)
+    store2.map_batch(lambda a: a[np.array([2, 0])])
+    np.testing.assert_array_equal(store2.dequantize()[0][0, :, :2], k[2, :, :2])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bits_k": 0}, "bits_k must be in 1..8"),
+        ({"bits_v": 9}, "bits_v must be in 1..8"),
+        ({"bits_k": 1, "use_qjl": True}, "bits_k must be in 2..8"),
+        ({"strategy": "lossy"}, "strategy must be one of"),
+        ({"sink_tokens": -1}, "sink_tokens must be an integer >= 0"),
+        ({"chunk_size": 0}, "chunk_size must be an integer >= 1"),
+        ({"norm_dtype": "int8"}, "norm_dtype must be one of"),
+    ],
+)
+def test_config_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KVCacheConfig(**kwargs)
