@@ -1,0 +1,195 @@
+"""The transformers KV cache that really stays compressed: ``TqaiLayer`` and ``TqaiCache``.
+
+Why it is shaped like this: transformers' cache is a list of per-layer objects behind
+``Cache.update(key_states, value_states, layer_idx)`` (transformers 5.x ``cache_utils``). Every
+full-attention layer gets a :class:`TqaiLayer`, a thin adapter around the core's
+:class:`tqai.kvstore.KVStore` (sinks + packed codes + optional full-precision window); all math is
+in tqai-core. Sliding-window layers keep transformers' own ``DynamicSlidingWindowLayer``: they
+hold at most one window of tokens, so compressing them saves little and the window must be
+exact for the model's local attention (documented in the README).
+
+How attention reads the codes: ``update`` stages the new tokens and returns them tagged with
+their layer (``key_states._tqai_layer``); the ``"tqai"`` attention function registered in
+transformers' ``AttentionInterface`` (:mod:`tqai_torch.attention`) finds the tag and computes
+attention from the packed codes (chunked online softmax in the rotated domains), then commits the
+new tokens. No dequantized copy of the history ever exists. The ``"full"`` strategy instead
+returns the dequantized history from ``update`` and lets the model's original attention run: the
+reference for tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from tqai.kvstore import KVCacheConfig, KVStore
+
+__all__ = ["TqaiCache", "TqaiLayer"]
+
+
+class TqaiLayer(DynamicLayer):
+    """One full-attention layer's compressed K/V (transformers ``CacheLayerMixin`` protocol).
+
+    Args:
+        config: the :class:`tqai.kvstore.KVCacheConfig` for this layer.
+    """
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, config: KVCacheConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.store = KVStore(config)
+        self.awaiting_attention = False
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"TqaiLayer(K{c.bits_k}/V{c.bits_v}, {c.strategy}, tokens={self.get_seq_length()})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage new ``(B, H, T, D)`` tokens; return what the attention function needs."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.awaiting_attention:
+            raise RuntimeError(
+                "a tqai cache was updated twice without attention reading it: the model does not "
+                "use the 'tqai' attention implementation. Create the cache with "
+                "tqai_torch.patch(model, ...) (or tqai.patch) and pass the cache it returns."
+            )
+        self.store.update(key_states, value_states)
+        if self.config.strategy == "full":
+            keys, values = self.store.dequantize()
+            self.store.commit()
+            return keys, values
+        self.awaiting_attention = True
+        key_states._tqai_layer = self
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """Attention of ``query (B, Hq, Tq, D)`` over the held tokens; commits the staged ones."""
+        self.awaiting_attention = False
+        return self.store.attend(query, scale=scale, mask=mask)
+
+    def get_seq_length(self) -> int:
+        return self.store.length - self.store.pending_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store = KVStore(self.config)
+        self.awaiting_attention = False
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop tokens from the end: ``-n`` removes ``n`` (transformers >= 5.2x); a value >= 0 is
+        the legacy "keep this many" of earlier 5.x releases."""
+        if tokens_to_remove < 0:
+            self.store.crop(max(0, self.get_seq_length() + tokens_to_remove))
+        else:
+            self.store.crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.store.map_batch(lambda a: a.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.store.map_batch(lambda a: a[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.store.map_batch(lambda a: a.index_select(0, beam_idx.to(a.device)))
+
+    def offload(self) -> None:
+        self.store.map_batch(lambda a: a.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self.store.map_batch(lambda a: a.to(self.device, non_blocking=True))
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes really held by this layer, by part (sinks, codes, window, staged)."""
+        return self.store.nbytes()
+
+
+class TqaiCache(DynamicCache):
+    """A transformers cache whose full-attention layers keep only TurboQuant codes.
+
+    Build it with :func:`tqai_torch.patch` (which also selects the ``"tqai"`` attention), or
+    directly from a model config. Sliding-window layers and ``skip_layers`` use transformers'
+    own layers, uncompressed.
+
+    Args:
+        model_config: the model's ``PretrainedConfig``.
+        config: the :class:`tqai.kvstore.KVCacheConfig` of the compressed layers.
+        skip_layers: indices of full-attention layers kept uncompressed.
+    """
+
+    def __init__(
+        self,
+        model_config: Any,
+        config: KVCacheConfig,
+        skip_layers: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__(config=model_config)
+        self.tqai_config = config
+        self.skip_layers = tuple(skip_layers)
+        self.model_signature = model_signature(model_config)
+        if not self.layers:
+            raise ValueError(
+                "the model config describes no attention layers (num_hidden_layers / layer_types)"
+            )
+        for idx, layer in enumerate(self.layers):
+            if type(layer) is DynamicLayer and idx not in self.skip_layers:
+                self.layers[idx] = TqaiLayer(config)
+
+    @property
+    def compressed_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, TqaiLayer)]
+
+    def nbytes(self) -> int:
+        """Bytes really held by the whole cache (compressed and uncompressed layers)."""
+        return sum(sum(part.values()) for part in self.layer_nbytes())
+
+    def layer_nbytes(self) -> list[dict[str, int]]:
+        """Per layer: ``{"sinks", "codes", "window", "staged"}`` (compressed layers) or
+        ``{"full": bytes}`` (uncompressed layers)."""
+        out = []
+        for layer in self.layers:
+            if isinstance(layer, TqaiLayer):
+                out.append(layer.nbytes())
+            else:
+                held = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+                out.append(
+                    {"full": sum(t.numel() * t.element_size() for t in held if t is not None)}
+                )
+        return out
+
+    def copy(self) -> TqaiCache:
+        """An independent copy (reuse a prompt cache for several continuations safely)."""
+        return copy.deepcopy(self)
+
+
+def model_signature(model_config: Any) -> dict:
+    """What a saved cache must match: architecture, layer count, heads and head dim."""
+    text = model_config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    return {
+        "model_type": getattr(text, "model_type", ""),
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
+    }

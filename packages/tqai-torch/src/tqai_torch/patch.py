@@ -1,0 +1,147 @@
+"""``patch(model, ...)`` / ``unpatch(model)`` for transformers causal language models.
+
+Why it is shaped like this: patching changes exactly one thing on the model, its attention
+implementation (``config._attn_implementation``), which becomes ``"tqai"``; the previous one is
+remembered and used by the tqai attention for every call that does not read a tqai layer. All
+checks happen here, at patch time, so a bad setting fails before ``generate`` starts.
+``unpatch`` restores the previous implementation, after which the model computes bit-identical
+outputs to one that was never patched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tqai.kvstore import STRATEGIES, KVCacheConfig
+from tqai_torch.attention import _FALLBACK_ATTR, ATTN_IMPLEMENTATION, register
+from tqai_torch.cache import TqaiCache
+
+__all__ = ["new_cache", "patch", "unpatch"]
+
+_CONFIG_ATTR = "_tqai_cache_config"
+_SKIP_ATTR = "_tqai_skip_layers"
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _text_config(model: Any) -> Any:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    return config.get_text_config(decoder=True)
+
+
+def _check_model(model: Any) -> Any:
+    text = _text_config(model)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            "encoder-decoder models are not supported: tqai compresses decoder self-attention "
+            f"caches of causal LMs ({type(model).__name__})"
+        )
+    if not getattr(text, "num_hidden_layers", 0) or not getattr(text, "num_attention_heads", 0):
+        raise ValueError(f"{type(model).__name__} has no attention layers to compress")
+    if not getattr(model, "_supports_attention_backend", True) and not hasattr(
+        model, "set_attn_implementation"
+    ):
+        raise ValueError(f"{type(model).__name__} does not use transformers' AttentionInterface")
+    if getattr(text, "attn_logit_softcapping", None):
+        raise ValueError(
+            f"{type(model).__name__} uses attention logit softcapping, which tqai's compressed "
+            "attention does not implement; use cache_strategy='full' or skip this model"
+        )
+    dtype = next(model.parameters()).dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"model dtype must be float32, float16 or bfloat16, got {dtype}")
+    return text
+
+
+def patch(
+    model: Any,
+    bits_k: int = 4,
+    bits_v: int = 2,
+    *,
+    sink_tokens: int = 4,
+    residual_window: int = 0,
+    cache_strategy: str = "compressed",
+    use_qjl: bool = False,
+    rotation: str = "haar",
+    seed: int = 0,
+    norm_dtype: str = "float16",
+    chunk_size: int = 1024,
+    skip_layers: tuple[int, ...] | list[int] = (),
+) -> TqaiCache:
+    """Make ``model`` read tqai caches and return a fresh one to pass to ``generate``.
+
+    Args:
+        model: a transformers causal LM (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3, ...).
+        bits_k, bits_v: bits per coordinate for keys and values (1..8).
+        sink_tokens: leading tokens kept in full precision.
+        residual_window: most recent tokens kept in full precision.
+        cache_strategy: ``"compressed"`` (attention from the codes), ``"residual"`` (with a
+            KIVI-style full-precision recent window) or ``"full"`` (dequantize every step; the
+            reference).
+        use_qjl: keys with TurboQuant_prod (1 of ``bits_k`` bits is the QJL sign).
+        rotation: ``"haar"``, ``"hadamard"`` or ``"rotor"``.
+        seed, norm_dtype, chunk_size: see :class:`tqai.kvstore.KVCacheConfig`.
+        skip_layers: layer indices kept uncompressed (e.g. the first and last layers).
+
+    Returns:
+        A :class:`TqaiCache`; pass it as ``cache=`` (``past_key_values=`` on transformers
+        < 5.2x) to ``model.generate`` or a forward call. One cache per generation: use
+        :func:`new_cache` (or ``cache.copy()`` of a filled prompt cache) for the next one.
+
+    Example:
+        >>> cache = patch(model, bits_k=4, bits_v=2)  # doctest: +SKIP
+        >>> out = model.generate(**inputs, cache=cache, max_new_tokens=50)  # doctest: +SKIP
+    """
+    text = _check_model(model)
+    if cache_strategy not in STRATEGIES:
+        raise ValueError(f"cache_strategy must be one of {STRATEGIES}, got {cache_strategy!r}")
+    config = KVCacheConfig(
+        bits_k=bits_k,
+        bits_v=bits_v,
+        sink_tokens=sink_tokens,
+        residual_window=residual_window,
+        strategy=cache_strategy,
+        use_qjl=use_qjl,
+        rotation=rotation,
+        seed=seed,
+        norm_dtype=norm_dtype,
+        chunk_size=chunk_size,
+    )
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    config.make_quantizers(head_dim)  # fails now, not in generate, if the head dim can't be served
+    skip = tuple(int(i) for i in skip_layers)
+    bad = [i for i in skip if not 0 <= i < text.num_hidden_layers]
+    if bad:
+        raise ValueError(
+            f"skip_layers must be layer indices in 0..{text.num_hidden_layers - 1}, got {bad}"
+        )
+    register()
+    current = model.config._attn_implementation
+    if current != ATTN_IMPLEMENTATION:
+        setattr(model.config, _FALLBACK_ATTR, current or "sdpa")
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    setattr(model, _CONFIG_ATTR, config)
+    setattr(model, _SKIP_ATTR, skip)
+    return new_cache(model)
+
+
+def new_cache(model: Any) -> TqaiCache:
+    """A fresh, empty cache for a model already patched with :func:`patch`."""
+    config = getattr(model, _CONFIG_ATTR, None)
+    if config is None:
+        raise ValueError("the model is not patched: call tqai_torch.patch(model, ...) first")
+    return TqaiCache(model.config, config, getattr(model, _SKIP_ATTR, ()))
+
+
+def unpatch(model: Any) -> None:
+    """Restore the model's own attention implementation (a no-op for an unpatched model)."""
+    if getattr(model, _CONFIG_ATTR, None) is None:
+        return
+    fallback = getattr(model.config, _FALLBACK_ATTR, "sdpa")
+    model.set_attn_implementation(fallback)
+    delattr(model.config, _FALLBACK_ATTR)
+    delattr(model, _CONFIG_ATTR)
+    delattr(model, _SKIP_ATTR)
