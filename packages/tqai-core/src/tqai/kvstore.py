@@ -159,6 +159,12 @@ class _PackedHistory:
     def map_batch(self, fn) -> None:
         self.buffers = {name: fn(b) for name, b in self.buffers.items()}
 
+    def copy(self, clone) -> _PackedHistory:
+        new = _PackedHistory()
+        new.buffers = {name: clone(b) for name, b in self.buffers.items()}
+        new.length, new.template = self.length, self.template
+        return new
+
     def nbytes(self) -> int:
         return sum(_nbytes(b) for b in self.buffers.values())
 
@@ -347,6 +353,25 @@ class KVStore:
             self.window = (
                 (self.window[0][:, :, :w, ...], self.window[1][:, :, :w, ...]) if w else None
             )
+
+    def __deepcopy__(self, memo: dict) -> KVStore:
+        """An independent copy: arrays are copied; config, quantizers and namespace are shared."""
+        new = KVStore.__new__(KVStore)
+        new.__dict__.update(self.__dict__)
+        if self.xp is None:
+            new.keys, new.values = _PackedHistory(), _PackedHistory()
+            return new
+        xp = self.xp
+
+        def clone(a: Any) -> Any:
+            return xp.asarray(a, copy=True)
+
+        for part in ("sinks", "window", "pending"):
+            value = getattr(self, part)
+            if value is not None:
+                setattr(new, part, (clone(value[0]), clone(value[1])))
+        new.keys, new.values = self.keys.copy(clone), self.values.copy(clone)
+        return new
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (e.g. ``lambda a: a[indices]``) to the batch axis of every array."""

@@ -20,6 +20,7 @@ reference for tests.
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 import torch
@@ -148,6 +149,7 @@ class TqaiCache(DynamicCache):
         self.tqai_config = config
         self.skip_layers = tuple(skip_layers)
         self.model_signature = model_signature(model_config)
+        self._model_config = weakref.ref(model_config)  # shared by copies, never deep-copied
         if not self.layers:
             raise ValueError(
                 "the model config describes no attention layers (num_hidden_layers / layer_types)"
@@ -155,6 +157,23 @@ class TqaiCache(DynamicCache):
         for idx, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer and idx not in self.skip_layers:
                 self.layers[idx] = TqaiLayer(config)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kw
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model_config = self._model_config()
+        attn = getattr(model_config, "_attn_implementation", "tqai")
+        if (
+            self.tqai_config.strategy != "full"
+            and isinstance(self.layers[layer_idx], TqaiLayer)
+            and attn != "tqai"
+        ):
+            raise RuntimeError(
+                "this tqai cache needs the model to use the 'tqai' attention implementation, but "
+                f"it uses {attn!r}: create caches with "
+                "tqai_torch.patch(model, ...) (or tqai.patch) and don't unpatch while using them"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kw)
 
     @property
     def compressed_layers(self) -> list[int]:
@@ -172,10 +191,9 @@ class TqaiCache(DynamicCache):
             if isinstance(layer, TqaiLayer):
                 out.append(layer.nbytes())
             else:
-                held = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
-                out.append(
-                    {"full": sum(t.numel() * t.element_size() for t in held if t is not None)}
-                )
+                held = (getattr(layer, "keys", None), getattr(layer, "values", None))
+                size = sum(t.numel() * t.element_size() for t in held if t is not None)
+                out.append({"full": size})
         return out
 
     def copy(self) -> TqaiCache:

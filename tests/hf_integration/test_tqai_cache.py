@@ -1,0 +1,248 @@
+"""The transformers cache on tiny random-weight models of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_tiny_models import FAMILIES, build
+
+import tqai_torch
+from tqai_torch import TqaiLayer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+def _prompt(batch: int = 2, length: int = 21, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate(model, ids, cache=None, **kwargs):
+    kwargs.setdefault("max_new_tokens", 16)
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            pad_token_id=0,
+            cache=cache,
+            **kwargs,
+        )
+
+
+def test_eight_bits_generates_the_same_tokens(family):
+    model = build(family)
+    ids = _prompt()
+    base = _generate(model, ids)
+    cache = tqai_torch.patch(model, bits_k=8, bits_v=8)
+    try:
+        out = _generate(model, ids, cache)
+    finally:
+        tqai_torch.unpatch(model)
+    assert torch.equal(out, base)
+    assert cache.compressed_layers, "no layer was compressed"
+
+
+def test_low_bits_diverge_boundedly(family):
+    model = build(family)
+    ids = _prompt(length=40)
+    with torch.no_grad():
+        base = model(ids).logits[:, -1]
+        cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=0)
+        model(ids[:, :-1], cache=cache)
+        out = model(ids[:, -1:], cache=cache).logits[:, -1]
+    tqai_torch.unpatch(model)
+    rel = ((out - base).norm() / base.norm()).item()
+    assert 0 < rel < 0.5, rel
+
+
+def test_compressed_equals_full_strategy_reference(family):
+    """Attention from the packed codes matches dequantize-everything (same codes, same math)."""
+    model = build(family)
+    ids = _prompt(length=30)
+    logits = {}
+    for strategy in ("compressed", "full"):
+        cache = tqai_torch.patch(model, bits_k=3, bits_v=2, cache_strategy=strategy)
+        with torch.no_grad():
+            model(ids[:, :20], cache=cache)
+            logits[strategy] = model(ids[:, 20:], cache=cache).logits
+        tqai_torch.unpatch(model)
+    torch.testing.assert_close(logits["compressed"], logits["full"], atol=2e-4, rtol=1e-3)
+
+
+def test_unpatch_is_bit_identical(family):
+    model = build(family)
+    ids = _prompt()
+    with torch.no_grad():
+        before = model(ids).logits
+        tqai_torch.patch(model, bits_k=4, bits_v=2)
+        tqai_torch.unpatch(model)
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    assert model.config._attn_implementation != "tqai"
+
+
+def test_sliding_layers_stay_uncompressed():
+    model = build("gemma3")
+    cache = tqai_torch.patch(model)
+    tqai_torch.unpatch(model)
+    kinds = [type(layer).__name__ for layer in cache.layers]
+    assert kinds == ["DynamicSlidingWindowLayer", "TqaiLayer"] * 2
+
+
+def test_left_padded_batch_matches_unpadded_rows():
+    model = build("llama")
+    ids = _prompt(batch=2, length=12)
+    pad = torch.zeros((1, 5), dtype=ids.dtype)
+    padded = torch.cat([torch.cat([pad, ids[:1]], 1), torch.cat([ids[1:2, :5], ids[1:]], 1)])
+    mask = torch.ones_like(padded)
+    mask[0, :5] = 0
+    cache = tqai_torch.patch(model, bits_k=8, bits_v=8, sink_tokens=0)
+    with torch.no_grad():
+        out = model.generate(
+            padded,
+            attention_mask=mask,
+            cache=cache,
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        single = model.generate(
+            ids[:1],
+            attention_mask=torch.ones_like(ids[:1]),
+            cache=tqai_torch.new_cache(model),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    tqai_torch.unpatch(model)
+    assert torch.equal(out[0, -10:], single[0, -10:])
+
+
+def test_sampling_and_beam_search_run():
+    model = build("qwen2")
+    ids = _prompt(batch=1)
+    cache = tqai_torch.patch(model, bits_k=4, bits_v=2)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        sampled = model.generate(
+            ids, cache=cache, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0
+        )
+        beams = model.generate(
+            ids,
+            cache=tqai_torch.new_cache(model),
+            max_new_tokens=8,
+            num_beams=3,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    tqai_torch.unpatch(model)
+    assert sampled.shape == beams.shape == (1, ids.shape[1] + 8)
+
+
+def test_beam_search_matches_dynamic_cache_at_eight_bits():
+    model = build("llama")
+    ids = _prompt(batch=1)
+    with torch.no_grad():
+        base = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+        cache = tqai_torch.patch(model, bits_k=8, bits_v=8)
+        out = model.generate(
+            ids, cache=cache, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0
+        )
+    tqai_torch.unpatch(model)
+    assert torch.equal(out, base)
+
+
+def test_crop_rolls_back_exactly():
+    """Without a window, crop(-n) returns the cache to exactly its earlier state.
+
+    (With a full-precision window, tokens that left the window were compressed; a crop keeps
+    them compressed, so the state after the crop is the right length but not bit-identical.)
+    """
+    model = build("llama")
+    ids = _prompt(batch=1, length=30)
+    cache = tqai_torch.patch(model, bits_k=4, bits_v=2, residual_window=0)
+    with torch.no_grad():
+        model(ids[:, :20], cache=cache)
+        ref = cache.copy()
+        model(ids[:, 20:], cache=cache)
+        cache.crop(-10)
+        assert cache.get_seq_length() == 20
+        a = model(ids[:, 20:], cache=cache).logits
+        b = model(ids[:, 20:], cache=ref).logits
+    tqai_torch.unpatch(model)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_prompt_cache_reuse_does_not_corrupt_the_prefix():
+    model = build("llama")
+    ids = _prompt(batch=1, length=16)
+    cache = tqai_torch.patch(model, bits_k=4, bits_v=2)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        snapshot = cache.copy()
+        first = _generate(model, ids, cache.copy(), max_new_tokens=6)
+        second = _generate(model, ids, cache.copy(), max_new_tokens=6)
+    tqai_torch.unpatch(model)
+    assert torch.equal(first, second)
+    for a, b in zip(cache.layers, snapshot.layers, strict=True):
+        if isinstance(a, TqaiLayer):
+            ka, va = a.store.dequantize()
+            kb, vb = b.store.dequantize()
+            assert torch.equal(ka, kb)
+            assert torch.equal(va, vb)
+
+
+def test_nbytes_is_real_and_smaller_than_bf16():
+    model = build("llama", num_attention_heads=2, num_key_value_heads=2, hidden_size=128)
+    model = model.to(torch.bfloat16)
+    ids = _prompt(batch=1, length=300)
+    cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=0)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    tqai_torch.unpatch(model)
+    per_layer = cache.layer_nbytes()
+    assert len(per_layer) == 2
+    assert all(part["staged"] == 0 and part["window"] == 0 for part in per_layer)
+    bf16 = 2 * 2 * 300 * 64 * 2 * 2  # layers * (K, V) * tokens * head_dim * heads * 2 bytes
+    capacity = cache.layers[0].store.keys.capacity
+    expected = 2 * 2 * capacity * ((32 + 2) + (16 + 2))
+    assert cache.nbytes() == expected
+    assert cache.nbytes() < 0.5 * bf16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bits_k": 0}, ValueError, "bits_k must be in 1..8"),
+        ({"bits_v": 9}, ValueError, "bits_v must be in 1..8"),
+        ({"cache_strategy": "lossy"}, ValueError, "cache_strategy must be one of"),
+        ({"skip_layers": [5]}, ValueError, r"skip_layers must be layer indices in 0\.\.1"),
+        ({"rotation": "dct"}, ValueError, "rotation must be one of"),
+    ],
+)
+def test_patch_bad_input(kwargs, error, match):
+    model = build("llama")
+    with pytest.raises(error, match=match):
+        tqai_torch.patch(model, **kwargs)
+    assert model.config._attn_implementation != "tqai"
+
+
+def test_patch_refuses_unsupported_models():
+    with pytest.raises(TypeError, match="transformers PreTrainedModel"):
+        tqai_torch.patch(torch.nn.Linear(3, 3))
+    model = build("llama").to(torch.float64)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        tqai_torch.patch(model)
+
+
+def test_cache_without_patched_attention_fails_clearly():
+    model = build("llama")
+    cache = tqai_torch.patch(model)
+    tqai_torch.unpatch(model)
+    with pytest.raises(RuntimeError, match="'tqai' attention"), torch.no_grad():
+        model(_prompt(batch=1), cache=cache)
