@@ -7,7 +7,7 @@ import torch
 from hf_tiny_models import FAMILIES, build
 
 import tqai_torch
-from tqai_torch import TqaiLayer
+from tqai_torch import TqaiCache, TqaiLayer
 
 pytestmark = pytest.mark.integration
 
@@ -246,3 +246,45 @@ def test_cache_without_patched_attention_fails_clearly():
     tqai_torch.unpatch(model)
     with pytest.raises(RuntimeError, match="'tqai' attention"), torch.no_grad():
         model(_prompt(batch=1), cache=cache)
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gemma3"])
+def test_save_and_load_prompt_cache(tmp_path, family_name):
+    model = build(family_name).to(torch.bfloat16)
+    ids = _prompt(batch=1, length=24)
+    cache = tqai_torch.patch(model, bits_k=4, bits_v=2, residual_window=3)
+    with torch.no_grad():
+        model(ids[:, :20], cache=cache)
+        path = tmp_path / "prompt.tqai"
+        cache.save(path)
+        loaded = TqaiCache.load(path, model)
+        a = model(ids[:, 20:], cache=cache).logits
+        b = model(ids[:, 20:], cache=loaded).logits
+    tqai_torch.unpatch(model)
+    assert torch.equal(a, b)
+    assert loaded.get_seq_length() == 24
+
+
+def test_load_refuses_other_model_or_config(tmp_path):
+    model = build("llama")
+    cache = tqai_torch.patch(model, bits_k=4, bits_v=2)
+    with torch.no_grad():
+        model(_prompt(batch=1), cache=cache)
+    path = tmp_path / "prompt.tqai"
+    cache.save(path)
+    tqai_torch.patch(model, bits_k=3, bits_v=2)
+    with pytest.raises(ValueError, match="another tqai config"):
+        TqaiCache.load(path, model)
+    tqai_torch.unpatch(model)
+    other = build("qwen3")
+    tqai_torch.patch(other, bits_k=4, bits_v=2)
+    with pytest.raises(ValueError, match="saved for another model"):
+        TqaiCache.load(path, other)
+    tqai_torch.unpatch(other)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    tqai_torch.patch(model, bits_k=4, bits_v=2)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        TqaiCache.load(path, model)
+    tqai_torch.unpatch(model)

@@ -200,6 +200,7 @@ class KVStore:
         self.keys = _PackedHistory()
         self.values = _PackedHistory()
         self.dtype: Any = None
+        self.dtype_name: str | None = None
 
     # ---- sizes ---------------------------------------------------------------------------
     @property
@@ -238,6 +239,7 @@ class KVStore:
     def _initialize(self, keys: Any, xp: ModuleType) -> None:
         self.xp = xp
         self.dtype = keys.dtype
+        self.dtype_name = dtype_name(keys)
         self.key_quantizer, self.value_quantizer = self.config.make_quantizers(keys.shape[-1])
 
     def update(self, keys: Any, values: Any) -> None:
@@ -372,6 +374,68 @@ class KVStore:
                 setattr(new, part, (clone(value[0]), clone(value[1])))
         new.keys, new.values = self.keys.copy(clone), self.values.copy(clone)
         return new
+
+    def state(self) -> tuple[dict, dict[str, Any]]:
+        """What a saved cache holds for this layer: ``(meta, arrays)`` (commits first).
+
+        Only the used part of the history buffers is included, never the spare capacity.
+        """
+        self.commit()
+        meta = {
+            "config": self.config.to_dict(),
+            "head_dim": None if self.key_quantizer is None else self.key_quantizer.spec.d,
+            "dtype": self.dtype_name,
+            "sinks": self.sink_length,
+            "history": self.history_length,
+            "window": self.window_length,
+        }
+        arrays: dict[str, Any] = {}
+        for part in ("sinks", "window"):
+            value = getattr(self, part)
+            if value is not None:
+                arrays[f"{part}.k"], arrays[f"{part}.v"] = value
+        if self.keys.length:
+            for prefix, hist in (("history.k", self.keys), ("history.v", self.values)):
+                for name, a in hist.view().arrays().items():
+                    arrays[f"{prefix}.{name}"] = a
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, config: KVCacheConfig, meta: dict, arrays: dict[str, Any]) -> KVStore:
+        """Rebuild a store from :meth:`state` output (arrays in the namespace to use).
+
+        Raises:
+            ValueError: the saved layer was made with another cache config.
+        """
+        if meta["config"] != config.to_dict():
+            raise ValueError(
+                "the saved cache was made with another tqai config: "
+                f"saved {meta['config']}, requested {config.to_dict()}"
+            )
+        store = cls(config)
+        if meta["head_dim"] is None:
+            return store
+        store.xp = _xp.namespace(*arrays.values())
+        store.dtype_name = meta["dtype"]
+        store.dtype = getattr(store.xp, meta["dtype"])
+        store.key_quantizer, store.value_quantizer = config.make_quantizers(meta["head_dim"])
+        for part in ("sinks", "window"):
+            if f"{part}.k" in arrays:
+                setattr(store, part, (arrays[f"{part}.k"], arrays[f"{part}.v"]))
+        if meta["history"]:
+            pairs = (
+                ("history.k", store.keys, store.key_quantizer),
+                ("history.v", store.values, store.value_quantizer),
+            )
+            for prefix, hist, q in pairs:
+                parts = {
+                    k.rsplit(".", 1)[-1]: v for k, v in arrays.items() if k.startswith(prefix + ".")
+                }
+                lead = tuple(parts["norms"].shape)
+                qt = QuantizedTensor(spec=q.spec, shape=lead, dtype=meta["dtype"], **parts)
+                qt.validate()
+                hist.append(qt, store.xp)
+        return store
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (e.g. ``lambda a: a[indices]``) to the batch axis of every array."""

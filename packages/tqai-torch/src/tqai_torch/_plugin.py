@@ -38,10 +38,25 @@ def _info() -> dict[str, object]:
     }
 
 
+def _patch(model: object, **kwargs: object) -> object:
+    """``tqai.patch`` for transformers models: :func:`tqai_torch.patch` (imported on call)."""
+    from tqai_torch.patch import patch
+
+    return patch(model, **kwargs)
+
+
+def _unpatch(model: object) -> None:
+    from tqai_torch.patch import unpatch
+
+    unpatch(model)
+
+
 BACKEND = Backend(
     name="torch",
     package="tqai-torch",
     array_namespace="torch",
     info=_info,
     detects=module_detector("torch", "transformers"),
+    patch=_patch,
+    unpatch=_unpatch,
 )

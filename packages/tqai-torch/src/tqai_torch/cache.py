@@ -20,12 +20,14 @@ reference for tests.
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from tqai.cachefile import read_cache_file, write_cache_file
 from tqai.kvstore import KVCacheConfig, KVStore
 
 __all__ = ["TqaiCache", "TqaiLayer"]
@@ -199,6 +201,72 @@ class TqaiCache(DynamicCache):
     def copy(self) -> TqaiCache:
         """An independent copy (reuse a prompt cache for several continuations safely)."""
         return copy.deepcopy(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the cache (codes stay compressed) to ``path`` in tqai's cache-file format."""
+        meta = {
+            "backend": "torch",
+            "model": self.model_signature,
+            "config": self.tqai_config.to_dict(),
+            "skip_layers": list(self.skip_layers),
+            "layers": [],
+        }
+        arrays: dict[str, torch.Tensor] = {}
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, TqaiLayer):
+                layer_meta, layer_arrays = layer.store.state()
+                meta["layers"].append({"kind": "tqai", **layer_meta})
+            else:
+                seen = getattr(layer, "cumulative_length", None)
+                layer_meta = {"kind": type(layer).__name__, "cumulative_length": seen}
+                layer_arrays = {}
+                if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+                    layer_arrays = {"k": layer.keys, "v": layer.values}
+                meta["layers"].append(layer_meta)
+            arrays.update({f"layer{idx}.{name}": a for name, a in layer_arrays.items()})
+        write_cache_file(path, meta, arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Any, device: Any = None) -> TqaiCache:
+        """Load a cache saved by :meth:`save` for ``model`` (already patched with the same
+        settings). Refuses a file made for another model or another tqai config."""
+        from tqai_torch.patch import new_cache
+
+        meta, arrays = read_cache_file(path)
+        cache = new_cache(model)
+        if meta.get("model") != cache.model_signature:
+            raise ValueError(
+                f"{path} was saved for another model: {meta.get('model')}, "
+                f"this model is {cache.model_signature}"
+            )
+        if meta.get("config") != cache.tqai_config.to_dict() or meta.get("skip_layers") != list(
+            cache.skip_layers
+        ):
+            raise ValueError(
+                f"{path} was saved with another tqai config: {meta.get('config')} "
+                f"(skip_layers {meta.get('skip_layers')}); this cache uses "
+                f"{cache.tqai_config.to_dict()} (skip_layers {list(cache.skip_layers)})"
+            )
+        device = device if device is not None else next(model.parameters()).device
+
+        def tensor(name: str) -> torch.Tensor:
+            host, dtype = arrays[name]
+            return torch.from_numpy(host.copy()).to(device=device, dtype=getattr(torch, dtype))
+
+        for idx, (layer, layer_meta) in enumerate(zip(cache.layers, meta["layers"], strict=True)):
+            prefix = f"layer{idx}."
+            names = [n for n in arrays if n.startswith(prefix)]
+            layer_arrays = {n[len(prefix) :]: tensor(n) for n in names}
+            if isinstance(layer, TqaiLayer):
+                layer.store = KVStore.from_state(layer.config, layer_meta, layer_arrays)
+                if layer_meta["head_dim"] is not None:
+                    layer.lazy_initialization(*(2 * [next(iter(layer_arrays.values()))]))
+                    layer.dtype = getattr(torch, layer_meta["dtype"])
+            elif layer_arrays:
+                layer.update(layer_arrays["k"], layer_arrays["v"])
+                if layer_meta.get("cumulative_length") is not None:
+                    layer.cumulative_length = layer_meta["cumulative_length"]
+        return cache
 
 
 def model_signature(model_config: Any) -> dict:
