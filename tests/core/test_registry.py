@@ -341,8 +341,10 @@ def test_registry_function_rejects_unknown_group():
 
 
 def test_registry_groups_are_the_spec_groups():
+    """SPEC.md's groups, plus ``tqai.commands`` (CLI commands a backend adds, e.g. ``run``)."""
     assert GROUPS == (
         "tqai.backends",
+        "tqai.commands",
         "tqai.kernels",
         "tqai.quantizers",
         "tqai.rotations",

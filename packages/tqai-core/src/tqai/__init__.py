@@ -17,6 +17,7 @@ from importlib.metadata import version as _version
 from tqai.codebooks import Codebook, codebook_distortion, lloyd_max_codebook
 from tqai.container import QuantizedTensor, QuantizerSpec, TqaiFormatError
 from tqai.packing import pack_bits, packed_length, unpack_bits
+from tqai.patching import patch, unpatch
 from tqai.quantizers import TurboQuantMSE, TurboQuantProd
 from tqai.rotations import HaarRotation, HadamardRotation, Rotation, RotorRotation, make_rotation
 
@@ -39,5 +40,7 @@ __all__ = [
     "make_rotation",
     "pack_bits",
     "packed_length",
+    "patch",
     "unpack_bits",
+    "unpatch",
 ]

@@ -38,6 +38,9 @@ class Backend:
         info: Returns library versions and devices; may import the backend library.
         detects: Whether an object (a model or an array) belongs to this backend. Must not import
             anything: it inspects ``type(obj).__mro__`` module names only.
+        patch: ``patch(model, **options) -> cache`` behind :func:`tqai.patch`, or None while the
+            backend has none; it may import the backend library (only when called).
+        unpatch: ``unpatch(model) -> None`` behind :func:`tqai.unpatch`, or None.
     """
 
     name: str
@@ -45,6 +48,8 @@ class Backend:
     array_namespace: str
     info: Callable[[], dict[str, object]]
     detects: Callable[[object], bool]
+    patch: Callable[..., object] | None = None
+    unpatch: Callable[[object], None] | None = None
 
 
 def module_detector(*packages: str) -> Callable[[object], bool]:

@@ -295,8 +295,22 @@ def benchmark(
         console.print(f"wrote {json_path}")
 
 
+def add_backend_commands(target: typer.Typer = app) -> None:
+    """Add the commands backends register under the ``tqai.commands`` entry-point group.
+
+    Each entry point names a function ``register(app)`` that adds its commands (``run``,
+    ``compare``, ``eval``, ...); it must not import its backend library until a command runs. A
+    broken plugin is reported as a warning and the other commands still work.
+    """
+    from tqai.registry import registry
+
+    for register in registry("tqai.commands").load_all().values():
+        register(target)
+
+
 def main() -> None:
     """Console-script entry point (``tqai``)."""
+    add_backend_commands(app)
     app()
 
 

@@ -413,7 +413,7 @@ class KVStore:
                 f"saved {meta['config']}, requested {config.to_dict()}"
             )
         store = cls(config)
-        if meta["head_dim"] is None:
+        if meta["head_dim"] is None or not arrays:  # nothing held (never filled, or cropped to 0)
             return store
         store.xp = _xp.namespace(*arrays.values())
         store.dtype_name = meta["dtype"]

@@ -43,6 +43,7 @@ __all__ = [
 
 GROUPS: tuple[str, ...] = (
     "tqai.backends",
+    "tqai.commands",
     "tqai.kernels",
     "tqai.quantizers",
     "tqai.rotations",

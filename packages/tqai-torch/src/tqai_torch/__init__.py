@@ -1,7 +1,8 @@
 """tqai_torch: the PyTorch backend of tqai (transformers KV cache, attention, kernels).
 
 Registered through the ``tqai.backends`` entry point; ``tqai.patch(model)`` reaches
-:func:`patch` for transformers models.
+:func:`patch` for transformers models. The public names are loaded on first use, so importing
+the plugin module (``tqai_torch._plugin``) does not import torch or transformers.
 
 Example:
     >>> import tqai_torch  # doctest: +SKIP
@@ -12,11 +13,31 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
-
-from tqai_torch.cache import TqaiCache, TqaiLayer
-from tqai_torch.patch import new_cache, patch, unpatch
+from typing import Any
 
 __all__ = ["TqaiCache", "TqaiLayer", "__version__", "new_cache", "patch", "unpatch"]
 
 __version__ = importlib.metadata.version("tqai-torch")
+
+_LAZY = {
+    "TqaiCache": "tqai_torch.cache",
+    "TqaiLayer": "tqai_torch.cache",
+    "new_cache": "tqai_torch.patching",
+    "patch": "tqai_torch.patching",
+    "unpatch": "tqai_torch.patching",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tqai_torch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

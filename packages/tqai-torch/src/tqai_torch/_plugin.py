@@ -40,13 +40,13 @@ def _info() -> dict[str, object]:
 
 def _patch(model: object, **kwargs: object) -> object:
     """``tqai.patch`` for transformers models: :func:`tqai_torch.patch` (imported on call)."""
-    from tqai_torch.patch import patch
+    from tqai_torch.patching import patch
 
     return patch(model, **kwargs)
 
 
 def _unpatch(model: object) -> None:
-    from tqai_torch.patch import unpatch
+    from tqai_torch.patching import unpatch
 
     unpatch(model)
 

@@ -230,7 +230,7 @@ class TqaiCache(DynamicCache):
     def load(cls, path: str | os.PathLike, model: Any, device: Any = None) -> TqaiCache:
         """Load a cache saved by :meth:`save` for ``model`` (already patched with the same
         settings). Refuses a file made for another model or another tqai config."""
-        from tqai_torch.patch import new_cache
+        from tqai_torch.patching import new_cache
 
         meta, arrays = read_cache_file(path)
         cache = new_cache(model)

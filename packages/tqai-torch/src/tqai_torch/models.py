@@ -30,8 +30,12 @@ what transformers 5 writes so that other readers agree:
 The build checks itself: the saved folder is reloaded and its logits on a fixed sentence must
 match those of the in-memory float16 weights. A marker file records the GGUF's sha256 and the
 builder version; a folder whose marker does not match (another source file, an older builder)
-is rebuilt. Measured on a 2-core CPU: SmolLM2 builds in about 50 s (35 s of it dequantizing the
-GGUF) and loads from the folder in about 2 s; Gemma 3 builds in about 110 s.
+is rebuilt. Measured on a busy 2-core CPU: SmolLM2 builds in 50-75 s (35-50 s of it dequantizing the
+GGUF) and loads from the folder in about 2 s; Gemma 3 builds in about 150 s and loads in 9 s.
+
+The folders hold float16 weights, but Gemma 3's activations overflow in float16 (NaN logits in
+torch; wrong logits in mlx-lm, which computes in the stored dtype): run it in float32 or
+bfloat16 (``load_model`` refuses float16 for it; with mlx-lm call ``model.set_dtype``).
 
 Example:
     >>> from tqai_torch.models import load_model
@@ -94,6 +98,8 @@ class ModelSpec:
         fetch: The function that fetches the GGUF (returns its verified path).
         tokenizer_class: The ``tokenizer_class`` written to ``tokenizer_config.json``.
         architecture: The transformers class the folder holds (documentation and checks).
+        bad_dtypes: Compute dtypes :func:`load_model` refuses, because the model's activations
+            overflow in them.
     """
 
     name: str
@@ -101,6 +107,7 @@ class ModelSpec:
     fetch: Callable[[], Path]
     tokenizer_class: str
     architecture: str
+    bad_dtypes: tuple[torch.dtype, ...] = ()
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -117,6 +124,7 @@ MODELS: dict[str, ModelSpec] = {
         fetch=fetch_gemma3_270m_gguf,
         tokenizer_class="GemmaTokenizerFast",
         architecture="Gemma3ForCausalLM",
+        bad_dtypes=(torch.float16,),
     ),
 }
 """The buildable models by name: SmolLM2-135M-Instruct (Llama, GQA) and Gemma-3-270M (hybrid)."""
@@ -328,7 +336,17 @@ def load_model(
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        ValueError: If ``name`` is unknown, or ``dtype`` is one the model cannot run in (Gemma 3
+            in float16 gives NaN logits: use float32 or bfloat16).
     """
+    spec = _spec(name)
+    if dtype in spec.bad_dtypes:
+        raise ValueError(
+            f"{name} overflows in {dtype} (its logits become NaN); load it in torch.float32 "
+            "or torch.bfloat16"
+        )
     folder = local_model_dir(name)
     transformers = _transformers()
     start = time.perf_counter()

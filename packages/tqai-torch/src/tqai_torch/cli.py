@@ -1,0 +1,228 @@
+"""``tqai run`` / ``tqai compare`` / ``tqai eval ppl`` for transformers models.
+
+Registered under the ``tqai.commands`` entry-point group; the core CLI calls :func:`register`
+at start-up. Nothing heavy is imported until a command runs, so ``tqai info`` stays fast.
+
+``--model`` takes a local model folder or one of the real models the project fetches itself
+(``smollm2-135m``, ``gemma3-270m``; see :mod:`tqai_torch.models`); nothing is read from a hub.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+__all__ = ["register"]
+
+_MODEL_HELP = "local model folder, or smollm2-135m / gemma3-270m (fetched into the tqai cache)"
+
+
+def _load(model: str, dtype: str) -> tuple[Any, Any]:
+    import torch
+
+    from tqai_torch.models import MODELS, load_model
+
+    torch_dtype = getattr(torch, dtype)
+    if model in MODELS:
+        return load_model(model, dtype=torch_dtype)
+    path = Path(model)
+    if not path.is_dir():
+        raise typer.BadParameter(
+            f"not a local folder and not one of {sorted(MODELS)}: {model!r}", param_hint="--model"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    return loaded.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _check_bits(value: int) -> int:
+    if not 1 <= value <= 8:
+        raise typer.BadParameter(f"must be in 1..8, got {value}")
+    return value
+
+
+def _inputs(tokenizer: Any, prompt: str) -> Any:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return tokenizer(prompt, return_tensors="pt")
+
+
+def _generate(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, cache: Any, streamer: Any = None
+) -> tuple[Any, float]:
+    import torch
+
+    from tqai_torch.evaluate import _cache_keyword
+
+    inputs = _inputs(tokenizer, prompt)
+    kwargs = {} if cache is None else {_cache_keyword(model): cache}
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            **kwargs,
+        )
+    seconds = time.perf_counter() - start
+    return out[0, inputs["input_ids"].shape[1] :], seconds
+
+
+def _kv_bytes(cache: Any, model: Any) -> int:
+    from tqai_torch.evaluate import _cache_size
+
+    return _cache_size(cache, model)[0]
+
+
+def run(
+    prompt: str = typer.Argument(..., help="the prompt"),
+    model: str = typer.Option("smollm2-135m", help=_MODEL_HELP),
+    bits_k: int = typer.Option(4, callback=_check_bits, help="key bits, 1..8"),
+    bits_v: int = typer.Option(2, callback=_check_bits, help="value bits, 1..8"),
+    max_new_tokens: int = typer.Option(128, min=1),
+    no_tqai: bool = typer.Option(False, "--no-tqai", help="generate with the plain cache"),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+) -> None:
+    """Generate from a prompt, streaming the text, with the compressed cache."""
+    from transformers import DynamicCache, TextStreamer
+
+    import tqai_torch
+
+    loaded, tokenizer = _load(model, dtype)
+    if no_tqai:
+        cache = DynamicCache(config=loaded.config)
+    else:
+        cache = tqai_torch.patch(loaded, bits_k=bits_k, bits_v=bits_v)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    tokens, seconds = _generate(loaded, tokenizer, prompt, max_new_tokens, cache, streamer)
+    typer.echo(
+        f"\n[{len(tokens)} tokens, {len(tokens) / seconds:.1f} tokens/s, "
+        f"KV cache {_kv_bytes(cache, loaded) / 1024:.1f} KiB]",
+        err=True,
+    )
+    tqai_torch.unpatch(loaded)
+
+
+def compare(
+    prompt: str = typer.Argument(..., help="the prompt"),
+    model: str = typer.Option("smollm2-135m", help=_MODEL_HELP),
+    bits_k: int = typer.Option(4, callback=_check_bits, help="key bits, 1..8"),
+    bits_v: int = typer.Option(2, callback=_check_bits, help="value bits, 1..8"),
+    max_new_tokens: int = typer.Option(64, min=1),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+) -> None:
+    """Baseline and compressed cache side by side: text, tokens/s, KV bytes, first divergence."""
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import DynamicCache
+
+    import tqai_torch
+
+    loaded, tokenizer = _load(model, dtype)
+    base_cache = DynamicCache(config=loaded.config)
+    base, base_s = _generate(loaded, tokenizer, prompt, max_new_tokens, base_cache)
+    cache = tqai_torch.patch(loaded, bits_k=bits_k, bits_v=bits_v)
+    try:
+        ours, ours_s = _generate(loaded, tokenizer, prompt, max_new_tokens, cache)
+    finally:
+        tqai_torch.unpatch(loaded)
+    same = next(
+        (i for i, (a, b) in enumerate(zip(base.tolist(), ours.tolist(), strict=False)) if a != b),
+        None,
+    )
+    table = Table(title=f"{model}: baseline vs tqai K{bits_k}/V{bits_v}", show_lines=True)
+    for col in ("", "baseline", f"tqai K{bits_k}/V{bits_v}"):
+        table.add_column(col, overflow="fold")
+    decode = tokenizer.decode
+    table.add_row(
+        "text", decode(base, skip_special_tokens=True), decode(ours, skip_special_tokens=True)
+    )
+    table.add_row("tokens/s", f"{len(base) / base_s:.1f}", f"{len(ours) / ours_s:.1f}")
+    base_kv, ours_kv = _kv_bytes(base_cache, loaded), _kv_bytes(cache, loaded)
+    table.add_row("KV bytes", f"{base_kv:,}", f"{ours_kv:,} ({ours_kv / base_kv:.2f}x)")
+    table.add_row(
+        "first divergent token",
+        "",
+        "none" if same is None else f"{same} of {min(len(base), len(ours))}",
+    )
+    Console().print(table)
+
+
+eval_app = typer.Typer(help="Quality evaluation through the cache.", no_args_is_help=True)
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    configs: list[str] = typer.Argument(
+        None, help="configs such as K8/V8 K4/V2 'K4/V2+qjl' 'K4/V2 residual128' (baseline always)"
+    ),
+    model: str = typer.Option("smollm2-135m", help=_MODEL_HELP),
+    text: Path = typer.Option(None, help="a UTF-8 text file (default: the fixed Shakespeare set)"),
+    context: int = typer.Option(2048, min=16, help="tokens per window"),
+    windows: int = typer.Option(2, min=1, help="windows to evaluate"),
+    chunk: int = typer.Option(128, min=1, help="tokens scored per forward pass"),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+) -> None:
+    """Perplexity of the baseline and each config, every token scored through the cache."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from tqai_torch.evaluate import parse_config, perplexity
+
+    try:
+        parsed = [parse_config(c) for c in ["baseline", *(configs or ["K8/V8", "K4/V2"])]]
+    except ValueError as ex:
+        raise typer.BadParameter(str(ex), param_hint="CONFIGS") from None
+    loaded, tokenizer = _load(model, dtype)
+    if text is None:
+        from tqai.assets import shakespeare_text
+
+        source = shakespeare_text()
+    else:
+        source = text.read_text(encoding="utf-8")
+    ids = tokenizer(source, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    bos = tokenizer.bos_token_id if "gemma" in loaded.config.model_type else None
+    results = []
+    with Progress() as progress:
+        task = progress.add_task("perplexity", total=len(parsed) * windows)
+        for config in parsed:
+            r = perplexity(
+                loaded,
+                ids,
+                config,
+                context=context,
+                chunk=chunk,
+                max_windows=windows,
+                bos_token_id=bos,
+                on_window=lambda: progress.advance(task),
+            )
+            results.append((config.name, r))
+    base = results[0][1]["ppl"]
+    table = Table(title=f"{model}: perplexity, {windows} x {context} tokens, through the cache")
+    for col in ("config", "ppl", "vs baseline", "KV bits/coord"):
+        table.add_column(col, justify="right")
+    for name, r in results:
+        table.add_row(
+            name,
+            f"{r['ppl']:.3f}",
+            f"{100 * (r['ppl'] / base - 1):+.2f}%",
+            f"{r['kv_bits_per_coord']:.2f}",
+        )
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run``, ``compare`` and ``eval`` to the ``tqai`` CLI."""
+    app.command("run")(run)
+    app.command("compare")(compare)
+    app.add_typer(eval_app, name="eval")

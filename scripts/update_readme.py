@@ -1,0 +1,337 @@
+"""Regenerate the results tables of README.md from benchmarks/results/*.json.
+
+Each table lives between two marker comments named after a results file's stem::
+
+    <!-- results:distortion:start -->
+    (generated: do not edit by hand)
+    <!-- results:distortion:end -->
+
+Only the text between markers is rewritten; the rest of the README is left byte for byte. Known
+files have their own renderer (``distortion``, ``codec_*``, ``quality``, ``memory``); any other
+file gets a generic table whose columns are the row keys. Every table is followed by the machine
+the numbers came from, when the file records one.
+
+Usage::
+
+    python scripts/update_readme.py            # rewrite README.md, print what changed
+    python scripts/update_readme.py --check    # exit 1 if README.md is out of date
+    python scripts/update_readme.py --readme PATH --results DIR
+
+Exit status 1 also when the README has a marker for a results file that does not exist, or a
+start marker without its end marker. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RENDERERS", "main", "render", "update"]
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"<!-- results:(?P<name>[A-Za-z0-9_.\-]+):(?P<kind>start|end) -->")
+
+Row = dict[str, Any]
+# A column: (header, function of the row giving the cell, right-aligned).
+Column = tuple[str, Callable[[Row], Any], bool]
+
+
+class ReadmeError(Exception):
+    """The README or a results file cannot be processed."""
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    """Format a cell: floats to ``digits`` significant digits, big numbers with separators."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if abs(value) >= 10_000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    if isinstance(value, list | dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    return _num(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(columns: Sequence[Column], rows: Sequence[Row]) -> str:
+    head = "| " + " | ".join(name for name, _, _ in columns) + " |"
+    rule = "| " + " | ".join("---:" if right else "---" for _, _, right in columns) + " |"
+    body = ["| " + " | ".join(_cell(get(row)) for _, get, _ in columns) + " |" for row in rows]
+    return "\n".join([head, rule, *body])
+
+
+def _key(name: str) -> Callable[[Row], Any]:
+    return lambda row: row.get(name)
+
+
+def _varying(rows: Sequence[Row], *names: str) -> list[Column]:
+    """Columns for keys that take more than one value across the rows (else they add nothing)."""
+    return [
+        (name, _key(name), False)
+        for name in names
+        if len({json.dumps(row.get(name), sort_keys=True) for row in rows}) > 1
+    ]
+
+
+def _mib(name: str) -> Callable[[Row], Any]:
+    def get(row: Row) -> Any:
+        value = row.get(name)
+        return None if value is None else value / 2**20
+
+    return get
+
+
+def _ratio(num: str, den: str) -> Callable[[Row], Any]:
+    def get(row: Row) -> Any:
+        a, b = row.get(num), row.get(den)
+        return None if a is None or not b else a / b
+
+    return get
+
+
+def _machine(doc: Any) -> str:
+    """One line naming the machine the numbers came from ("" if the file records none)."""
+    machine = doc.get("machine") if isinstance(doc, dict) else None
+    if not isinstance(machine, dict):
+        return ""
+    parts = []
+    if machine.get("gpu"):
+        parts.append(str(machine["gpu"]))
+    if machine.get("cpu"):
+        cores = machine.get("cores")
+        parts.append(f"{machine['cpu']}" + (f" ({cores} cores)" if cores else ""))
+    parts.extend(str(machine[k]) for k in ("os",) if machine.get(k))
+    if machine.get("python"):
+        parts.append(f"Python {machine['python']}")
+    if machine.get("date"):
+        parts.append(str(machine["date"]))
+    return "Measured on: " + ", ".join(parts) + "." if parts else ""
+
+
+def _rows(doc: Any) -> list[Row]:
+    rows = doc.get("rows") if isinstance(doc, dict) else doc
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ReadmeError("expected a JSON list of row objects, or an object with a 'rows' list")
+    return rows
+
+
+def render_distortion(doc: Any) -> str:
+    """Distortion of the quantizers: measured vs theory, the paper's value and the lower bound."""
+    rows = _rows(doc)
+    columns: list[Column] = [
+        ("quantizer", _key("quantizer"), False),
+        ("rotation", _key("rotation"), False),
+        ("d", _key("d"), True),
+        ("bits", _key("bits"), True),
+        ("measured", _key("measured"), True),
+        ("theory", _key("theory"), True),
+        ("paper", _key("paper"), True),
+        ("lower bound", _key("lower_bound"), True),
+    ]
+    note = f"{_num(doc['n_vectors'])} vectors per row." if "n_vectors" in doc else ""
+    return _join(_table(columns, rows), note, _machine(doc))
+
+
+def render_codec(doc: Any) -> str:
+    """Codec throughput: vectors encoded and decoded per second, per namespace."""
+    rows = _rows(doc)
+    columns: list[Column] = [
+        *_varying(rows, "provider"),
+        ("namespace", _key("namespace"), False),
+        ("rotation", _key("rotation"), False),
+        *[(n, _key(n), True) for n, _, _ in _varying(rows, "d")],
+        ("bits", _key("bits"), True),
+        ("encode vectors/s", _key("encode_vectors_per_s"), True),
+        ("decode vectors/s", _key("decode_vectors_per_s"), True),
+    ]
+    return _join(_table(columns, rows), _machine(doc))
+
+
+def render_quality(doc: Any) -> str:
+    """Perplexity per cache configuration against the uncompressed baseline."""
+    rows = _rows(doc)
+
+    def delta(row: Row) -> Any:
+        ppl, base = row.get("ppl"), row.get("baseline_ppl")
+        return None if ppl is None or not base else f"{100 * (ppl / base - 1):+.2f}%"
+
+    columns: list[Column] = [
+        *_varying(rows, "model"),
+        ("config", _key("config"), False),
+        ("KV bits/coord", _key("kv_bits_per_coord"), True),
+        ("perplexity", _key("ppl"), True),
+        ("baseline", _key("baseline_ppl"), True),
+        ("change", delta, True),
+    ]
+    models = {str(r.get("model")) for r in rows}
+    note = f"Model: {models.pop()}." if len(models) == 1 and rows[0].get("model") else ""
+    return _join(_table(columns, rows), note, _machine(doc))
+
+
+def render_memory(doc: Any) -> str:
+    """Cache bytes and peak memory per context length and configuration, against the baseline."""
+    rows = _rows(doc)
+    columns: list[Column] = [
+        *[(n, _key(n), False) for n, _, _ in _varying(rows, "device")],
+        ("context", _key("context"), True),
+        ("config", _key("config"), False),
+        ("cache MiB", _mib("cache_bytes"), True),
+        ("baseline cache MiB", _mib("baseline_cache_bytes"), True),
+        ("cache ratio", _ratio("cache_bytes", "baseline_cache_bytes"), True),
+        ("peak MiB", _mib("peak_bytes"), True),
+        ("baseline peak MiB", _mib("baseline_peak_bytes"), True),
+    ]
+    return _join(_table(columns, rows), _machine(doc))
+
+
+def render_generic(doc: Any) -> str:
+    """Any other results file: one column per row key, in order of first appearance."""
+    rows = _rows(doc)
+    names: list[str] = []
+    for row in rows:
+        names.extend(k for k in row if k not in names)
+    columns: list[Column] = [
+        (name, _key(name), any(isinstance(r.get(name), int | float) for r in rows))
+        for name in names
+    ]
+    extras = []
+    if isinstance(doc, dict):
+        extras = [
+            f"{k}: {_num(v)}"
+            for k, v in doc.items()
+            if k not in ("rows", "machine") and not isinstance(v, list | dict)
+        ]
+    note = "; ".join(extras) + "." if extras else ""
+    return _join(_table(columns, rows), note, _machine(doc))
+
+
+def _join(*parts: str) -> str:
+    return "\n\n".join(p for p in parts if p)
+
+
+RENDERERS: dict[str, Callable[[Any], str]] = {
+    "distortion": render_distortion,
+    "codec_*": render_codec,
+    "quality": render_quality,
+    "memory": render_memory,
+}
+"""Renderer per results-file stem; a key ending in ``*`` matches stems with that prefix."""
+
+
+def render(name: str, doc: Any) -> str:
+    """The markdown for results file ``name`` (its stem), chosen from :data:`RENDERERS`."""
+    for pattern, renderer in RENDERERS.items():
+        if name == pattern or (pattern.endswith("*") and name.startswith(pattern[:-1])):
+            return renderer(doc)
+    return render_generic(doc)
+
+
+def update(readme: str, results: Path) -> tuple[str, list[str], list[str]]:
+    """Rewrite every marked section of ``readme`` from ``results``.
+
+    Args:
+        readme: The README text.
+        results: The folder of ``NAME.json`` files.
+
+    Returns:
+        ``(new_text, changed, unchanged)``: the names of the sections whose text changed and of
+        those already current.
+
+    Raises:
+        ReadmeError: A start marker lacks its end, a marker names a missing file, or a file
+            cannot be read.
+    """
+    out: list[str] = []
+    changed: list[str] = []
+    unchanged: list[str] = []
+    missing: list[str] = []
+    pos = 0  # copied up to here
+    while (start := MARKER.search(readme, pos)) is not None:
+        name, kind = start["name"], start["kind"]
+        if kind != "start":
+            raise ReadmeError(f"end marker for {name!r} without a start marker")
+        end_tag = f"<!-- results:{name}:end -->"
+        end = readme.find(end_tag, start.end())
+        if end < 0:
+            raise ReadmeError(f"start marker for {name!r} without {end_tag}")
+        out.append(readme[pos : start.end()])
+        old = readme[start.end() : end]
+        path = results / f"{name}.json"
+        if not path.is_file():
+            missing.append(name)
+            new = old
+        else:
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+                new = f"\n{render(name, doc)}\n"
+            except (ValueError, ReadmeError) as exc:
+                raise ReadmeError(f"{path}: {exc}") from exc
+            (changed if new != old else unchanged).append(name)
+        out.append(new + end_tag)
+        pos = end + len(end_tag)
+    out.append(readme[pos:])
+    if missing:
+        raise ReadmeError(
+            "README has markers for results that do not exist in "
+            f"{results}: {', '.join(f'{m}.json' for m in missing)}"
+        )
+    return "".join(out), changed, unchanged
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--check", action="store_true", help="exit 1 if README is out of date")
+    args = parser.parse_args(argv)
+
+    if not args.readme.is_file():
+        print(f"error: {args.readme} does not exist", file=sys.stderr)
+        return 1
+    with open(args.readme, encoding="utf-8", newline="") as handle:  # keep line endings as-is
+        text = handle.read()
+    try:
+        new, changed, unchanged = update(text, args.results)
+    except ReadmeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sections = set(changed) | set(unchanged)
+    unmarked = sorted(p.stem for p in args.results.glob("*.json") if p.stem not in sections)
+    if args.check:
+        if changed:
+            print(f"{args.readme} is out of date: {', '.join(changed)}", file=sys.stderr)
+            print("run: python scripts/update_readme.py", file=sys.stderr)
+            return 1
+        print(f"{args.readme} is up to date ({len(unchanged)} sections)")
+        return 0
+    if new != text:
+        with open(args.readme, "w", encoding="utf-8", newline="") as handle:
+            handle.write(new)
+    for name in changed:
+        print(f"updated: {name}")
+    for name in unchanged:
+        print(f"unchanged: {name}")
+    for name in unmarked:
+        print(f"not in README (no marker): {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""scripts/update_readme.py: rewrites only the marked results sections of a README."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "update_readme.py"
+MACHINE = {"cpu": "Test CPU", "cores": 4, "os": "Linux", "python": "3.11.7", "date": "2026-01-01"}
+DISTORTION = {
+    "machine": MACHINE,
+    "n_vectors": 1000,
+    "rows": [
+        {
+            "quantizer": "mse",
+            "rotation": "haar",
+            "d": 128,
+            "bits": 2,
+            "measured": 0.11608783550882322,
+            "theory": 0.116,
+            "paper": 0.117,
+            "lower_bound": 0.0625,
+            "check": "ok",
+        }
+    ],
+}
+CODEC = {
+    "machine": MACHINE,
+    "rows": [
+        {
+            "provider": "reference",
+            "namespace": "numpy",
+            "version": "2.4.6",
+            "rotation": "haar",
+            "d": 128,
+            "bits": 3,
+            "n_vectors": 16384,
+            "encode_vectors_per_s": 54403.79,
+            "decode_vectors_per_s": 86966.52,
+        }
+    ],
+}
+PIPELINE = {"seed": 7, "rows": [{"scorer": "palm", "ratio": 0.25, "ok": True}]}
+
+HEAD = "# tqai\r\n\r\nHand-written text | with a pipe.\n\n## Results\n"
+TAIL = "\n## After\n\nMore hand-written text.\n"
+
+
+def _section(name: str, body: str = "stale\n") -> str:
+    return f"<!-- results:{name}:start -->\n{body}<!-- results:{name}:end -->"
+
+
+def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(SCRIPT), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for name, doc in [
+        ("distortion", DISTORTION),
+        ("codec_cpu_test", CODEC),
+        ("pipeline", PIPELINE),
+    ]:
+        (folder / f"{name}.json").write_text(json.dumps(doc))
+    return folder
+
+
+@pytest.fixture
+def readme(tmp_path: Path) -> Path:
+    path = tmp_path / "README.md"
+    middle = "\n\nBetween the tables.\n\n"
+    text = HEAD + _section("distortion") + middle + _section("codec_cpu_test") + "\n"
+    text += _section("pipeline", "") + TAIL
+    path.write_bytes(text.encode())
+    return path
+
+
+def test_updates_only_the_marked_sections(readme: Path, results: Path) -> None:
+    proc = _run("--readme", readme, "--results", results)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("distortion", "codec_cpu_test", "pipeline"):
+        assert f"updated: {name}" in proc.stdout
+    text = readme.read_bytes().decode()
+    assert text.startswith(HEAD)  # CRLF lines outside the markers are kept as they were
+    assert text.endswith(TAIL)
+    assert "\n\nBetween the tables.\n\n" in text
+    assert "stale" not in text
+
+    distortion = text.split("<!-- results:distortion:start -->")[1].split("<!-- results:")[0]
+    assert "| quantizer | rotation | d | bits | measured | theory | paper | lower bound |" in (
+        distortion
+    )
+    assert "| mse | haar | 128 | 2 | 0.1161 | 0.116 | 0.117 | 0.0625 |" in distortion
+    assert "Test CPU (4 cores)" in distortion
+
+    codec = text.split("<!-- results:codec_cpu_test:start -->")[1].split("<!-- results:")[0]
+    assert "| namespace | rotation | bits | encode vectors/s | decode vectors/s |" in codec
+    assert "| numpy | haar | 3 | 54,404 | 86,967 |" in codec
+    assert "Test CPU (4 cores)" in codec
+
+    pipeline = text.split("<!-- results:pipeline:start -->")[1].split("<!-- results:")[0]
+    assert "| scorer | ratio | ok |" in pipeline  # generic: columns are the row keys
+    assert "| palm | 0.25 | yes |" in pipeline
+    assert "seed: 7." in pipeline
+
+
+def test_second_run_changes_nothing_and_check_passes(readme: Path, results: Path) -> None:
+    assert _run("--readme", readme, "--results", results).returncode == 0
+    before = readme.read_bytes()
+    proc = _run("--readme", readme, "--results", results)
+    assert proc.returncode == 0
+    assert "unchanged: distortion" in proc.stdout
+    assert "updated:" not in proc.stdout
+    assert readme.read_bytes() == before
+    check = _run("--readme", readme, "--results", results, "--check")
+    assert check.returncode == 0, check.stderr
+
+
+def test_check_fails_when_stale_and_writes_nothing(readme: Path, results: Path) -> None:
+    before = readme.read_bytes()
+    proc = _run("--readme", readme, "--results", results, "--check")
+    assert proc.returncode == 1
+    assert "out of date" in proc.stderr
+    assert "distortion" in proc.stderr
+    assert readme.read_bytes() == before
+
+
+def test_check_fails_after_results_change(readme: Path, results: Path) -> None:
+    assert _run("--readme", readme, "--results", results).returncode == 0
+    doc = json.loads((results / "distortion.json").read_text())
+    doc["rows"][0]["measured"] = 0.2
+    (results / "distortion.json").write_text(json.dumps(doc))
+    proc = _run("--readme", readme, "--results", results, "--check")
+    assert proc.returncode == 1
+    assert "distortion" in proc.stderr
+    assert "codec_cpu_test" not in proc.stderr
+
+
+def test_marker_for_a_missing_file_fails(readme: Path, results: Path) -> None:
+    (results / "pipeline.json").unlink()
+    before = readme.read_bytes()
+    proc = _run("--readme", readme, "--results", results)
+    assert proc.returncode == 1
+    assert "pipeline.json" in proc.stderr
+    assert readme.read_bytes() == before
+
+
+def test_start_marker_without_end_fails(tmp_path: Path, results: Path) -> None:
+    path = tmp_path / "README.md"
+    path.write_text("# x\n<!-- results:distortion:start -->\nno end\n")
+    proc = _run("--readme", path, "--results", results)
+    assert proc.returncode == 1
+    assert "without <!-- results:distortion:end -->" in proc.stderr
+
+
+def test_results_without_marker_are_reported(tmp_path: Path, results: Path) -> None:
+    path = tmp_path / "README.md"
+    path.write_text("# x\n" + _section("distortion") + "\n")
+    proc = _run("--readme", path, "--results", results)
+    assert proc.returncode == 0, proc.stderr
+    assert "not in README (no marker): pipeline" in proc.stdout
+
+
+def test_missing_readme_is_not_created(tmp_path: Path, results: Path) -> None:
+    path = tmp_path / "README.md"
+    proc = _run("--readme", path, "--results", results)
+    assert proc.returncode == 1
+    assert not path.exists()
+
+
+def test_renders_the_committed_results(tmp_path: Path) -> None:
+    committed = ROOT / "benchmarks" / "results"
+    names = sorted(p.stem for p in committed.glob("*.json"))
+    if not names:
+        pytest.skip("no committed results")
+    path = tmp_path / "README.md"
+    path.write_text("\n".join(_section(n) for n in names) + "\n")
+    proc = _run("--readme", path, "--results", committed)
+    assert proc.returncode == 0, proc.stderr
+    assert "stale" not in path.read_text()
