@@ -18,7 +18,7 @@ $(STAMP): requirements/lock.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
 	$(PY) -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
-	$(UV) pip install -q --python $(PY) -r requirements/lock.txt $(foreach p,$(PACKAGES),-e $(p))
+	$(UV) pip install -q --python $(PY) -r requirements/lock.txt $(foreach p,$(PACKAGES),-e $(p)) -e tests/fixtures/tqai-plugin-example
 	touch $@
 
 demo: $(STAMP)
