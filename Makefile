@@ -22,7 +22,7 @@ $(STAMP): requirements/lock.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/tqai benchmark
+	$(VENV)/bin/tqai compare "Write a short poem about the sea." --model smollm2-135m --max-new-tokens 48
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -39,8 +39,8 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_distortion.py
-	$(PY) benchmarks/bench_codec.py
+	cd benchmarks && ../$(PY) bench_distortion.py && ../$(PY) bench_codec.py \
+		&& ../$(PY) bench_pipeline.py && ../$(PY) bench_memory.py && ../$(PY) bench_quality.py
 	$(PY) scripts/update_readme.py
 
 readme: $(STAMP)

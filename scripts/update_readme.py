@@ -200,6 +200,61 @@ def render_memory(doc: Any) -> str:
     return _join(_table(columns, rows), _machine(doc))
 
 
+def render_pipeline(doc: Any) -> str:
+    """Pipeline NMSE: per (scorer, strategy), the mean over profiles of NMSE / plain NMSE."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in _rows(doc):
+        groups.setdefault((str(row.get("scorer")), str(row.get("strategy"))), []).append(row)
+    summary = []
+    for (scorer, strategy), rows in groups.items():
+        ratios = [r["nmse"] / r["baseline_nmse"] for r in rows if r.get("baseline_nmse")]
+        bits = [r["bits_per_coord"] for r in rows if r.get("bits_per_coord") is not None]
+        summary.append(
+            {
+                "scorer": scorer,
+                "strategy": strategy,
+                "profiles": len(rows),
+                "nmse_ratio": sum(ratios) / len(ratios) if ratios else None,
+                "best": min(ratios) if ratios else None,
+                "worst": max(ratios) if ratios else None,
+                "bits": sum(bits) / len(bits) if bits else None,
+            }
+        )
+    columns: list[Column] = [
+        ("scorer", _key("scorer"), False),
+        ("strategy", _key("strategy"), False),
+        ("profiles", _key("profiles"), True),
+        ("NMSE / plain (mean)", _key("nmse_ratio"), True),
+        ("best", _key("best"), True),
+        ("worst", _key("worst"), True),
+        ("bits/coord", _key("bits"), True),
+    ]
+    note = "Below 1 is better than plain TurboQuant_mse at the same base bits."
+    return _join(_table(columns, summary), note, _machine(doc))
+
+
+def render_decode(doc: Any) -> str:
+    """Decode attention per layer-step: microseconds, bytes held, speed relative to torch SDPA."""
+    rows = _rows(doc)
+    base = {r["context"]: r["seconds"] for r in rows if r.get("provider") == "torch"}
+
+    def speed(row: Row) -> Any:
+        ref = base.get(row.get("context"))
+        return None if not ref else f"{ref / row['seconds']:.3g}x"
+
+    columns: list[Column] = [
+        ("provider", _key("provider"), False),
+        ("config", _key("config"), False),
+        ("context", _key("context"), True),
+        ("microseconds", lambda r: r["seconds"] * 1e6, True),
+        ("cache MiB", _mib("cache_bytes"), True),
+        ("speed vs torch SDPA", speed, True),
+    ]
+    device = doc.get("machine", {}).get("device") if isinstance(doc, dict) else None
+    note = f"Card: {device}." if device else ""
+    return _join(_table(columns, rows), note, _machine(doc))
+
+
 def render_generic(doc: Any) -> str:
     """Any other results file: one column per row key, in order of first appearance."""
     rows = _rows(doc)
@@ -230,6 +285,8 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "codec_*": render_codec,
     "quality": render_quality,
     "memory": render_memory,
+    "pipeline": render_pipeline,
+    "decode_*": render_decode,
 }
 """Renderer per results-file stem; a key ending in ``*`` matches stems with that prefix."""
 

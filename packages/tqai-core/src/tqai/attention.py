@@ -91,6 +91,10 @@ class _OnlineSoftmax:
         self.m = m_new
 
 
+def _capped(scores: Any, softcap: float | None, xp: ModuleType) -> Any:
+    return scores if softcap is None else xp.tanh(scores / softcap) * softcap
+
+
 def _masked(scores: Any, mask: Any | None, start: int, stop: int, xp: ModuleType) -> Any:
     if mask is None:
         return scores
@@ -145,6 +149,7 @@ def compressed_attention(
     prefix: tuple[Any, Any] | None = None,
     suffix: tuple[Any, Any] | None = None,
     chunk_size: int = 1024,
+    softcap: float | None = None,
     xp: ModuleType | None = None,
 ) -> Any:
     """Softmax attention of ``query`` over compressed keys/values, chunked, in rotated domains.
@@ -162,6 +167,8 @@ def compressed_attention(
         suffix: optional full-precision ``(keys, values)`` ``(B, Hkv, W, D)`` after the history
             (recent window and tokens not yet compressed).
         chunk_size: history tokens per online-softmax step (extra memory is O(chunk)).
+        softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before the mask
+            (Gemma 2's attention logit soft-capping).
 
     Returns:
         ``(B, Hq, Tq, D)`` attention output in ``query``'s dtype.
@@ -189,7 +196,8 @@ def compressed_attention(
 
     def full_segment(k: Any, v: Any, start: int) -> None:
         k = key_quantizer.rotation.rotate(xp.astype(k, xp.float32), xp=xp)
-        scores = _masked(q_rot @ xp.matrix_transpose(k), mask, start, start + k.shape[2], xp)
+        scores = _capped(q_rot @ xp.matrix_transpose(k), softcap, xp)
+        scores = _masked(scores, mask, start, start + k.shape[2], xp)
         state.step(scores, {"rot": v_rot.rotate(xp.astype(v, xp.float32), xp=xp)})
 
     column = 0
@@ -200,7 +208,7 @@ def compressed_attention(
     for start in range(0, history, chunk_size):
         stop = min(start + chunk_size, history)
         k_chunk = slice_tokens(keys, start, stop)
-        scores = _key_scores(q_rot, q_sketch, k_chunk, key_quantizer, xp)
+        scores = _capped(_key_scores(q_rot, q_sketch, k_chunk, key_quantizer, xp), softcap, xp)
         scores = _masked(scores, mask, column + start, column + stop, xp)
         state.step(scores, _value_terms(slice_tokens(values, start, stop), value_quantizer, xp))
     column += history
@@ -224,6 +232,7 @@ def attention_reference(
     *,
     scale: float,
     mask: Any | None = None,
+    softcap: float | None = None,
     xp: ModuleType | None = None,
 ) -> Any:
     """Plain softmax attention with GQA, float32 math: the uncompressed reference.
@@ -241,7 +250,7 @@ def attention_reference(
     if hq % n_kv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({n_kv})")
     q = _group(xp.astype(query, xp.float32), n_kv, xp) * scale
-    scores = q @ xp.matrix_transpose(xp.astype(key, xp.float32))
+    scores = _capped(q @ xp.matrix_transpose(xp.astype(key, xp.float32)), softcap, xp)
     if mask is not None:
         scores = _masked(scores, _group_mask(mask, n_kv, hq, xp), 0, key.shape[2], xp)
     state = _OnlineSoftmax((b, n_kv, q.shape[2]), xp, q)

@@ -6,7 +6,7 @@ The transformers cache (tqai-torch) and the mlx-lm cache (tqai-mlx) are thin ada
 - ``sink_tokens``: the first tokens of the sequence, kept in full precision (attention sinks,
   Xiao et al. 2023, arXiv:2309.17453).
 - the history: every other token as TurboQuant codes (packed, with fp16 norms) in growable
-  buffers: amortized growth by at least 1/8 of the capacity, never a concatenation of the whole
+  buffers: amortized growth by 1/16 of the held tokens (at least 128), never a concatenation of the whole
   history per step; ``nbytes`` counts the allocated capacity, i.e. the memory really held.
 - ``residual_window``: the most recent tokens in full precision (KIVI, Liu et al. 2024,
   arXiv:2402.02750); older ones are compressed as they leave the window.
@@ -41,7 +41,7 @@ __all__ = ["STRATEGIES", "KVCacheConfig", "KVStore"]
 
 STRATEGIES = ("compressed", "residual", "full")
 _DEFAULT_RESIDUAL_WINDOW = 128
-_MIN_GROWTH = 256
+_MIN_GROWTH = 128
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -136,7 +136,8 @@ class _PackedHistory:
         if self.template is None:
             self.template = qt
         if self.length + new > self.capacity:
-            grow = max(_MIN_GROWTH, self.capacity // 8, self.length + new - self.capacity)
+            needed = self.length + new
+            grow = needed + max(_MIN_GROWTH, needed // 16) - self.capacity
             for name, a in qt.arrays().items():
                 old = self.buffers.get(name)
                 shape = (*a.shape[:2], grow, *a.shape[3:])
@@ -294,10 +295,13 @@ class KVStore:
             return None
         return (_cat(xp, [p[0] for p in parts], 2), _cat(xp, [p[1] for p in parts], 2))
 
-    def attend(self, query: Any, *, scale: float, mask: Any | None) -> Any:
+    def attend(
+        self, query: Any, *, scale: float, mask: Any | None, softcap: float | None = None
+    ) -> Any:
         """Attention of ``query (B, Hq, Tq, D)`` over everything held, then commit.
 
-        ``mask``: boolean ``(B|1, 1|Hq, Tq, length)`` (True = attend) or None.
+        ``mask``: boolean ``(B|1, 1|Hq, Tq, length)`` (True = attend) or None; ``softcap``:
+        optional attention logit soft-capping (Gemma 2).
         """
         if self.xp is None:
             raise RuntimeError("attend() before any update(): the store holds no tokens")
@@ -314,6 +318,7 @@ class KVStore:
             prefix=self.sinks,
             suffix=self._suffix(),
             chunk_size=self.config.chunk_size,
+            softcap=softcap,
             xp=self.xp,
         )
         self.commit()

@@ -14,6 +14,7 @@ turned off, so the attention always receives an explicit boolean mask (True = at
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -38,6 +39,23 @@ def _boolean_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device) ->
     return mask[..., -kv_len:]
 
 
+def _fallback(module: torch.nn.Module) -> tuple[Any, bool]:
+    """The attention the model had before patching, and whether it takes an additive mask.
+
+    A registered implementation (sdpa, flash, flex) is looked up by name; ``"eager"`` is the
+    model's own ``eager_attention_forward``, which adds its mask to the scores.
+    """
+    name = getattr(module.config, _FALLBACK_ATTR, "sdpa")
+    if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name], False
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise RuntimeError(
+            f"{type(module).__name__} used attention {name!r}, which tqai cannot call back"
+        )
+    return eager, True
+
+
 def tqai_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -51,16 +69,20 @@ def tqai_attention_forward(
     """Attention over a tqai layer's packed codes; ``(B, Tq, Hq, D)`` like transformers' sdpa."""
     layer = getattr(key, "_tqai_layer", None)
     if layer is None:
-        fallback = getattr(module.config, _FALLBACK_ATTR, "sdpa")
-        return ALL_ATTENTION_FUNCTIONS[fallback](
+        fallback, additive = _fallback(module)
+        if additive and attention_mask is not None and attention_mask.dtype == torch.bool:
+            # Eager attention adds its mask; the "tqai" mask function builds sdpa's boolean one.
+            blocked = torch.finfo(query.dtype).min
+            attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+                ~attention_mask, blocked
+            )
+        return fallback(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    if kwargs.get("softcap") is not None:
-        raise ValueError("tqai attention does not support attention logit softcapping yet")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     kv_len = layer.store.length
     mask = _boolean_mask(attention_mask, query.shape[2], kv_len, query.device)
-    out = layer.attend(query, mask, scale)
+    out = layer.attend(query, mask, scale, softcap=kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
 
 

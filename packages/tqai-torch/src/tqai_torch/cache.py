@@ -80,10 +80,19 @@ class TqaiLayer(DynamicLayer):
         key_states._tqai_layer = self
         return key_states, value_states
 
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """Attention of ``query (B, Hq, Tq, D)`` over the held tokens; commits the staged ones."""
+    def attend(
+        self,
+        query: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``query (B, Hq, Tq, D)`` over the held tokens; commits the staged ones.
+
+        ``softcap``: attention logit soft-capping (Gemma 2), applied before the mask.
+        """
         self.awaiting_attention = False
-        return self.store.attend(query, scale=scale, mask=mask)
+        return self.store.attend(query, scale=scale, mask=mask, softcap=softcap)
 
     def get_seq_length(self) -> int:
         return self.store.length - self.store.pending_length
@@ -174,6 +183,16 @@ class TqaiCache(DynamicCache):
                 "this tqai cache needs the model to use the 'tqai' attention implementation, but "
                 f"it uses {attn!r}: create caches with "
                 "tqai_torch.patch(model, ...) (or tqai.patch) and don't unpatch while using them"
+            )
+        sig = self.model_signature
+        if (
+            key_states.shape[1] != sig["num_key_value_heads"]
+            or key_states.shape[-1] != sig["head_dim"]
+        ):
+            raise ValueError(
+                f"this tqai cache was made for a model with {sig['num_key_value_heads']} KV heads "
+                f"of size {sig['head_dim']} ({sig['model_type']}), but got key states of shape "
+                f"{tuple(key_states.shape)}: a cache cannot be reused across models"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kw)
 

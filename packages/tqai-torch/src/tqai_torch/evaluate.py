@@ -134,6 +134,7 @@ def perplexity(
     max_windows: int | None = None,
     bos_token_id: int | None = None,
     on_window: Callable[[], None] | None = None,
+    make_cache: Callable[[], Any] | None = None,
 ) -> dict[str, float]:
     """Perplexity of the continuation of each window, scored through the cache.
 
@@ -147,6 +148,8 @@ def perplexity(
         max_windows: evaluate at most this many windows.
         bos_token_id: prepended to every window (Gemma needs it).
         on_window: called after each window (progress bars).
+        make_cache: build the cache of each window instead (peers such as transformers'
+            ``QuantizedCache``); ``config`` then only names the row.
 
     Returns:
         ``{"ppl", "nll", "tokens", "kv_bytes", "kv_bits_per_coord"}`` (cache bytes at the end of
@@ -156,7 +159,8 @@ def perplexity(
     if not 0 < prefix < context:
         raise ValueError(f"prefix must be in 1..context-1 ({context - 1}), got {prefix}")
     keyword = _cache_keyword(model)
-    make_cache = _cache_factory(model, config)
+    patched = make_cache is None and config.bits_k is not None
+    make_cache = make_cache or _cache_factory(model, config)
     device = next(model.parameters()).device
     nll, tokens, kv_bytes, coords = 0.0, 0, 0, 0
     body = context - (bos_token_id is not None)
@@ -182,7 +186,7 @@ def perplexity(
             if on_window is not None:
                 on_window()
     finally:
-        if config.bits_k is not None:
+        if patched:
             unpatch(model)
     return {
         "ppl": math.exp(nll / tokens),
@@ -204,5 +208,11 @@ def _cache_size(cache: Any, model: Any) -> tuple[int, int]:
     coords = 2 * text.num_hidden_layers * heads * head_dim * length
     if isinstance(cache, TqaiCache):
         return cache.nbytes(), coords
-    held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    held = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            value = getattr(layer, name, None)
+            for t in value if isinstance(value, tuple) else (value,):
+                if isinstance(t, torch.Tensor):
+                    held += t.numel() * t.element_size()
     return held, coords

@@ -45,11 +45,6 @@ def _check_model(model: Any) -> Any:
         model, "set_attn_implementation"
     ):
         raise ValueError(f"{type(model).__name__} does not use transformers' AttentionInterface")
-    if getattr(text, "attn_logit_softcapping", None):
-        raise ValueError(
-            f"{type(model).__name__} uses attention logit softcapping, which tqai's compressed "
-            "attention does not implement; use cache_strategy='full' or skip this model"
-        )
     dtype = next(model.parameters()).dtype
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"model dtype must be float32, float16 or bfloat16, got {dtype}")

@@ -1,0 +1,38 @@
+"""The transformers cache on a CUDA GPU (skipped where there is none, e.g. in CI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_tiny_models import build
+
+import tqai_torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.integration]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eight_bits_generates_the_same_tokens_on_cuda(dtype):
+    model = build("llama").to("cuda", dtype)
+    ids = torch.randint(3, 128, (2, 24), device="cuda", generator=None)
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        base = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        cache = tqai_torch.patch(model, bits_k=8, bits_v=8)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, **kwargs)
+    tqai_torch.unpatch(model)
+    assert torch.equal(out, base)
+    assert all(t.device.type == "cuda" for t in cache.layers[0].store.keys.buffers.values())
+
+
+def test_compressed_equals_full_strategy_on_cuda():
+    model = build("qwen3").to("cuda", torch.bfloat16)
+    ids = torch.randint(3, 128, (1, 40), device="cuda")
+    logits = {}
+    for strategy in ("compressed", "full"):
+        cache = tqai_torch.patch(model, bits_k=4, bits_v=2, cache_strategy=strategy)
+        with torch.no_grad():
+            model(ids[:, :30], cache=cache)
+            logits[strategy] = model(ids[:, 30:], cache=cache).logits.float()
+        tqai_torch.unpatch(model)
+    torch.testing.assert_close(logits["compressed"], logits["full"], atol=5e-2, rtol=5e-2)
