@@ -7,8 +7,9 @@ layer (tqai: from the packed codes). Each (context, config) runs in a fresh subp
 reports:
 
 - ``cache_bytes``: the bytes the cache object holds (tensor storage actually allocated);
-- ``peak_bytes``: the subprocess's peak resident memory minus its resident memory just before
-  the cache was created (``ru_maxrss``), i.e. everything the cache and the attention needed.
+- ``peak_bytes``: on CPU the subprocess's peak resident memory minus its resident memory just
+  before the cache was created (``ru_maxrss``); on CUDA ``torch.cuda.max_memory_allocated``
+  minus the memory allocated before; i.e. everything the cache and the attention needed.
 
 Writes benchmarks/results/memory.json rows {"context", "config", "cache_bytes",
 "baseline_cache_bytes", "peak_bytes", "baseline_peak_bytes"} and prints the table.
@@ -26,14 +27,14 @@ import sys
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM = 30, 3, 9, 64
 CONFIGS = {"baseline": None, "K8/V8": (8, 8), "K4/V4": (4, 4), "K4/V2": (4, 2), "K3/V2": (3, 2)}
-STEP = 1024
+STEP = 1024  # tokens per cache update (8192 on CUDA, where the fill is launch-bound)
 
 
 def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(context: int, config: str) -> dict:
+def measure(context: int, config: str, device: str = "cpu") -> dict:
     """Fill a cache to ``context`` tokens and run one decode step (inside this process)."""
     import torch
     from transformers import DynamicCache, LlamaConfig
@@ -52,13 +53,19 @@ def measure(context: int, config: str) -> dict:
     from tqai.kvstore import KVCacheConfig, KVStore
     from tqai_torch.cache import TqaiCache
 
+    new = {"dtype": torch.bfloat16, "device": device}
     warm = KVStore(KVCacheConfig(bits_k=4, bits_v=2))
-    tiny = torch.randn(1, KV_HEADS, 8, HEAD_DIM, dtype=torch.bfloat16)
+    tiny = torch.randn(1, KV_HEADS, 8, HEAD_DIM, **new)
     warm.update(tiny, tiny)
-    warm.attend(torch.randn(1, Q_HEADS, 8, HEAD_DIM, dtype=torch.bfloat16), scale=1.0, mask=None)
+    warm.attend(torch.randn(1, Q_HEADS, 8, HEAD_DIM, **new), scale=1.0, mask=None)
     torch.nn.functional.scaled_dot_product_attention(tiny, tiny, tiny)
     del warm
-    before = _rss_bytes()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
     if bits is None:
         cache = DynamicCache(config=model_config)
     else:
@@ -66,19 +73,20 @@ def measure(context: int, config: str) -> dict:
         from tqai_torch.cache import TqaiCache
 
         cache = TqaiCache(model_config, KVCacheConfig(bits_k=bits[0], bits_v=bits[1]))
-    query = torch.randn(1, Q_HEADS, 1, HEAD_DIM, dtype=torch.bfloat16)
-    for start in range(0, context, STEP):
-        n = min(STEP, context - start)
+    query = torch.randn(1, Q_HEADS, 1, HEAD_DIM, **new)
+    step = STEP if device == "cpu" else 8 * STEP
+    for start in range(0, context, step):
+        n = min(step, context - start)
         for layer in range(LAYERS):
-            k = torch.randn(1, KV_HEADS, n, HEAD_DIM, dtype=torch.bfloat16)
-            v = torch.randn(1, KV_HEADS, n, HEAD_DIM, dtype=torch.bfloat16)
+            k = torch.randn(1, KV_HEADS, n, HEAD_DIM, **new)
+            v = torch.randn(1, KV_HEADS, n, HEAD_DIM, **new)
             cache.update(k, v, layer)
             if bits is not None:
                 cache.layers[layer].store.commit()
                 cache.layers[layer].awaiting_attention = False
     with torch.no_grad():
         for layer in range(LAYERS):
-            k = torch.randn(1, KV_HEADS, 1, HEAD_DIM, dtype=torch.bfloat16)
+            k = torch.randn(1, KV_HEADS, 1, HEAD_DIM, **new)
             keys, values = cache.update(k, k, layer)
             if bits is None:
                 torch.nn.functional.scaled_dot_product_attention(
@@ -93,7 +101,8 @@ def measure(context: int, config: str) -> dict:
         )
     else:
         held = cache.nbytes()
-    return {"cache_bytes": held, "peak_bytes": _rss_bytes() - before}
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes()) - before
+    return {"cache_bytes": held, "peak_bytes": peak}
 
 
 def main() -> None:
@@ -101,10 +110,11 @@ def main() -> None:
     parser.add_argument(
         "--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768]
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--measure", nargs=2, metavar=("CONTEXT", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(int(args.measure[0]), args.measure[1])))
+        print(json.dumps(measure(int(args.measure[0]), args.measure[1], args.device)))
         return
 
     from _common import machine, print_table, write_json
@@ -114,7 +124,15 @@ def main() -> None:
         results = {}
         for config in CONFIGS:
             out = subprocess.run(
-                [sys.executable, __file__, "--measure", str(context), config],
+                [
+                    sys.executable,
+                    __file__,
+                    "--measure",
+                    str(context),
+                    config,
+                    "--device",
+                    args.device,
+                ],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -135,8 +153,13 @@ def main() -> None:
                 }
             )
     info = machine()
+    where = info["cpu"]
+    if args.device == "cuda":
+        import torch
+
+        where = info["gpu"] = torch.cuda.get_device_name()
     print_table(
-        f"KV cache memory, SmolLM2-135M shapes (30 layers x 3 KV heads x 64, bf16), {info['cpu']}",
+        f"KV cache memory, SmolLM2-135M shapes (30 layers x 3 KV heads x 64, bf16), {where}",
         ["context", "config", "cache MiB", "baseline MiB", "ratio", "peak MiB", "baseline peak"],
         [
             [
@@ -151,9 +174,9 @@ def main() -> None:
             for r in rows
         ],
     )
+    name = "memory.json" if args.device == "cpu" else f"memory_{args.device}.json"
     write_json(
-        "memory.json",
-        {"machine": info, "device": "cpu", "model_shape": "smollm2-135m", "rows": rows},
+        name, {"machine": info, "device": args.device, "model_shape": "smollm2-135m", "rows": rows}
     )
 
 

@@ -284,7 +284,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "distortion": render_distortion,
     "codec_*": render_codec,
     "quality": render_quality,
-    "memory": render_memory,
+    "memory*": render_memory,
     "pipeline": render_pipeline,
     "decode_*": render_decode,
 }

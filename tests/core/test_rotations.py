@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tqai._xp import to_host
 from tqai.rotations import ROTATIONS, make_rotation
 from tqai.testing import make_array, xp_assert_close
 from tqai.testing.arrays import float_vectors
@@ -32,7 +33,7 @@ def test_rotation_preserves_norms_and_inverts(xp, kind, data, d, seed):
     norms = np.linalg.norm(x_host.astype(np.float64), axis=-1)
     tol = 1e-5 * max(1.0, float(norms.max()))
     np.testing.assert_allclose(
-        np.linalg.norm(np.asarray(y, dtype=np.float64), axis=-1), norms, atol=tol, rtol=1e-5
+        np.linalg.norm(to_host(y).astype(np.float64), axis=-1), norms, atol=tol, rtol=1e-5
     )
     xp_assert_close(rot.unrotate(y), x, atol=tol, rtol=1e-5)
 

@@ -67,7 +67,7 @@ def results(tmp_path: Path) -> Path:
     for name, doc in [
         ("distortion", DISTORTION),
         ("codec_cpu_test", CODEC),
-        ("pipeline", PIPELINE),
+        ("custom", PIPELINE),
     ]:
         (folder / f"{name}.json").write_text(json.dumps(doc))
     return folder
@@ -78,7 +78,7 @@ def readme(tmp_path: Path) -> Path:
     path = tmp_path / "README.md"
     middle = "\n\nBetween the tables.\n\n"
     text = HEAD + _section("distortion") + middle + _section("codec_cpu_test") + "\n"
-    text += _section("pipeline", "") + TAIL
+    text += _section("custom", "") + TAIL
     path.write_bytes(text.encode())
     return path
 
@@ -86,7 +86,7 @@ def readme(tmp_path: Path) -> Path:
 def test_updates_only_the_marked_sections(readme: Path, results: Path) -> None:
     proc = _run("--readme", readme, "--results", results)
     assert proc.returncode == 0, proc.stderr
-    for name in ("distortion", "codec_cpu_test", "pipeline"):
+    for name in ("distortion", "codec_cpu_test", "custom"):
         assert f"updated: {name}" in proc.stdout
     text = readme.read_bytes().decode()
     assert text.startswith(HEAD)  # CRLF lines outside the markers are kept as they were
@@ -106,7 +106,7 @@ def test_updates_only_the_marked_sections(readme: Path, results: Path) -> None:
     assert "| numpy | haar | 3 | 54,404 | 86,967 |" in codec
     assert "Test CPU (4 cores)" in codec
 
-    pipeline = text.split("<!-- results:pipeline:start -->")[1].split("<!-- results:")[0]
+    pipeline = text.split("<!-- results:custom:start -->")[1].split("<!-- results:")[0]
     assert "| scorer | ratio | ok |" in pipeline  # generic: columns are the row keys
     assert "| palm | 0.25 | yes |" in pipeline
     assert "seed: 7." in pipeline
@@ -145,11 +145,11 @@ def test_check_fails_after_results_change(readme: Path, results: Path) -> None:
 
 
 def test_marker_for_a_missing_file_fails(readme: Path, results: Path) -> None:
-    (results / "pipeline.json").unlink()
+    (results / "custom.json").unlink()
     before = readme.read_bytes()
     proc = _run("--readme", readme, "--results", results)
     assert proc.returncode == 1
-    assert "pipeline.json" in proc.stderr
+    assert "custom.json" in proc.stderr
     assert readme.read_bytes() == before
 
 
@@ -166,7 +166,7 @@ def test_results_without_marker_are_reported(tmp_path: Path, results: Path) -> N
     path.write_text("# x\n" + _section("distortion") + "\n")
     proc = _run("--readme", path, "--results", results)
     assert proc.returncode == 0, proc.stderr
-    assert "not in README (no marker): pipeline" in proc.stdout
+    assert "not in README (no marker): custom" in proc.stdout
 
 
 def test_missing_readme_is_not_created(tmp_path: Path, results: Path) -> None:

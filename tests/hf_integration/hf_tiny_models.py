@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -67,3 +70,15 @@ def build(family: str, **overrides):
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).eval()
     return model
+
+
+@functools.cache
+def _cache_keyword() -> str:
+    params = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kw(cache) -> dict:
+    """``{"cache": cache}`` on transformers releases that renamed the keyword, else
+    ``{"past_key_values": cache}`` (5.17, the CUDA machine's release)."""
+    return {_cache_keyword(): cache}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_tiny_models import FAMILIES, build
+from hf_tiny_models import FAMILIES, build, cache_kw
 
 import tqai_torch
 from tqai_torch import TqaiCache, TqaiLayer
@@ -29,7 +29,7 @@ def _generate(model, ids, cache=None, **kwargs):
             attention_mask=torch.ones_like(ids),
             do_sample=False,
             pad_token_id=0,
-            cache=cache,
+            **cache_kw(cache),
             **kwargs,
         )
 
@@ -53,8 +53,8 @@ def test_low_bits_diverge_boundedly(family):
     with torch.no_grad():
         base = model(ids).logits[:, -1]
         cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=0)
-        model(ids[:, :-1], cache=cache)
-        out = model(ids[:, -1:], cache=cache).logits[:, -1]
+        model(ids[:, :-1], **cache_kw(cache))
+        out = model(ids[:, -1:], **cache_kw(cache)).logits[:, -1]
     tqai_torch.unpatch(model)
     rel = ((out - base).norm() / base.norm()).item()
     assert 0 < rel < 0.5, rel
@@ -68,8 +68,8 @@ def test_compressed_equals_full_strategy_reference(family):
     for strategy in ("compressed", "full"):
         cache = tqai_torch.patch(model, bits_k=3, bits_v=2, cache_strategy=strategy)
         with torch.no_grad():
-            model(ids[:, :20], cache=cache)
-            logits[strategy] = model(ids[:, 20:], cache=cache).logits
+            model(ids[:, :20], **cache_kw(cache))
+            logits[strategy] = model(ids[:, 20:], **cache_kw(cache)).logits
         tqai_torch.unpatch(model)
     torch.testing.assert_close(logits["compressed"], logits["full"], atol=2e-4, rtol=1e-3)
 
@@ -106,7 +106,7 @@ def test_left_padded_batch_matches_unpadded_rows():
         out = model.generate(
             padded,
             attention_mask=mask,
-            cache=cache,
+            **cache_kw(cache),
             max_new_tokens=10,
             do_sample=False,
             pad_token_id=0,
@@ -114,7 +114,7 @@ def test_left_padded_batch_matches_unpadded_rows():
         single = model.generate(
             ids[:1],
             attention_mask=torch.ones_like(ids[:1]),
-            cache=tqai_torch.new_cache(model),
+            **cache_kw(tqai_torch.new_cache(model)),
             max_new_tokens=10,
             do_sample=False,
             pad_token_id=0,
@@ -130,11 +130,11 @@ def test_sampling_and_beam_search_run():
     with torch.no_grad():
         torch.manual_seed(0)
         sampled = model.generate(
-            ids, cache=cache, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0
+            ids, **cache_kw(cache), max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0
         )
         beams = model.generate(
             ids,
-            cache=tqai_torch.new_cache(model),
+            **cache_kw(tqai_torch.new_cache(model)),
             max_new_tokens=8,
             num_beams=3,
             do_sample=False,
@@ -151,7 +151,7 @@ def test_beam_search_matches_dynamic_cache_at_eight_bits():
         base = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
         cache = tqai_torch.patch(model, bits_k=8, bits_v=8)
         out = model.generate(
-            ids, cache=cache, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0
+            ids, **cache_kw(cache), max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0
         )
     tqai_torch.unpatch(model)
     assert torch.equal(out, base)
@@ -167,13 +167,13 @@ def test_crop_rolls_back_exactly():
     ids = _prompt(batch=1, length=30)
     cache = tqai_torch.patch(model, bits_k=4, bits_v=2, residual_window=0)
     with torch.no_grad():
-        model(ids[:, :20], cache=cache)
+        model(ids[:, :20], **cache_kw(cache))
         ref = cache.copy()
-        model(ids[:, 20:], cache=cache)
+        model(ids[:, 20:], **cache_kw(cache))
         cache.crop(-10)
         assert cache.get_seq_length() == 20
-        a = model(ids[:, 20:], cache=cache).logits
-        b = model(ids[:, 20:], cache=ref).logits
+        a = model(ids[:, 20:], **cache_kw(cache)).logits
+        b = model(ids[:, 20:], **cache_kw(ref)).logits
     tqai_torch.unpatch(model)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
@@ -183,7 +183,7 @@ def test_prompt_cache_reuse_does_not_corrupt_the_prefix():
     ids = _prompt(batch=1, length=16)
     cache = tqai_torch.patch(model, bits_k=4, bits_v=2)
     with torch.no_grad():
-        model(ids, cache=cache)
+        model(ids, **cache_kw(cache))
         snapshot = cache.copy()
         first = _generate(model, ids, cache.copy(), max_new_tokens=6)
         second = _generate(model, ids, cache.copy(), max_new_tokens=6)
@@ -203,7 +203,7 @@ def test_nbytes_is_real_and_smaller_than_bf16():
     ids = _prompt(batch=1, length=300)
     cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=0)
     with torch.no_grad():
-        model(ids, cache=cache)
+        model(ids, **cache_kw(cache))
     tqai_torch.unpatch(model)
     per_layer = cache.layer_nbytes()
     assert len(per_layer) == 2
@@ -245,7 +245,7 @@ def test_cache_without_patched_attention_fails_clearly():
     cache = tqai_torch.patch(model)
     tqai_torch.unpatch(model)
     with pytest.raises(RuntimeError, match="'tqai' attention"), torch.no_grad():
-        model(_prompt(batch=1), cache=cache)
+        model(_prompt(batch=1), **cache_kw(cache))
 
 
 @pytest.mark.parametrize("family_name", ["llama", "gemma3"])
@@ -254,12 +254,12 @@ def test_save_and_load_prompt_cache(tmp_path, family_name):
     ids = _prompt(batch=1, length=24)
     cache = tqai_torch.patch(model, bits_k=4, bits_v=2, residual_window=3)
     with torch.no_grad():
-        model(ids[:, :20], cache=cache)
+        model(ids[:, :20], **cache_kw(cache))
         path = tmp_path / "prompt.tqai"
         cache.save(path)
         loaded = TqaiCache.load(path, model)
-        a = model(ids[:, 20:], cache=cache).logits
-        b = model(ids[:, 20:], cache=loaded).logits
+        a = model(ids[:, 20:], **cache_kw(cache)).logits
+        b = model(ids[:, 20:], **cache_kw(loaded)).logits
     tqai_torch.unpatch(model)
     assert torch.equal(a, b)
     assert loaded.get_seq_length() == 24
@@ -269,7 +269,7 @@ def test_load_refuses_other_model_or_config(tmp_path):
     model = build("llama")
     cache = tqai_torch.patch(model, bits_k=4, bits_v=2)
     with torch.no_grad():
-        model(_prompt(batch=1), cache=cache)
+        model(_prompt(batch=1), **cache_kw(cache))
     path = tmp_path / "prompt.tqai"
     cache.save(path)
     tqai_torch.patch(model, bits_k=3, bits_v=2)

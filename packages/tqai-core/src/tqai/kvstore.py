@@ -6,7 +6,8 @@ The transformers cache (tqai-torch) and the mlx-lm cache (tqai-mlx) are thin ada
 - ``sink_tokens``: the first tokens of the sequence, kept in full precision (attention sinks,
   Xiao et al. 2023, arXiv:2309.17453).
 - the history: every other token as TurboQuant codes (packed, with fp16 norms) in growable
-  buffers: amortized growth by 1/16 of the held tokens (at least 128), never a concatenation of the whole
+  buffers: amortized growth by 1/16 of the held tokens (at least 128) for decode-sized
+  appends and exact allocation for large ones (prefill), never a concatenation of the whole
   history per step; ``nbytes`` counts the allocated capacity, i.e. the memory really held.
 - ``residual_window``: the most recent tokens in full precision (KIVI, Liu et al. 2024,
   arXiv:2402.02750); older ones are compressed as they leave the window.
@@ -137,7 +138,10 @@ class _PackedHistory:
             self.template = qt
         if self.length + new > self.capacity:
             needed = self.length + new
-            grow = needed + max(_MIN_GROWTH, needed // 16) - self.capacity
+            # Decode-sized appends get spare room (amortized growth); a large append (prefill)
+            # gets exactly what it needs, so a prompt cache holds no unused capacity.
+            spare = max(_MIN_GROWTH, needed // 16) if new < _MIN_GROWTH else 0
+            grow = needed + spare - self.capacity
             for name, a in qt.arrays().items():
                 old = self.buffers.get(name)
                 shape = (*a.shape[:2], grow, *a.shape[3:])

@@ -59,10 +59,10 @@ def _generate(
 ) -> tuple[Any, float]:
     import torch
 
-    from tqai_torch.evaluate import _cache_keyword
+    from tqai_torch.evaluate import cache_keyword
 
     inputs = _inputs(tokenizer, prompt)
-    kwargs = {} if cache is None else {_cache_keyword(model): cache}
+    kwargs = {} if cache is None else {cache_keyword(model): cache}
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(

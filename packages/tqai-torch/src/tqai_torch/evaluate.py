@@ -19,7 +19,14 @@ import torch
 
 from tqai_torch.patching import patch, unpatch
 
-__all__ = ["CacheConfig", "config_name", "parse_config", "perplexity", "windows"]
+__all__ = [
+    "CacheConfig",
+    "cache_keyword",
+    "config_name",
+    "parse_config",
+    "perplexity",
+    "windows",
+]
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,8 @@ def _cache_factory(model: Any, config: CacheConfig) -> Callable[[], Any]:
     return make
 
 
-def _cache_keyword(model: Any) -> str:
+def cache_keyword(model: Any) -> str:
+    """``"cache"`` on transformers releases that renamed it, else ``"past_key_values"``."""
     import inspect
 
     params = inspect.signature(model.forward).parameters
@@ -158,7 +166,7 @@ def perplexity(
     prefix = context // 2 if prefix is None else prefix
     if not 0 < prefix < context:
         raise ValueError(f"prefix must be in 1..context-1 ({context - 1}), got {prefix}")
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     patched = make_cache is None and config.bits_k is not None
     make_cache = make_cache or _cache_factory(model, config)
     device = next(model.parameters()).device
