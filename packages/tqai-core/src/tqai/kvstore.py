@@ -299,6 +299,22 @@ class KVStore:
             return None
         return (_cat(xp, [p[0] for p in parts], 2), _cat(xp, [p[1] for p in parts], 2))
 
+    def attention_inputs(self) -> dict[str, Any]:
+        """What attention reads, for fused kernels that take the reference's inputs.
+
+        ``{"keys", "values"}``: the packed history (None before any), ``"prefix"``: the sinks,
+        ``"suffix"``: window + staged tokens, ``"key_quantizer"``, ``"value_quantizer"``. A
+        kernel that uses them must call :meth:`commit` afterwards, as :meth:`attend` does.
+        """
+        return {
+            "keys": self.keys.view() if self.keys.length else None,
+            "values": self.values.view() if self.values.length else None,
+            "prefix": self.sinks,
+            "suffix": self._suffix(),
+            "key_quantizer": self.key_quantizer,
+            "value_quantizer": self.value_quantizer,
+        }
+
     def attend(
         self, query: Any, *, scale: float, mask: Any | None, softcap: float | None = None
     ) -> Any:

@@ -33,6 +33,22 @@ from tqai.kvstore import KVCacheConfig, KVStore
 __all__ = ["TqaiCache", "TqaiLayer"]
 
 
+def _use_fused_decode(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
+    """The Triton decode kernel serves: CUDA, one query token, nothing masked, MSE codes with
+    1/2/4/8 bits, a history to read. ``TQAI_KERNEL=reference`` turns it off."""
+    if os.environ.get("TQAI_KERNEL", "auto") == "reference":
+        return False
+    if not query.is_cuda or query.shape[2] != 1 or not store.history_length:
+        return False
+    if mask is not None and not bool(mask.all()):
+        return False
+    try:
+        from tqai_torch.kernels.triton.decode_attention import supports
+    except ImportError:  # no triton on this machine
+        return False
+    return supports(store.key_quantizer, store.value_quantizer, query.shape[-1])
+
+
 class TqaiLayer(DynamicLayer):
     """One full-attention layer's compressed K/V (transformers ``CacheLayerMixin`` protocol).
 
@@ -92,6 +108,13 @@ class TqaiLayer(DynamicLayer):
         ``softcap``: attention logit soft-capping (Gemma 2), applied before the mask.
         """
         self.awaiting_attention = False
+        if softcap is None and _use_fused_decode(query, mask, self.store):
+            from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+            inputs = self.store.attention_inputs()
+            out = decode_attention_triton(query, scale=scale, **inputs)
+            self.store.commit()
+            return out
         return self.store.attend(query, scale=scale, mask=mask, softcap=softcap)
 
     def get_seq_length(self) -> int:
