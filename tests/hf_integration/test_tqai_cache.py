@@ -288,3 +288,18 @@ def test_load_refuses_other_model_or_config(tmp_path):
     with pytest.raises(ValueError, match="checksum mismatch"):
         TqaiCache.load(path, model)
     tqai_torch.unpatch(model)
+
+
+def test_device_option_keeps_codes_where_asked():
+    model = build("llama")
+    ids = _prompt(batch=1)
+    with torch.no_grad():
+        base = _generate(model, ids, tqai_torch.patch(model, bits_k=4, bits_v=2))
+        cache = tqai_torch.patch(model, bits_k=4, bits_v=2, device="cpu")
+        out = _generate(model, ids, cache)
+    tqai_torch.unpatch(model)
+    assert torch.equal(out, base)
+    assert all(b.device.type == "cpu" for b in cache.layers[0].store.keys.buffers.values())
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        tqai_torch.patch(model, device="nowhere")
+    tqai_torch.unpatch(model)

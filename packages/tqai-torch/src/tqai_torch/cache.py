@@ -60,11 +60,12 @@ class TqaiLayer(DynamicLayer):
     is_croppable = True
     is_compileable = False
 
-    def __init__(self, config: KVCacheConfig) -> None:
+    def __init__(self, config: KVCacheConfig, device: str | torch.device | None = None) -> None:
         super().__init__()
         self.config = config
         self.store = KVStore(config)
         self.awaiting_attention = False
+        self.storage_device = None if device is None else torch.device(device)
 
     def __repr__(self) -> str:
         c = self.config
@@ -87,11 +88,17 @@ class TqaiLayer(DynamicLayer):
                 "use the 'tqai' attention implementation. Create the cache with "
                 "tqai_torch.patch(model, ...) (or tqai.patch) and pass the cache it returns."
             )
-        self.store.update(key_states, value_states)
+        here = key_states.device
+        if self.storage_device is not None and self.storage_device != here:
+            self.store.update(
+                key_states.to(self.storage_device), value_states.to(self.storage_device)
+            )
+        else:
+            self.store.update(key_states, value_states)
         if self.config.strategy == "full":
             keys, values = self.store.dequantize()
             self.store.commit()
-            return keys, values
+            return keys.to(here), values.to(here)
         self.awaiting_attention = True
         key_states._tqai_layer = self
         return key_states, value_states
@@ -108,6 +115,13 @@ class TqaiLayer(DynamicLayer):
         ``softcap``: attention logit soft-capping (Gemma 2), applied before the mask.
         """
         self.awaiting_attention = False
+        if self.storage_device is not None and self.storage_device != query.device:
+            here = query.device
+            mask = None if mask is None else mask.to(self.storage_device)
+            out = self.store.attend(
+                query.to(self.storage_device), scale=scale, mask=mask, softcap=softcap
+            )
+            return out.to(here)
         if softcap is None and _use_fused_decode(query, mask, self.store):
             from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
@@ -171,6 +185,8 @@ class TqaiCache(DynamicCache):
         model_config: the model's ``PretrainedConfig``.
         config: the :class:`tqai.kvstore.KVCacheConfig` of the compressed layers.
         skip_layers: indices of full-attention layers kept uncompressed.
+        device: where the compressed layers keep their codes (and compute attention), e.g.
+            ``"cpu"`` to hold the cache off a GPU; None keeps them where the model's keys are.
     """
 
     def __init__(
@@ -178,10 +194,12 @@ class TqaiCache(DynamicCache):
         model_config: Any,
         config: KVCacheConfig,
         skip_layers: tuple[int, ...] = (),
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__(config=model_config)
         self.tqai_config = config
         self.skip_layers = tuple(skip_layers)
+        self.device = device
         self.model_signature = model_signature(model_config)
         self._model_config = weakref.ref(model_config)  # shared by copies, never deep-copied
         if not self.layers:
@@ -190,7 +208,7 @@ class TqaiCache(DynamicCache):
             )
         for idx, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer and idx not in self.skip_layers:
-                self.layers[idx] = TqaiLayer(config)
+                self.layers[idx] = TqaiLayer(config, device)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kw

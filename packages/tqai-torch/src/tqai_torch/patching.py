@@ -22,6 +22,7 @@ __all__ = ["new_cache", "patch", "unpatch"]
 
 _CONFIG_ATTR = "_tqai_cache_config"
 _SKIP_ATTR = "_tqai_skip_layers"
+_DEVICE_ATTR = "_tqai_cache_device"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -65,6 +66,7 @@ def patch(
     norm_dtype: str = "float16",
     chunk_size: int = 1024,
     skip_layers: tuple[int, ...] | list[int] = (),
+    device: str | torch.device | None = None,
 ) -> TqaiCache:
     """Make ``model`` read tqai caches and return a fresh one to pass to ``generate``.
 
@@ -80,6 +82,8 @@ def patch(
         rotation: ``"haar"``, ``"hadamard"`` or ``"rotor"``.
         seed, norm_dtype, chunk_size: see :class:`tqai.kvstore.KVCacheConfig`.
         skip_layers: layer indices kept uncompressed (e.g. the first and last layers).
+        device: where compressed layers keep their codes and compute attention (e.g. ``"cpu"``
+            for a model on a GPU); default: wherever the model's keys are.
 
     Returns:
         A :class:`TqaiCache`; pass it as ``cache=`` (``past_key_values=`` on transformers
@@ -113,6 +117,13 @@ def patch(
         raise ValueError(
             f"skip_layers must be layer indices in 0..{text.num_hidden_layers - 1}, got {bad}"
         )
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as ex:
+            raise ValueError(
+                f"device must be a torch device such as 'cpu' or 'cuda:0': {ex}"
+            ) from None
     register()
     current = model.config._attn_implementation
     if current != ATTN_IMPLEMENTATION:
@@ -120,6 +131,7 @@ def patch(
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     setattr(model, _CONFIG_ATTR, config)
     setattr(model, _SKIP_ATTR, skip)
+    setattr(model, _DEVICE_ATTR, device)
     return new_cache(model)
 
 
@@ -128,7 +140,9 @@ def new_cache(model: Any) -> TqaiCache:
     config = getattr(model, _CONFIG_ATTR, None)
     if config is None:
         raise ValueError("the model is not patched: call tqai_torch.patch(model, ...) first")
-    return TqaiCache(model.config, config, getattr(model, _SKIP_ATTR, ()))
+    return TqaiCache(
+        model.config, config, getattr(model, _SKIP_ATTR, ()), getattr(model, _DEVICE_ATTR, None)
+    )
 
 
 def unpatch(model: Any) -> None:
@@ -140,3 +154,4 @@ def unpatch(model: Any) -> None:
     delattr(model.config, _FALLBACK_ATTR)
     delattr(model, _CONFIG_ATTR)
     delattr(model, _SKIP_ATTR)
+    delattr(model, _DEVICE_ATTR)
