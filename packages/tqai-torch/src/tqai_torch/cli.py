@@ -5,11 +5,16 @@ at start-up. Nothing heavy is imported until a command runs, so ``tqai info`` st
 
 ``--model`` takes a local model folder or one of the real models the project fetches itself
 (``smollm2-135m``, ``gemma3-270m``; see :mod:`tqai_torch.models`); nothing is read from a hub.
+
+``--backend mlx`` runs the same commands with mlx-lm on a local MLX model folder (or the same
+names): the work is done by the plain functions of :mod:`tqai_mlx.cli` (imported only then), and
+the results are printed here, identically for both backends.
 """
 
 from __future__ import annotations
 
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,43 @@ import typer
 __all__ = ["register"]
 
 _MODEL_HELP = "local model folder, or smollm2-135m / gemma3-270m (fetched into the tqai cache)"
+
+
+class Backend(StrEnum):
+    """The library a command runs the model with."""
+
+    torch = "torch"
+    mlx = "mlx"
+
+
+_BACKEND = typer.Option(
+    Backend.torch,
+    "--backend",
+    case_sensitive=False,
+    help="torch (transformers) or mlx (mlx-lm, a local MLX model folder)",
+)
+"""The ``--backend`` option of every command (read only, so one instance serves them all)."""
+
+
+def _mlx() -> Any:
+    """:mod:`tqai_mlx.cli`, or a usage error saying what to install."""
+    try:
+        import tqai_mlx.cli as mlx_cli
+
+        mlx_cli.check_installed()
+    except ImportError as ex:
+        raise typer.BadParameter(
+            f"--backend mlx needs tqai-mlx with mlx-lm (pip install 'tqai-mlx[lm]'): {ex}",
+            param_hint="--backend",
+        ) from None
+    return mlx_cli
+
+
+def _load_mlx(mlx_cli: Any, model: str, dtype: str) -> tuple[Any, Any]:
+    try:
+        return mlx_cli.load(model, dtype)
+    except ValueError as ex:
+        raise typer.BadParameter(str(ex), param_hint="--model") from None
 
 
 def _load(model: str, dtype: str) -> tuple[Any, Any]:
@@ -91,8 +133,24 @@ def run(
     max_new_tokens: int = typer.Option(128, min=1),
     no_tqai: bool = typer.Option(False, "--no-tqai", help="generate with the plain cache"),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+    backend: Backend = _BACKEND,
 ) -> None:
     """Generate from a prompt, streaming the text, with the compressed cache."""
+    if backend is Backend.mlx:
+        mlx_cli = _mlx()
+        loaded, tokenizer = _load_mlx(mlx_cli, model, dtype)
+        out = mlx_cli.run(
+            loaded,
+            tokenizer,
+            prompt,
+            bits_k=bits_k,
+            bits_v=bits_v,
+            max_new_tokens=max_new_tokens,
+            no_tqai=no_tqai,
+            on_text=lambda piece: typer.echo(piece, nl=False),
+        )
+        _report(len(out["tokens"]), out["seconds"], out["kv_bytes"])
+        return
     from transformers import DynamicCache, TextStreamer
 
     import tqai_torch
@@ -104,12 +162,16 @@ def run(
         cache = tqai_torch.patch(loaded, bits_k=bits_k, bits_v=bits_v)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     tokens, seconds = _generate(loaded, tokenizer, prompt, max_new_tokens, cache, streamer)
+    _report(len(tokens), seconds, _kv_bytes(cache, loaded))
+    tqai_torch.unpatch(loaded)
+
+
+def _report(n_tokens: int, seconds: float, kv_bytes: int) -> None:
     typer.echo(
-        f"\n[{len(tokens)} tokens, {len(tokens) / seconds:.1f} tokens/s, "
-        f"KV cache {_kv_bytes(cache, loaded) / 1024:.1f} KiB]",
+        f"\n[{n_tokens} tokens, {n_tokens / seconds:.1f} tokens/s, "
+        f"KV cache {kv_bytes / 1024:.1f} KiB]",
         err=True,
     )
-    tqai_torch.unpatch(loaded)
 
 
 def compare(
@@ -119,10 +181,17 @@ def compare(
     bits_v: int = typer.Option(2, callback=_check_bits, help="value bits, 1..8"),
     max_new_tokens: int = typer.Option(64, min=1),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+    backend: Backend = _BACKEND,
 ) -> None:
     """Baseline and compressed cache side by side: text, tokens/s, KV bytes, first divergence."""
-    from rich.console import Console
-    from rich.table import Table
+    if backend is Backend.mlx:
+        mlx_cli = _mlx()
+        loaded, tokenizer = _load_mlx(mlx_cli, model, dtype)
+        base, ours = mlx_cli.compare(
+            loaded, tokenizer, prompt, bits_k=bits_k, bits_v=bits_v, max_new_tokens=max_new_tokens
+        )
+        _print_compare(f"{model} (mlx)", bits_k, bits_v, base, ours)
+        return
     from transformers import DynamicCache
 
     import tqai_torch
@@ -135,24 +204,41 @@ def compare(
         ours, ours_s = _generate(loaded, tokenizer, prompt, max_new_tokens, cache)
     finally:
         tqai_torch.unpatch(loaded)
-    same = next(
-        (i for i, (a, b) in enumerate(zip(base.tolist(), ours.tolist(), strict=False)) if a != b),
-        None,
+
+    def result(tokens: Any, seconds: float, cache: Any) -> dict[str, Any]:
+        return {
+            "tokens": tokens.tolist(),
+            "text": tokenizer.decode(tokens, skip_special_tokens=True),
+            "seconds": seconds,
+            "kv_bytes": _kv_bytes(cache, loaded),
+        }
+
+    _print_compare(
+        model, bits_k, bits_v, result(base, base_s, base_cache), result(ours, ours_s, cache)
     )
-    table = Table(title=f"{model}: baseline vs tqai K{bits_k}/V{bits_v}", show_lines=True)
+
+
+def _print_compare(
+    title: str, bits_k: int, bits_v: int, base: dict[str, Any], ours: dict[str, Any]
+) -> None:
+    """The compare table; ``base`` / ``ours``: ``{"tokens", "text", "seconds", "kv_bytes"}``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    a, b = base["tokens"], ours["tokens"]
+    same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    table = Table(title=f"{title}: baseline vs tqai K{bits_k}/V{bits_v}", show_lines=True)
     for col in ("", "baseline", f"tqai K{bits_k}/V{bits_v}"):
         table.add_column(col, overflow="fold")
-    decode = tokenizer.decode
-    table.add_row(
-        "text", decode(base, skip_special_tokens=True), decode(ours, skip_special_tokens=True)
-    )
-    table.add_row("tokens/s", f"{len(base) / base_s:.1f}", f"{len(ours) / ours_s:.1f}")
-    base_kv, ours_kv = _kv_bytes(base_cache, loaded), _kv_bytes(cache, loaded)
-    table.add_row("KV bytes", f"{base_kv:,}", f"{ours_kv:,} ({ours_kv / base_kv:.2f}x)")
+    table.add_row("text", base["text"], ours["text"])
+    table.add_row("tokens/s", f"{len(a) / base['seconds']:.1f}", f"{len(b) / ours['seconds']:.1f}")
+    base_kv, ours_kv = base["kv_bytes"], ours["kv_bytes"]
+    ratio = f" ({ours_kv / base_kv:.2f}x)" if base_kv else ""
+    table.add_row("KV bytes", f"{base_kv:,}", f"{ours_kv:,}{ratio}")
     table.add_row(
         "first divergent token",
         "",
-        "none" if same is None else f"{same} of {min(len(base), len(ours))}",
+        "none" if same is None else f"{same} of {min(len(a), len(b))}",
     )
     Console().print(table)
 
@@ -171,27 +257,37 @@ def eval_ppl(
     windows: int = typer.Option(2, min=1, help="windows to evaluate"),
     chunk: int = typer.Option(128, min=1, help="tokens scored per forward pass"),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+    backend: Backend = _BACKEND,
 ) -> None:
     """Perplexity of the baseline and each config, every token scored through the cache."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
-    from tqai_torch.evaluate import parse_config, perplexity
+    from tqai_torch.evaluate import parse_config
 
     try:
         parsed = [parse_config(c) for c in ["baseline", *(configs or ["K8/V8", "K4/V2"])]]
     except ValueError as ex:
         raise typer.BadParameter(str(ex), param_hint="CONFIGS") from None
-    loaded, tokenizer = _load(model, dtype)
     if text is None:
         from tqai.assets import shakespeare_text
 
         source = shakespeare_text()
     else:
         source = text.read_text(encoding="utf-8")
-    ids = tokenizer(source, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    bos = tokenizer.bos_token_id if "gemma" in loaded.config.model_type else None
+    if backend is Backend.mlx:
+        mlx_cli = _mlx()
+        loaded, tokenizer = _load_mlx(mlx_cli, model, dtype)
+        ids = tokenizer.encode(source, add_special_tokens=False)
+        bos = mlx_cli.bos_token_id(loaded, tokenizer)
+        perplexity = mlx_cli.perplexity
+    else:
+        from tqai_torch.evaluate import perplexity
+
+        loaded, tokenizer = _load(model, dtype)
+        ids = tokenizer(source, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        bos = tokenizer.bos_token_id if "gemma" in loaded.config.model_type else None
     results = []
     with Progress() as progress:
         task = progress.add_task("perplexity", total=len(parsed) * windows)
@@ -208,7 +304,8 @@ def eval_ppl(
             )
             results.append((config.name, r))
     base = results[0][1]["ppl"]
-    table = Table(title=f"{model}: perplexity, {windows} x {context} tokens, through the cache")
+    where = f"{model} (mlx)" if backend is Backend.mlx else model
+    table = Table(title=f"{where}: perplexity, {windows} x {context} tokens, through the cache")
     for col in ("config", "ppl", "vs baseline", "KV bits/coord"):
         table.add_column(col, justify="right")
     for name, r in results:
