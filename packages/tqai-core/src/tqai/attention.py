@@ -31,7 +31,12 @@ from tqai.container import QuantizedTensor
 from tqai.packing import unpack_bits
 from tqai.quantizers import TurboQuantMSE, TurboQuantProd
 
-__all__ = ["attention_reference", "compressed_attention", "slice_tokens"]
+__all__ = [
+    "attention_reference",
+    "compressed_attention",
+    "compressed_attention_multi",
+    "slice_tokens",
+]
 
 Quantizer = TurboQuantMSE | TurboQuantProd
 
@@ -257,4 +262,100 @@ def attention_reference(
     state.step(scores, {"v": xp.astype(value, xp.float32)})
     l_safe = xp.where(state.l > 0, state.l, xp.ones_like(state.l))
     out = state.accs["v"] / l_safe[..., None]
+    return xp.astype(xp.reshape(out, (b, hq, tq, d)), query.dtype)
+
+
+def compressed_attention_multi(
+    query: Any,
+    histories: list[tuple[QuantizedTensor, QuantizedTensor, Quantizer, Quantizer, list[int]]],
+    *,
+    scale: float,
+    mask: Any | None = None,
+    prefix: tuple[Any, Any] | None = None,
+    suffix: tuple[Any, Any] | None = None,
+    chunk_size: int = 1024,
+    softcap: float | None = None,
+    xp: ModuleType | None = None,
+) -> Any:
+    """:func:`compressed_attention` over several compressed histories with their own quantizers.
+
+    A cache whose tokens were compressed at different widths (a compression pipeline whose
+    monitor moves the width between steps) keeps one packed history per quantizer; together they
+    hold the history tokens ``0..T-1`` in some interleaving. Each history comes with the history
+    positions of its tokens, which pick its mask columns (mask columns follow time order:
+    prefix, history positions, suffix). Scores against each history are taken in its keys'
+    rotated domain; values accumulate in one accumulator per history (in its values' rotated
+    domain) plus one for the full-precision segments, all sharing one online softmax, and are
+    rotated back once at the end.
+
+    Args:
+        histories: ``(keys, values, key_quantizer, value_quantizer, positions)`` per history;
+            ``positions`` lists the history position of each of its tokens.
+        query, scale, mask, prefix, suffix, chunk_size, softcap, xp: as in
+            :func:`compressed_attention` (the mask has ``S + T + W`` columns, ``T`` the total of
+            all histories).
+
+    Returns:
+        ``(B, Hq, Tq, D)`` attention output in ``query``'s dtype.
+    """
+    xp = _xp.namespace(query, xp=xp)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b, hq, tq, d = query.shape
+    segments = [s[0] for s in (prefix, suffix) if s is not None]
+    if not histories and not segments:
+        raise ValueError("attention over an empty key sequence: no history and no segments")
+    n_kv = histories[0][0].shape[1] if histories else segments[0].shape[1]
+    if hq % n_kv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({n_kv})")
+    q = _group(xp.astype(query, xp.float32), n_kv, xp) * scale  # (B, Hkv, G*Tq, D)
+    if mask is not None:
+        mask = _group_mask(mask, n_kv, hq, xp)
+    state = _OnlineSoftmax((b, n_kv, q.shape[2]), xp, q)
+    device = _xp.device_of(q)
+
+    def full_segment(k: Any, v: Any, start: int) -> None:
+        scores = _capped(q @ xp.matrix_transpose(xp.astype(k, xp.float32)), softcap, xp)
+        scores = _masked(scores, mask, start, start + k.shape[2], xp)
+        state.step(scores, {"full": xp.astype(v, xp.float32)})
+
+    column = 0
+    if prefix is not None and prefix[0].shape[2]:
+        full_segment(*prefix, column)
+        column += prefix[0].shape[2]
+    total = 0
+    for i, (keys, values, key_q, value_q, positions) in enumerate(histories):
+        q_rot = key_q.rotation.rotate(q, xp=xp)
+        q_sketch = None
+        if key_q.spec.kind == "prod":
+            q_sketch = q_rot @ key_q.constant("sketch_t", q_rot, xp=xp)
+        length = keys.shape[2]
+        total += length
+        for start in range(0, length, chunk_size):
+            stop = min(start + chunk_size, length)
+            scores = _key_scores(q_rot, q_sketch, slice_tokens(keys, start, stop), key_q, xp)
+            scores = _capped(scores, softcap, xp)
+            if mask is not None:
+                cols = [column + p for p in positions[start:stop]]
+                index = xp.asarray(cols, dtype=xp.int64, device=device)
+                chunk_mask = xp.take(mask, index, axis=-1)
+                scores = xp.where(chunk_mask, scores, xp.full_like(scores, -math.inf))
+            terms = _value_terms(slice_tokens(values, start, stop), value_q, xp)
+            state.step(scores, {f"{name}{i}": t for name, t in terms.items()})
+    column += total
+    if suffix is not None and suffix[0].shape[2]:
+        full_segment(*suffix, column)
+    if not state.accs:
+        raise ValueError("attention over an empty key sequence: no history and no segments")
+    out = state.accs.get("full")
+    for i, (_, _, _, value_q, _) in enumerate(histories):
+        acc = state.accs.get(f"rot{i}")
+        if f"sketch{i}" in state.accs:
+            extra = state.accs[f"sketch{i}"] @ value_q.constant("sketch", q, xp=xp)
+            acc = extra if acc is None else acc + extra
+        if acc is not None:
+            acc = value_q.rotation.unrotate(acc, xp=xp)
+            out = acc if out is None else out + acc
+    l_safe = xp.where(state.l > 0, state.l, xp.ones_like(state.l))
+    out = out / l_safe[..., None]
     return xp.astype(xp.reshape(out, (b, hq, tq, d)), query.dtype)

@@ -28,17 +28,18 @@ Arrays are ``(B, H, T, D)``: batch, KV heads, tokens, head dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
 
 from tqai import _xp
-from tqai.attention import compressed_attention
+from tqai.attention import compressed_attention, compressed_attention_multi
 from tqai.codebooks import validate_dim, validate_n_bits
 from tqai.container import ITEMSIZE, NORM_DTYPES, QuantizedTensor, dtype_name
 from tqai.quantizers import TurboQuantMSE, TurboQuantProd
 
-__all__ = ["STRATEGIES", "KVCacheConfig", "KVStore"]
+__all__ = ["STRATEGIES", "KVCacheConfig", "KVStore", "build_cache_pipeline"]
 
 STRATEGIES = ("compressed", "residual", "full")
 _DEFAULT_RESIDUAL_WINDOW = 128
@@ -113,6 +114,76 @@ class KVCacheConfig:
         return key_q, value_q
 
 
+def build_cache_pipeline(
+    pipeline: Any, config: KVCacheConfig, *, num_layers: int, head_dims: Iterable[int] = ()
+) -> Any:
+    """The compression pipeline an LLM cache runs, validated at patch time; None = plain path.
+
+    Args:
+        pipeline: ``None``, a pipeline config dict (``tqai.patch(model, pipeline={...})``) or a
+            built :class:`tqai.pipeline.CompressionPipeline`. A dict gets defaults from the cache
+            config where it says nothing: ``adapter="llm"`` (so strategies an LLM cannot run are
+            refused by the pipeline itself), ``bits_k``/``bits_v``, and for the ``"mse"``
+            quantizer the config's ``rotation``, ``seed`` and ``norm_dtype``.
+        config: the cache's :class:`KVCacheConfig` (its widths serve ``skip_layers``).
+        num_layers: the model's attention layers (``skip_layers`` must index them).
+        head_dims: head dims the pipeline's quantizers must serve (built now, not mid-run).
+
+    Raises:
+        PipelineConfigError: a malformed config (the pipeline's own message), a strategy the
+            cache cannot store, or ``skip_layers`` out of range.
+    """
+    if pipeline is None:
+        return None
+    from tqai.pipeline import CompressionPipeline, PipelineConfigError, build_pipeline
+
+    if isinstance(pipeline, Mapping):
+        full = {"adapter": "llm", "bits_k": config.bits_k, "bits_v": config.bits_v, **pipeline}
+        if full.get("quantizer", "mse") == "mse" and "quantizer_kwargs" not in full:
+            full["quantizer_kwargs"] = {
+                "rotation": config.rotation,
+                "seed": config.seed,
+                "norm_dtype": config.norm_dtype,
+            }
+        pipe = build_pipeline(full)
+    elif isinstance(pipeline, CompressionPipeline):
+        pipe = pipeline
+    else:
+        raise PipelineConfigError(
+            "pipeline must be None, a pipeline config dict or a CompressionPipeline, got "
+            f"{type(pipeline).__name__}"
+        )
+    if pipe.strategy is not None:
+        name = getattr(pipe.strategy, "name", None) or type(pipe.strategy).__name__
+        raise PipelineConfigError(
+            f"config['strategy'] = {name!r} is not supported by the LLM KV caches: they store "
+            "one compressed tensor per commit at one width per layer, and this strategy stores "
+            "tokens of one commit at several widths (or predicts from earlier steps). "
+            f"Supported: {', '.join(repr(s) for s in CACHE_PIPELINE_STRATEGIES)} (no strategy: "
+            "plain quantization at the pipeline's widths), with an optional monitor "
+            "('stability', 'lyapunov', ...) that moves the width between steps, and skip_layers"
+        )
+    bad = sorted(i for i in pipe.skip_layers if i >= num_layers)
+    if bad:
+        raise PipelineConfigError(
+            f"config['skip_layers'] must be layer indices in 0..{num_layers - 1}, got {bad}"
+        )
+    for d in head_dims:
+        for bits in set(pipe.bits.values()):
+            try:
+                pipe.quantizers.get(d, bits)
+            except (TypeError, ValueError) as ex:
+                raise PipelineConfigError(
+                    f"config['quantizer'] / config['quantizer_kwargs'] cannot quantize "
+                    f"head_dim {d} at {bits} bits: {ex}"
+                ) from ex
+    return pipe
+
+
+CACHE_PIPELINE_STRATEGIES: tuple[None, ...] = (None,)
+"""Pipeline strategies the LLM caches can store (``None``: plain quantization)."""
+
+
 def _cat(xp: ModuleType, parts: list[Any], axis: int) -> Any:
     parts = [p for p in parts if p is not None and p.shape[axis]]
     if not parts:
@@ -178,11 +249,75 @@ def _nbytes(a: Any) -> int:
     return math.prod(a.shape) * ITEMSIZE[dtype_name(a)]
 
 
+class _Tier:
+    """Pipeline-compressed tokens of one (key spec, value spec): packed codes plus the history
+    positions they hold, as runs ``[start, stop)`` in increasing order (time order)."""
+
+    def __init__(self, key_quantizer: Any, value_quantizer: Any) -> None:
+        self.key_quantizer = key_quantizer
+        self.value_quantizer = value_quantizer
+        self.keys = _PackedHistory()
+        self.values = _PackedHistory()
+        self.runs: list[list[int]] = []
+
+    @property
+    def length(self) -> int:
+        return self.keys.length
+
+    def positions(self) -> list[int]:
+        return [p for start, stop in self.runs for p in range(start, stop)]
+
+    def crop(self, history: int) -> None:
+        """Keep only the tokens at history positions ``< history``."""
+        kept, runs = 0, []
+        for start, stop in self.runs:
+            stop = min(stop, history)
+            if stop > start:
+                runs.append([start, stop])
+                kept += stop - start
+        self.runs = runs
+        self.keys.crop(kept)
+        self.values.crop(kept)
+
+    def copy(self, clone) -> _Tier:
+        new = _Tier(self.key_quantizer, self.value_quantizer)
+        new.keys, new.values = self.keys.copy(clone), self.values.copy(clone)
+        new.runs = [list(r) for r in self.runs]
+        return new
+
+
+def _single_payload(result: Any, x: Any, quantizers: Any, stream: str) -> tuple[Any, Any]:
+    """The one QuantizedTensor of ``result`` that stores ``x`` token by token, and the
+    quantizer that decodes it; anything else cannot be read by the cache's attention."""
+    payload = tuple(result.payload)
+    lead = tuple(x.shape[:-1])
+    if len(payload) != 1 or tuple(payload[0].shape) != lead:
+        shapes = [tuple(qt.shape) for qt in payload]
+        raise ValueError(
+            f"the pipeline's {stream!r} result holds payload(s) of shape {shapes}; an LLM cache "
+            f"can only store one compressed tensor of shape {lead} per commit (plain "
+            "quantization, optionally with a monitor)"
+        )
+    qt = payload[0]
+    quantizer = quantizers.get(qt.spec.d, qt.spec.n_bits)
+    if quantizer.spec != qt.spec:
+        raise ValueError(
+            f"the pipeline's {stream!r} payload was made by a quantizer ({qt.spec}) that its "
+            f"quantizer bank does not provide ({quantizer.spec}); the cache cannot decode it"
+        )
+    return qt, quantizer
+
+
 class KVStore:
     """Sinks + packed history + recent window of one layer's keys and values.
 
     Args:
         config: a :class:`KVCacheConfig`.
+        pipeline: an optional :class:`tqai.pipeline.CompressionPipeline`: tokens leaving the
+            window are compressed by it instead of the config's quantizers (unless it skips
+            ``layer``). ``None`` (default) is the plain path, untouched.
+        layer: this store's attention layer index (what the pipeline's ``skip_layers`` and
+            per-layer state are keyed by).
 
     Example:
         >>> import numpy as np
@@ -194,8 +329,14 @@ class KVStore:
         (10, 2, 8)
     """
 
-    def __init__(self, config: KVCacheConfig) -> None:
+    def __init__(
+        self, config: KVCacheConfig, pipeline: Any = None, layer: int | None = None
+    ) -> None:
         self.config = config
+        self.layer = layer
+        # Only a pipeline that handles this layer is kept: a skipped layer runs the plain path.
+        self.pipeline = pipeline if pipeline is not None and pipeline.handles(layer) else None
+        self.tiers: dict[tuple[Any, Any], _Tier] = {}
         self.key_quantizer: Any = None
         self.value_quantizer: Any = None
         self.xp: ModuleType | None = None
@@ -222,7 +363,9 @@ class KVStore:
 
     @property
     def history_length(self) -> int:
-        return self.keys.length
+        if not self.tiers:
+            return self.keys.length
+        return self.keys.length + sum(t.length for t in self.tiers.values())
 
     @property
     def length(self) -> int:
@@ -233,9 +376,12 @@ class KVStore:
         """Bytes really held, by part: ``{"sinks", "codes", "window", "staged"}``."""
         full = [self.sinks, self.window, self.pending]
         sizes = [0 if p is None else _nbytes(p[0]) + _nbytes(p[1]) for p in full]
+        codes = self.keys.nbytes() + self.values.nbytes()
+        for tier in self.tiers.values():
+            codes += tier.keys.nbytes() + tier.values.nbytes()
         return {
             "sinks": sizes[0],
-            "codes": self.keys.nbytes() + self.values.nbytes(),
+            "codes": codes,
             "window": sizes[1],
             "staged": sizes[2],
         }
@@ -283,13 +429,41 @@ class KVStore:
             keys = _cat(xp, [self.window[0], keys], 2)
             values = _cat(xp, [self.window[1], values], 2)
         overflow = keys.shape[2] - self.config.window
-        if overflow > 0:
+        if overflow > 0 and self.pipeline is not None:
+            self._commit_pipeline(keys[:, :, :overflow, ...], values[:, :, :overflow, ...])
+            keys, values = keys[:, :, overflow:, ...], values[:, :, overflow:, ...]
+        elif overflow > 0:
             self.keys.append(self.key_quantizer.quantize(keys[:, :, :overflow, ...], xp=xp), xp)
             self.values.append(
                 self.value_quantizer.quantize(values[:, :, :overflow, ...], xp=xp), xp
             )
             keys, values = keys[:, :, overflow:, ...], values[:, :, overflow:, ...]
         self.window = (keys, values) if keys.shape[2] else None
+
+    def _commit_pipeline(self, keys: Any, values: Any) -> None:
+        """Compress tokens leaving the window with the pipeline; file them by spec."""
+        xp, pipe = self.xp, self.pipeline
+        res_k, res_v = pipe.compress_kv(keys, values, layer=self.layer)
+        qk, key_q = _single_payload(res_k, keys, pipe.quantizers, "k")
+        qv, value_q = _single_payload(res_v, values, pipe.quantizers, "v")
+        start = self.history_length
+        tier = self.tiers.get((qk.spec, qv.spec))
+        if tier is None:
+            tier = self.tiers[(qk.spec, qv.spec)] = _Tier(key_q, value_q)
+        tier.keys.append(qk, xp)
+        tier.values.append(qv, xp)
+        stop = start + keys.shape[2]
+        if tier.runs and tier.runs[-1][1] == start:
+            tier.runs[-1][1] = stop
+        else:
+            tier.runs.append([start, stop])
+
+    def _tier_inputs(self) -> list[tuple[Any, Any, Any, Any, list[int]]]:
+        return [
+            (t.keys.view(), t.values.view(), t.key_quantizer, t.value_quantizer, t.positions())
+            for t in self.tiers.values()
+            if t.length
+        ]
 
     # ---- reading -------------------------------------------------------------------------
     def _suffix(self) -> tuple[Any, Any] | None:
@@ -305,7 +479,16 @@ class KVStore:
         ``{"keys", "values"}``: the packed history (None before any), ``"prefix"``: the sinks,
         ``"suffix"``: window + staged tokens, ``"key_quantizer"``, ``"value_quantizer"``. A
         kernel that uses them must call :meth:`commit` afterwards, as :meth:`attend` does.
+
+        Raises:
+            ValueError: the store holds pipeline-compressed tokens (several packed histories),
+                which only :meth:`attend` reads.
         """
+        if self.tiers:
+            raise ValueError(
+                "this store holds pipeline-compressed tokens in several packed histories; "
+                "read it with attend(), not a single-history kernel"
+            )
         return {
             "keys": self.keys.view() if self.keys.length else None,
             "values": self.values.view() if self.values.length else None,
@@ -325,6 +508,20 @@ class KVStore:
         """
         if self.xp is None:
             raise RuntimeError("attend() before any update(): the store holds no tokens")
+        if self.tiers:
+            out = compressed_attention_multi(
+                query,
+                self._tier_inputs(),
+                scale=scale,
+                mask=mask,
+                prefix=self.sinks,
+                suffix=self._suffix(),
+                chunk_size=self.config.chunk_size,
+                softcap=softcap,
+                xp=self.xp,
+            )
+            self.commit()
+            return out
         keys = self.keys.view() if self.keys.length else None
         values = self.values.view() if self.values.length else None
         out = compressed_attention(
@@ -348,7 +545,9 @@ class KVStore:
         """All tokens as ``(B, H, length, D)`` arrays (the ``full`` strategy and tests)."""
         xp = self.xp
         hist_k = hist_v = None
-        if self.keys.length:
+        if self.tiers:
+            hist_k, hist_v = self._dequantize_tiers()
+        elif self.keys.length:
             hist_k = xp.astype(self.key_quantizer.dequantize(self.keys.view(), xp=xp), self.dtype)
             hist_v = xp.astype(
                 self.value_quantizer.dequantize(self.values.view(), xp=xp), self.dtype
@@ -358,6 +557,22 @@ class KVStore:
         return (
             _cat(xp, [sinks[0], hist_k, suffix[0]], 2),
             _cat(xp, [sinks[1], hist_v, suffix[1]], 2),
+        )
+
+    def _dequantize_tiers(self) -> tuple[Any, Any]:
+        xp = self.xp
+        parts_k, parts_v, positions = [], [], []
+        for kv, vv, kq, vq, pos in self._tier_inputs():
+            parts_k.append(xp.astype(kq.dequantize(kv, xp=xp), self.dtype))
+            parts_v.append(xp.astype(vq.dequantize(vv, xp=xp), self.dtype))
+            positions += pos
+        if not positions:
+            return None, None
+        order = sorted(range(len(positions)), key=positions.__getitem__)
+        index = xp.asarray(order, dtype=xp.int64, device=_xp.device_of(parts_k[0]))
+        return (
+            xp.take(_cat(xp, parts_k, 2), index, axis=2),
+            xp.take(_cat(xp, parts_v, 2), index, axis=2),
         )
 
     # ---- editing -------------------------------------------------------------------------
@@ -372,9 +587,11 @@ class KVStore:
         if self.sinks is not None:
             self.sinks = (self.sinks[0][:, :, :s, ...], self.sinks[1][:, :, :s, ...]) if s else None
         rest = length - s
-        h = min(rest, self.keys.length)
+        h = min(rest, self.history_length)
         self.keys.crop(h)
         self.values.crop(h)
+        for tier in self.tiers.values():
+            tier.crop(h)
         w = rest - h
         if self.window is not None:
             self.window = (
@@ -387,6 +604,7 @@ class KVStore:
         new.__dict__.update(self.__dict__)
         if self.xp is None:
             new.keys, new.values = _PackedHistory(), _PackedHistory()
+            new.tiers = {}
             return new
         xp = self.xp
 
@@ -398,13 +616,22 @@ class KVStore:
             if value is not None:
                 setattr(new, part, (clone(value[0]), clone(value[1])))
         new.keys, new.values = self.keys.copy(clone), self.values.copy(clone)
+        new.tiers = {spec: tier.copy(clone) for spec, tier in self.tiers.items()}
         return new
 
     def state(self) -> tuple[dict, dict[str, Any]]:
         """What a saved cache holds for this layer: ``(meta, arrays)`` (commits first).
 
         Only the used part of the history buffers is included, never the spare capacity.
+
+        Raises:
+            ValueError: the store was built with a compression pipeline (not saveable yet).
         """
+        if self.pipeline is not None or self.tiers:
+            raise ValueError(
+                "saving a cache built with a compression pipeline is not supported: its tokens "
+                "live in per-spec histories that the cache-file format does not describe"
+            )
         self.commit()
         meta = {
             "config": self.config.to_dict(),
@@ -424,6 +651,24 @@ class KVStore:
                 for name, a in hist.view().arrays().items():
                     arrays[f"{prefix}.{name}"] = a
         return meta, arrays
+
+    def held_arrays(self) -> dict[str, Any]:
+        """Every array held, by name (commits first): for evaluation (``mx.eval``), not saving;
+        unlike :meth:`state` it also serves stores built with a pipeline."""
+        self.commit()
+        arrays: dict[str, Any] = {}
+        for part in ("sinks", "window"):
+            value = getattr(self, part)
+            if value is not None:
+                arrays[f"{part}.k"], arrays[f"{part}.v"] = value
+        tiers = [("history", self.keys, self.values)]
+        tiers += [(f"tier{i}", t.keys, t.values) for i, t in enumerate(self.tiers.values())]
+        for prefix, keys, values in tiers:
+            for stream, hist in (("k", keys), ("v", values)):
+                if hist.length:
+                    for name, a in hist.view().arrays().items():
+                        arrays[f"{prefix}.{stream}.{name}"] = a
+        return arrays
 
     @classmethod
     def from_state(cls, config: KVCacheConfig, meta: dict, arrays: dict[str, Any]) -> KVStore:
@@ -471,3 +716,6 @@ class KVStore:
                 setattr(self, part, (fn(value[0]), fn(value[1])))
         self.keys.map_batch(fn)
         self.values.map_batch(fn)
+        for tier in self.tiers.values():
+            tier.keys.map_batch(fn)
+            tier.values.map_batch(fn)

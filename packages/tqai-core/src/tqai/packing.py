@@ -74,6 +74,14 @@ def pack_bits(codes: Any, n_bits: int, *, xp: ModuleType | None = None) -> Any:
     if groups * 8 != n:
         pad = xp.zeros((*lead, groups * 8 - n), dtype=xp.int32, device=_xp.device_of(codes))
         codes = xp.concat([codes, pad], axis=-1)
+    if 8 % n_bits == 0:
+        # Byte-aligned widths (1, 2, 4, 8): 8 / n_bits whole codes per byte, LSB first.
+        per = 8 // n_bits
+        fields = xp.reshape(xp.astype(codes, xp.uint8), (*lead, groups * n_bits, per))
+        packed = fields[..., 0]
+        for j in range(1, per):
+            packed = packed | (fields[..., j] << (j * n_bits))
+        return packed
     # bits[..., g, i, j] = bit j of code i of group g; the stream of a group is (i, j) row-major.
     weights = _bit_weights(n_bits, codes, xp=xp)
     bits = xp.reshape(codes, (*lead, groups, 8, 1)) // weights % 2
@@ -103,6 +111,14 @@ def unpack_bits(packed: Any, n_bits: int, n: int, *, xp: ModuleType | None = Non
             f"got {packed.shape[-1]}"
         )
     lead = tuple(packed.shape[:-1])
+    if 8 % n_bits == 0:
+        # Byte-aligned widths (1, 2, 4, 8): shift each byte's fields down, uint8 throughout.
+        per = 8 // n_bits
+        if per == 1:
+            return packed[..., :n]
+        fields = [(packed >> (j * n_bits)) & (2**n_bits - 1) for j in range(per)]
+        codes = xp.reshape(xp.stack(fields, axis=-1), (*lead, groups * 8))
+        return codes[..., :n]
     data = xp.reshape(xp.astype(packed, xp.int32), (*lead, groups, n_bits, 1))
     bits = data // _bit_weights(8, data, xp=xp) % 2
     per_code = xp.reshape(bits, (*lead, groups * 8, n_bits))

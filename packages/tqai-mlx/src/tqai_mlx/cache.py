@@ -66,12 +66,21 @@ class TqaiKVCache:
         (8, (1, 2, 8, 32))
     """
 
-    def __init__(self, config: KVCacheConfig | None = None, *, kernel: str = "reference") -> None:
+    def __init__(
+        self,
+        config: KVCacheConfig | None = None,
+        *,
+        kernel: str = "reference",
+        pipeline: Any = None,
+        layer: int | None = None,
+    ) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if pipeline is not None and kernel != "reference":
+            raise ValueError("a compression pipeline runs with kernel='reference' only")
         self.config = config if config is not None else KVCacheConfig()
         self.kernel = kernel
-        self.store = KVStore(self.config)
+        self.store = KVStore(self.config, pipeline, layer)
         self._awaiting_attention = False
         self._restore_meta: dict[str, Any] | None = None
 
@@ -266,8 +275,12 @@ class TqaiKVCache:
         """Every array held, by name: :meth:`tqai.kvstore.KVStore.state`'s arrays.
 
         Staged tokens are committed first (mlx-lm reads ``state`` only between forward passes,
-        when nothing is staged); the code buffers are cut to the tokens held.
+        when nothing is staged); the code buffers are cut to the tokens held. A cache built
+        with a compression pipeline gives its arrays for evaluation, but cannot be saved
+        (:attr:`meta_state` refuses).
         """
+        if self.store.pipeline is not None:
+            return self.store.held_arrays()
         return self.store.state()[1]
 
     @state.setter

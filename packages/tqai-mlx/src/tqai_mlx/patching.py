@@ -37,7 +37,7 @@ from mlx_lm.models import base as _base
 from mlx_lm.models.cache import KVCache
 
 from tqai.codebooks import validate_dim
-from tqai.kvstore import KVCacheConfig
+from tqai.kvstore import KVCacheConfig, build_cache_pipeline
 from tqai_mlx import _model
 from tqai_mlx.cache import KERNELS, TqaiKVCache
 
@@ -52,6 +52,7 @@ class _Patched:
     config: KVCacheConfig
     kernel: str
     compress: tuple[bool, ...]
+    pipeline: Any
     had_own_make_cache: bool
     own_make_cache: Any
     finalizer: weakref.finalize
@@ -187,6 +188,7 @@ def patch(
     norm_dtype: str = "float16",
     chunk_size: int = 1024,
     kernel: str | None = None,
+    pipeline: Any = None,
 ) -> list[Any]:
     """Make an mlx-lm model generate with TurboQuant-compressed KV caches.
 
@@ -209,6 +211,11 @@ def patch(
         chunk_size: history tokens per online-softmax step.
         kernel: ``"reference"`` (MLX ops, default), ``"metal"`` or ``"auto"`` (= reference until
             the Metal kernels are verified); ``None`` reads ``$TQAI_KERNEL``.
+        pipeline: ``None`` (the plain path, untouched) or a compression pipeline config dict
+            (``{"monitor": "stability", "skip_layers": [0], ...}``, see :mod:`tqai.pipeline`)
+            or a built ``CompressionPipeline``: built and validated once here
+            (:func:`tqai.kvstore.build_cache_pipeline`), shared by every compressed layer;
+            reference kernel only. Strategies storing one commit at several widths are refused.
 
     Returns:
         A fresh prompt cache (one object per layer) for ``mlx_lm.generate(..., prompt_cache=)``
@@ -244,12 +251,19 @@ def patch(
         compress, head_dims = _plan(model, _skip_set(skip_layers, len(layers)))
         for head_dim in head_dims:  # resolves the rotation now, not at the first token
             config.make_quantizers(head_dim)
+        pipe = build_cache_pipeline(
+            pipeline, config, num_layers=len(layers), head_dims=sorted(head_dims)
+        )
+        if pipe is not None and kernel != "reference":
+            raise ValueError(f"pipeline= runs with kernel='reference' only, got {kernel!r}")
         unpatch(model)  # re-patching replaces the settings; nothing changed before this point
         own = vars(model).get("make_cache")
         original = getattr(model, "make_cache", None)  # the model's own: instance attr or method
         key = id(model)
         finalizer = weakref.finalize(model, _release, key)
-        state = _Patched(config, kernel, compress, "make_cache" in vars(model), own, finalizer)
+        state = _Patched(
+            config, kernel, compress, pipe, "make_cache" in vars(model), own, finalizer
+        )
         make_cache = _tqai_make_cache(model, state, original)
         _install()
         _patched[key] = state
@@ -265,8 +279,10 @@ def _tqai_make_cache(model: Any, state: _Patched, original: Any) -> Callable[[],
         m = ref()
         base = list(original()) if original is not None else [KVCache() for _ in m.layers]
         return [
-            TqaiKVCache(state.config, kernel=state.kernel) if compress else cache
-            for cache, compress in zip(base, state.compress, strict=True)
+            TqaiKVCache(state.config, kernel=state.kernel, pipeline=state.pipeline, layer=i)
+            if compress
+            else cache
+            for i, (cache, compress) in enumerate(zip(base, state.compress, strict=True))
         ]
 
     make_cache._tqai_original = original  # type: ignore[attr-defined]

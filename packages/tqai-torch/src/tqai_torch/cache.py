@@ -38,7 +38,7 @@ def _use_fused_decode(query: torch.Tensor, mask: torch.Tensor | None, store: KVS
     1/2/4/8 bits, a history to read. ``TQAI_KERNEL=reference`` turns it off."""
     if os.environ.get("TQAI_KERNEL", "auto") == "reference":
         return False
-    if not query.is_cuda or query.shape[2] != 1 or not store.history_length:
+    if store.tiers or not query.is_cuda or query.shape[2] != 1 or not store.history_length:
         return False
     if mask is not None and not bool(mask.all()):
         return False
@@ -54,16 +54,26 @@ class TqaiLayer(DynamicLayer):
 
     Args:
         config: the :class:`tqai.kvstore.KVCacheConfig` for this layer.
+        device: where the codes are kept (None: wherever the keys are).
+        pipeline: optional compression pipeline (see :class:`tqai.kvstore.KVStore`).
+        layer: the layer index the pipeline sees.
     """
 
     is_sliding = False
     is_croppable = True
     is_compileable = False
 
-    def __init__(self, config: KVCacheConfig, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        config: KVCacheConfig,
+        device: str | torch.device | None = None,
+        pipeline: Any = None,
+        layer: int | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
-        self.store = KVStore(config)
+        self.layer = layer
+        self.store = KVStore(config, pipeline, layer)
         self.awaiting_attention = False
         self.storage_device = None if device is None else torch.device(device)
 
@@ -141,7 +151,8 @@ class TqaiLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
-        self.store = KVStore(self.config)
+        # the store holds the (shared, never deep-copied) pipeline; None for a skipped layer
+        self.store = KVStore(self.config, self.store.pipeline, self.layer)
         self.awaiting_attention = False
         self.is_initialized = False
 
@@ -187,6 +198,8 @@ class TqaiCache(DynamicCache):
         skip_layers: indices of full-attention layers kept uncompressed.
         device: where the compressed layers keep their codes (and compute attention), e.g.
             ``"cpu"`` to hold the cache off a GPU; None keeps them where the model's keys are.
+        pipeline: optional compression pipeline shared by every compressed layer (built by
+            :func:`tqai.kvstore.build_cache_pipeline`); caches with one cannot be saved.
     """
 
     def __init__(
@@ -195,8 +208,10 @@ class TqaiCache(DynamicCache):
         config: KVCacheConfig,
         skip_layers: tuple[int, ...] = (),
         device: str | torch.device | None = None,
+        pipeline: Any = None,
     ) -> None:
         super().__init__(config=model_config)
+        self.uses_pipeline = pipeline is not None
         self.tqai_config = config
         self.skip_layers = tuple(skip_layers)
         self.device = device
@@ -208,7 +223,7 @@ class TqaiCache(DynamicCache):
             )
         for idx, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer and idx not in self.skip_layers:
-                self.layers[idx] = TqaiLayer(config, device)
+                self.layers[idx] = TqaiLayer(config, device, pipeline, idx)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kw
@@ -263,7 +278,15 @@ class TqaiCache(DynamicCache):
         return copy.deepcopy(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save the cache (codes stay compressed) to ``path`` in tqai's cache-file format."""
+        """Save the cache (codes stay compressed) to ``path`` in tqai's cache-file format.
+
+        Raises:
+            ValueError: the cache was built with a compression pipeline (not supported).
+        """
+        if self.uses_pipeline:
+            raise ValueError(
+                "saving a tqai cache built with a compression pipeline is not supported"
+            )
         meta = {
             "backend": "torch",
             "model": self.model_signature,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tqai.kvstore import STRATEGIES, KVCacheConfig
+from tqai.kvstore import STRATEGIES, KVCacheConfig, build_cache_pipeline
 from tqai_torch.attention import _FALLBACK_ATTR, ATTN_IMPLEMENTATION, register
 from tqai_torch.cache import TqaiCache
 
@@ -23,6 +23,7 @@ __all__ = ["new_cache", "patch", "unpatch"]
 _CONFIG_ATTR = "_tqai_cache_config"
 _SKIP_ATTR = "_tqai_skip_layers"
 _DEVICE_ATTR = "_tqai_cache_device"
+_PIPELINE_ATTR = "_tqai_pipeline"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -67,6 +68,7 @@ def patch(
     chunk_size: int = 1024,
     skip_layers: tuple[int, ...] | list[int] = (),
     device: str | torch.device | None = None,
+    pipeline: Any = None,
 ) -> TqaiCache:
     """Make ``model`` read tqai caches and return a fresh one to pass to ``generate``.
 
@@ -84,6 +86,11 @@ def patch(
         skip_layers: layer indices kept uncompressed (e.g. the first and last layers).
         device: where compressed layers keep their codes and compute attention (e.g. ``"cpu"``
             for a model on a GPU); default: wherever the model's keys are.
+        pipeline: ``None`` (the plain path, untouched) or a compression pipeline config dict
+            (``{"monitor": "stability", "skip_layers": [0], ...}``, see :mod:`tqai.pipeline`)
+            or a built ``CompressionPipeline``: built and validated once here
+            (:func:`tqai.kvstore.build_cache_pipeline`), shared by every compressed layer.
+            Strategies that store one commit at several widths (``tiered``) are refused.
 
     Returns:
         A :class:`TqaiCache`; pass it as ``cache=`` (``past_key_values=`` on transformers
@@ -111,6 +118,9 @@ def patch(
     )
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     config.make_quantizers(head_dim)  # fails now, not in generate, if the head dim can't be served
+    pipe = build_cache_pipeline(
+        pipeline, config, num_layers=text.num_hidden_layers, head_dims=(head_dim,)
+    )
     skip = tuple(int(i) for i in skip_layers)
     bad = [i for i in skip if not 0 <= i < text.num_hidden_layers]
     if bad:
@@ -132,6 +142,7 @@ def patch(
     setattr(model, _CONFIG_ATTR, config)
     setattr(model, _SKIP_ATTR, skip)
     setattr(model, _DEVICE_ATTR, device)
+    setattr(model, _PIPELINE_ATTR, pipe)
     return new_cache(model)
 
 
@@ -141,7 +152,11 @@ def new_cache(model: Any) -> TqaiCache:
     if config is None:
         raise ValueError("the model is not patched: call tqai_torch.patch(model, ...) first")
     return TqaiCache(
-        model.config, config, getattr(model, _SKIP_ATTR, ()), getattr(model, _DEVICE_ATTR, None)
+        model.config,
+        config,
+        getattr(model, _SKIP_ATTR, ()),
+        getattr(model, _DEVICE_ATTR, None),
+        pipeline=getattr(model, _PIPELINE_ATTR, None),
     )
 
 
@@ -155,3 +170,5 @@ def unpatch(model: Any) -> None:
     delattr(model, _CONFIG_ATTR)
     delattr(model, _SKIP_ATTR)
     delattr(model, _DEVICE_ATTR)
+    if hasattr(model, _PIPELINE_ATTR):
+        delattr(model, _PIPELINE_ATTR)
