@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--bits-k", type=int, default=4)
     parser.add_argument("--bits-v", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--block-n", type=int, default=32, help="triton: tokens per block")
+    parser.add_argument("--no-json", action="store_true", help="print only (tuning runs)")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
@@ -89,7 +91,7 @@ def main() -> None:
             inputs = store.attention_inputs()
             fused = _time(
                 lambda q=q, inputs=inputs: decode_attention_triton(
-                    q, scale=HEAD_DIM**-0.5, **inputs
+                    q, scale=HEAD_DIM**-0.5, block_n=args.block_n, **inputs
                 ),
                 device,
                 args.repeat,
@@ -129,6 +131,8 @@ def main() -> None:
             for r in rows
         ],
     )
+    if args.no_json:
+        return
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")[:40]
     write_json(f"decode_{slug}.json", {"machine": info, "rows": rows})
 

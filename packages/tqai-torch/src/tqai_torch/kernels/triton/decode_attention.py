@@ -138,7 +138,7 @@ def decode_attention_triton(
     scale: float,
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     suffix: tuple[torch.Tensor, torch.Tensor] | None = None,
-    block_n: int = 64,
+    block_n: int = 32,
     tokens_per_split: int | None = None,
 ) -> torch.Tensor:
     """Decode attention ``query (B, Hq, 1, D)`` over packed history + full-precision segments.
