@@ -303,3 +303,13 @@ def test_device_option_keeps_codes_where_asked():
     with pytest.raises(ValueError, match="device must be a torch device"):
         tqai_torch.patch(model, device="nowhere")
     tqai_torch.unpatch(model)
+
+
+def test_patch_refuses_a_model_with_nothing_to_compress():
+    model = build("mistral", sliding_window=16)  # every layer is a sliding-window layer
+    with pytest.raises(ValueError, match="no full-attention layer left to compress"):
+        tqai_torch.patch(model)
+    model = build("llama")
+    with pytest.raises(ValueError, match="no full-attention layer left to compress"):
+        tqai_torch.patch(model, skip_layers=[0, 1])
+    assert model.config._attn_implementation != "tqai"

@@ -134,6 +134,14 @@ def patch(
             raise ValueError(
                 f"device must be a torch device such as 'cpu' or 'cuda:0': {ex}"
             ) from None
+    probe = TqaiCache(model.config, config, skip)
+    if not probe.compressed_layers:
+        kinds = sorted({type(layer).__name__ for layer in probe.layers})
+        raise ValueError(
+            f"{type(model).__name__} has no full-attention layer left to compress (its cache "
+            f"layers are {kinds}, skip_layers={list(skip)}): tqai keeps sliding-window layers "
+            "uncompressed, so patching would save nothing"
+        )
     register()
     current = model.config._attn_implementation
     if current != ATTN_IMPLEMENTATION:
