@@ -10,7 +10,8 @@ history ever exists. TurboQuant_prod keys and values are supported as well: the 
 score is ``sqrt(pi/2)/m * gamma * (S Pi q) . sign_bits``, computed from the sketched query.
 
 Full-precision segments (attention-sink tokens before the history and a recent window after it)
-join the same softmax: their keys and values are rotated into the same domains first.
+join the same softmax in the original domain (no rotation needed), with an accumulator of their
+own that is added after the history's is rotated back.
 
 Shapes: ``query (B, Hq, Tq, D)``; compressed tensors have leading shape ``(B, Hkv, T)``;
 full-precision segments ``(B, Hkv, S, D)``; ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA: each
@@ -178,56 +179,18 @@ def compressed_attention(
     Returns:
         ``(B, Hq, Tq, D)`` attention output in ``query``'s dtype.
     """
-    xp = _xp.namespace(query, xp=xp)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    b, hq, tq, d = query.shape
-    segments = [s[0] for s in (prefix, suffix) if s is not None]
-    if keys is None and not segments:
-        raise ValueError("attention over an empty key sequence: no history and no segments")
-    n_kv = keys.shape[1] if keys is not None else segments[0].shape[1]
-    if hq % n_kv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({n_kv})")
-    out_dtype = query.dtype
-    q = _group(xp.astype(query, xp.float32), n_kv, xp) * scale  # (B, Hkv, G*Tq, D)
-    q_rot = key_quantizer.rotation.rotate(q, xp=xp)
-    q_sketch = None
-    if key_quantizer.spec.kind == "prod":
-        q_sketch = q_rot @ key_quantizer.constant("sketch_t", q_rot, xp=xp)
-    if mask is not None:
-        mask = _group_mask(mask, n_kv, hq, xp)
-    state = _OnlineSoftmax((b, n_kv, q.shape[2]), xp, q)
-    v_rot = value_quantizer.rotation
-
-    def full_segment(k: Any, v: Any, start: int) -> None:
-        k = key_quantizer.rotation.rotate(xp.astype(k, xp.float32), xp=xp)
-        scores = _capped(q_rot @ xp.matrix_transpose(k), softcap, xp)
-        scores = _masked(scores, mask, start, start + k.shape[2], xp)
-        state.step(scores, {"rot": v_rot.rotate(xp.astype(v, xp.float32), xp=xp)})
-
-    column = 0
-    if prefix is not None and prefix[0].shape[2]:
-        full_segment(*prefix, column)
-        column += prefix[0].shape[2]
-    history = 0 if keys is None else keys.shape[2]
-    for start in range(0, history, chunk_size):
-        stop = min(start + chunk_size, history)
-        k_chunk = slice_tokens(keys, start, stop)
-        scores = _capped(_key_scores(q_rot, q_sketch, k_chunk, key_quantizer, xp), softcap, xp)
-        scores = _masked(scores, mask, column + start, column + stop, xp)
-        state.step(scores, _value_terms(slice_tokens(values, start, stop), value_quantizer, xp))
-    column += history
-    if suffix is not None and suffix[0].shape[2]:
-        full_segment(*suffix, column)
-    if not state.accs:
-        raise ValueError("attention over an empty key sequence: no history and no segments")
-    acc = state.accs.get("rot")
-    if "sketch" in state.accs:
-        extra = state.accs["sketch"] @ value_quantizer.constant("sketch", q, xp=xp)
-        acc = extra if acc is None else acc + extra
-    l_safe = xp.where(state.l > 0, state.l, xp.ones_like(state.l))
-    out = v_rot.unrotate(acc / l_safe[..., None], xp=xp)  # one rotation back, at the end
-    return xp.astype(xp.reshape(out, (b, hq, tq, d)), out_dtype)
+    histories = [] if keys is None else [(keys, values, key_quantizer, value_quantizer, None)]
+    return compressed_attention_multi(
+        query,
+        histories,
+        scale=scale,
+        mask=mask,
+        prefix=prefix,
+        suffix=suffix,
+        chunk_size=chunk_size,
+        softcap=softcap,
+        xp=xp,
+    )
 
 
 def attention_reference(
@@ -267,7 +230,9 @@ def attention_reference(
 
 def compressed_attention_multi(
     query: Any,
-    histories: list[tuple[QuantizedTensor, QuantizedTensor, Quantizer, Quantizer, list[int]]],
+    histories: list[
+        tuple[QuantizedTensor, QuantizedTensor, Quantizer, Quantizer, list[int] | None]
+    ],
     *,
     scale: float,
     mask: Any | None = None,
@@ -290,7 +255,8 @@ def compressed_attention_multi(
 
     Args:
         histories: ``(keys, values, key_quantizer, value_quantizer, positions)`` per history;
-            ``positions`` lists the history position of each of its tokens.
+            ``positions`` lists the history position of each of its tokens, or is None when the
+            history's tokens follow those of the histories before it (one plain history).
         query, scale, mask, prefix, suffix, chunk_size, softcap, xp: as in
             :func:`compressed_attention` (the mask has ``S + T + W`` columns, ``T`` the total of
             all histories).
@@ -335,7 +301,10 @@ def compressed_attention_multi(
             stop = min(start + chunk_size, length)
             scores = _key_scores(q_rot, q_sketch, slice_tokens(keys, start, stop), key_q, xp)
             scores = _capped(scores, softcap, xp)
-            if mask is not None:
+            if mask is not None and positions is None:
+                first = column + total - length
+                scores = _masked(scores, mask, first + start, first + stop, xp)
+            elif mask is not None:
                 cols = [column + p for p in positions[start:stop]]
                 index = xp.asarray(cols, dtype=xp.int64, device=device)
                 chunk_mask = xp.take(mask, index, axis=-1)
