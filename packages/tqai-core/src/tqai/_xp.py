@@ -25,7 +25,6 @@ __all__ = [
     "from_host",
     "is_mlx_namespace",
     "is_numpy_namespace",
-    "is_torch_namespace",
     "namespace",
     "namespace_name",
     "to_host",
@@ -103,10 +102,6 @@ def namespace_name(xp: ModuleType) -> str:
 
 def is_numpy_namespace(xp: ModuleType) -> bool:
     return namespace_name(xp) == "numpy"
-
-
-def is_torch_namespace(xp: ModuleType) -> bool:
-    return namespace_name(xp) == "torch"
 
 
 def is_mlx_namespace(xp: ModuleType) -> bool:

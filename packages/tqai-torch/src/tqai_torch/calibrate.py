@@ -291,27 +291,6 @@ def shakespeare_windows(tokenizer: Any, samples: int = 8, tokens: int = 512) -> 
     return [ids[s : s + tokens] for s in starts]
 
 
-def _load(model: str, dtype: str) -> tuple[Any, Any]:
-    import torch
-
-    from tqai_torch.models import MODELS, load_model
-
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise typer.BadParameter(f"not a torch dtype: {dtype!r}", param_hint="--dtype")
-    if model in MODELS:
-        return load_model(model, dtype=torch_dtype)
-    path = Path(model)
-    if not path.is_dir():
-        raise typer.BadParameter(
-            f"not a local folder and not one of {sorted(MODELS)}: {model!r}", param_hint="--model"
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-    return loaded.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
 def calibrate(
     output: Path = typer.Option(..., "--output", "-o", help="calibration JSON file to write"),
     model: str = typer.Option("smollm2-135m", help=_MODEL_HELP),
@@ -333,7 +312,9 @@ def calibrate(
     )
     from rich.table import Table
 
-    loaded, tokenizer = _load(model, dtype)
+    from tqai_torch.cli import load_model_option
+
+    loaded, tokenizer = load_model_option(model, dtype)
     if prompts is None:
         chosen: list[Any] = shakespeare_windows(tokenizer, samples, max_tokens)
     else:

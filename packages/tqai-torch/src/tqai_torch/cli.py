@@ -62,12 +62,19 @@ def _load_mlx(mlx_cli: Any, model: str, dtype: str) -> tuple[Any, Any]:
         raise typer.BadParameter(str(ex), param_hint="--model") from None
 
 
-def _load(model: str, dtype: str) -> tuple[Any, Any]:
+def load_model_option(model: str, dtype: str) -> tuple[Any, Any]:
+    """``--model`` / ``--dtype`` of the torch commands -> ``(model, tokenizer)``, offline.
+
+    ``model`` is a local folder or a name of :data:`tqai_torch.models.MODELS` (fetched and built
+    into the tqai cache on first use); bad values are usage errors naming the option.
+    """
     import torch
 
     from tqai_torch.models import MODELS, load_model
 
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise typer.BadParameter(f"not a torch dtype: {dtype!r}", param_hint="--dtype")
     if model in MODELS:
         return load_model(model, dtype=torch_dtype)
     path = Path(model)
@@ -155,7 +162,7 @@ def run(
 
     import tqai_torch
 
-    loaded, tokenizer = _load(model, dtype)
+    loaded, tokenizer = load_model_option(model, dtype)
     if no_tqai:
         cache = DynamicCache(config=loaded.config)
     else:
@@ -196,7 +203,7 @@ def compare(
 
     import tqai_torch
 
-    loaded, tokenizer = _load(model, dtype)
+    loaded, tokenizer = load_model_option(model, dtype)
     base_cache = DynamicCache(config=loaded.config)
     base, base_s = _generate(loaded, tokenizer, prompt, max_new_tokens, base_cache)
     cache = tqai_torch.patch(loaded, bits_k=bits_k, bits_v=bits_v)
@@ -285,7 +292,7 @@ def eval_ppl(
     else:
         from tqai_torch.evaluate import perplexity
 
-        loaded, tokenizer = _load(model, dtype)
+        loaded, tokenizer = load_model_option(model, dtype)
         ids = tokenizer(source, return_tensors="pt", add_special_tokens=False).input_ids[0]
         bos = tokenizer.bos_token_id if "gemma" in loaded.config.model_type else None
     results = []
