@@ -1,0 +1,112 @@
+"""``tqai run`` / ``compare`` / ``eval ppl`` (torch backend) on a tiny local model folder.
+
+The folder holds a random-weight LlamaForCausalLM (save_pretrained) and a byte-level BPE tokenizer
+trained here on a few sentences, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import tokenizers
+import torch
+import transformers
+from typer.testing import CliRunner
+
+import tqai.cli
+
+pytestmark = pytest.mark.integration
+
+runner = CliRunner(env={"COLUMNS": "200"})
+SENTENCES = [
+    "To be, or not to be, that is the question.",
+    "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune,",
+    "or to take arms against a sea of troubles and by opposing end them.",
+    "All the world's a stage, and all the men and women merely players.",
+]
+
+
+@pytest.fixture(scope="module")
+def app():
+    app = tqai.cli.app
+    commands, groups = list(app.registered_commands), list(app.registered_groups)
+    tqai.cli.add_backend_commands(app)
+    yield app
+    app.registered_commands[:], app.registered_groups[:] = commands, groups
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-hf-llama")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(SENTENCES, trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(folder)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_run_generates_and_reports(app, tiny_folder: Path):
+    result = runner.invoke(
+        app, ["run", "To be, or not", "--model", str(tiny_folder), "--max-new-tokens", "10"]
+    )
+    assert result.exit_code == 0, result.output
+    stats = re.search(r"\[(\d+) tokens, ([\d.]+) tokens/s, KV cache ([\d.]+) KiB\]", result.output)
+    assert stats is not None, result.output
+    assert int(stats[1]) > 0
+
+
+def test_compare_prints_the_table(app, tiny_folder: Path):
+    result = runner.invoke(
+        app,
+        ["compare", "To be", "--model", str(tiny_folder), "--bits-k", "8", "--bits-v", "8",
+         "--max-new-tokens", "8"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for row in ("text", "tokens/s", "KV bytes", "first divergent token"):
+        assert row in result.output
+
+
+def test_eval_ppl_eight_bits_matches_baseline(app, tiny_folder: Path, tmp_path: Path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(SENTENCES * 10), encoding="utf-8")
+    result = runner.invoke(
+        app,
+        ["eval", "ppl", "K8/V8", "K4/V2", "--model", str(tiny_folder), "--text", str(text),
+         "--context", "64", "--windows", "2", "--chunk", "16"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ppl = {
+        m[1]: float(m[2])
+        for m in re.finditer(r"│\s*(baseline|K8/V8|K4/V2)\s*│\s*([\d.]+)", result.output)
+    }
+    assert set(ppl) == {"baseline", "K8/V8", "K4/V2"}, result.output
+    assert abs(ppl["K8/V8"] / ppl["baseline"] - 1) < 0.01
+
+
+def test_bad_options_are_usage_errors(app, tiny_folder: Path):
+    result = runner.invoke(app, ["run", "x", "--model", str(tiny_folder), "--bits-k", "9"])
+    assert result.exit_code == 2
+    assert "1..8" in result.output
+    result = runner.invoke(app, ["run", "x", "--model", "/no/such/folder"])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["eval", "ppl", "K9/X", "--model", str(tiny_folder)])
+    assert result.exit_code == 2
