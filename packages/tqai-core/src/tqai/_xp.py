@@ -65,6 +65,10 @@ class _MlxNamespace:
         out = self._mx.array(x)
         return out if dtype is None else out.astype(dtype)
 
+    def argsort(self, x: Any, /, *, axis: int = -1, descending: bool = False, stable: bool = True):
+        # mlx's argsort takes neither keyword; callers here only need ties in a fixed order.
+        return self._mx.argsort(-x if descending else x, axis=axis)
+
     def sum(self, x: Any, /, *, axis: Any = None, dtype: Any = None, keepdims: bool = False) -> Any:
         if dtype is not None:
             x = x.astype(dtype)

@@ -24,6 +24,8 @@ convention) or None; columns follow time order: prefix, history, suffix. Output
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -33,6 +35,8 @@ from tqai.packing import unpack_bits
 from tqai.quantizers import TurboQuantMSE, TurboQuantProd
 
 __all__ = [
+    "CodedPart",
+    "CompressedHistory",
     "attention_reference",
     "compressed_attention",
     "compressed_attention_multi",
@@ -40,6 +44,66 @@ __all__ = [
 ]
 
 Quantizer = TurboQuantMSE | TurboQuantProd
+
+
+@dataclass(frozen=True, slots=True)
+class CodedPart:
+    """Codes of one group of channels of a compressed history, and the quantizer that made them.
+
+    Attributes:
+        codes: compressed tensor of leading shape ``(B, Hkv, T)`` holding ``d_p``-vectors.
+        quantizer: the quantizer of ``codes`` (``spec.d == d_p``).
+        channel_map: None when the part holds all ``D`` channels as they are; else a float32
+            ``(B|1, Hkv, D, d_p)`` map. For keys, the scores of a query ``q`` against the part are
+            those of ``q @ channel_map`` (selection times inverse balancing scales, see
+            :mod:`tqai.kvlayout`); for values, the part's output returns to the ``D`` channels
+            as ``out_p @ channel_map^T`` (a selection map, so this is an exact scatter).
+    """
+
+    codes: QuantizedTensor
+    quantizer: Quantizer
+    channel_map: Any | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompressedHistory:
+    """One run of compressed tokens: key parts and value parts that all hold the same tokens.
+
+    A plain history has one key part and one value part without channel maps. The key scores are
+    the sum over key parts, plus ``q . key_mean`` when keys were stored centered; the output is
+    the sum over value parts, plus ``key_mean``'s counterpart ``value_mean`` times the attention
+    mass of the history (exact: the reconstruction of a centered vector is ``mean + x_hat``).
+
+    Attributes:
+        keys, values: the parts (at least one each, same token count).
+        positions: the history position of each token, or None when the tokens follow those of
+            the histories before it (see :func:`compressed_attention_multi`).
+        key_mean, value_mean: float32 ``(B, Hkv, 1, D)`` vectors subtracted before coding, or None.
+    """
+
+    keys: tuple[CodedPart, ...]
+    values: tuple[CodedPart, ...]
+    positions: list[int] | None = None
+    key_mean: Any | None = None
+    value_mean: Any | None = None
+
+    @classmethod
+    def plain(
+        cls,
+        keys: QuantizedTensor,
+        values: QuantizedTensor,
+        key_quantizer: Quantizer,
+        value_quantizer: Quantizer,
+        positions: list[int] | None = None,
+    ) -> CompressedHistory:
+        """A history of whole vectors coded by one key and one value quantizer."""
+        return cls(
+            (CodedPart(keys, key_quantizer),), (CodedPart(values, value_quantizer),), positions
+        )
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].codes.shape[2]
 
 
 def slice_tokens(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
@@ -179,7 +243,11 @@ def compressed_attention(
     Returns:
         ``(B, Hq, Tq, D)`` attention output in ``query``'s dtype.
     """
-    histories = [] if keys is None else [(keys, values, key_quantizer, value_quantizer, None)]
+    histories = (
+        []
+        if keys is None
+        else [CompressedHistory.plain(keys, values, key_quantizer, value_quantizer)]
+    )
     return compressed_attention_multi(
         query,
         histories,
@@ -230,9 +298,7 @@ def attention_reference(
 
 def compressed_attention_multi(
     query: Any,
-    histories: list[
-        tuple[QuantizedTensor, QuantizedTensor, Quantizer, Quantizer, list[int] | None]
-    ],
+    histories: Sequence[CompressedHistory],
     *,
     scale: float,
     mask: Any | None = None,
@@ -242,21 +308,21 @@ def compressed_attention_multi(
     softcap: float | None = None,
     xp: ModuleType | None = None,
 ) -> Any:
-    """:func:`compressed_attention` over several compressed histories with their own quantizers.
+    """:func:`compressed_attention` over several compressed histories, each of several parts.
 
     A cache whose tokens were compressed at different widths (a compression pipeline whose
     monitor moves the width between steps) keeps one packed history per quantizer; together they
     hold the history tokens ``0..T-1`` in some interleaving. Each history comes with the history
     positions of its tokens, which pick its mask columns (mask columns follow time order:
-    prefix, history positions, suffix). Scores against each history are taken in its keys'
-    rotated domain; values accumulate in one accumulator per history (in its values' rotated
-    domain) plus one for the full-precision segments, all sharing one online softmax, and are
-    rotated back once at the end.
+    prefix, history positions, suffix). A history may also be split by channels into parts with
+    their own quantizers (outlier channels at more bits) and be stored centered
+    (:class:`CompressedHistory`). Scores against each part are taken in its keys' rotated domain
+    and summed; values accumulate in one accumulator per part (in its values' rotated domain)
+    plus one for the full-precision segments, all sharing one online softmax, and are rotated
+    back once at the end.
 
     Args:
-        histories: ``(keys, values, key_quantizer, value_quantizer, positions)`` per history;
-            ``positions`` lists the history position of each of its tokens, or is None when the
-            history's tokens follow those of the histories before it (one plain history).
+        histories: the :class:`CompressedHistory` runs.
         query, scale, mask, prefix, suffix, chunk_size, softcap, xp: as in
             :func:`compressed_attention` (the mask has ``S + T + W`` columns, ``T`` the total of
             all histories).
@@ -271,7 +337,7 @@ def compressed_attention_multi(
     segments = [s[0] for s in (prefix, suffix) if s is not None]
     if not histories and not segments:
         raise ValueError("attention over an empty key sequence: no history and no segments")
-    n_kv = histories[0][0].shape[1] if histories else segments[0].shape[1]
+    n_kv = histories[0].keys[0].codes.shape[1] if histories else segments[0].shape[1]
     if hq % n_kv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({n_kv})")
     q = _group(xp.astype(query, xp.float32), n_kv, xp) * scale  # (B, Hkv, G*Tq, D)
@@ -290,41 +356,69 @@ def compressed_attention_multi(
         full_segment(*prefix, column)
         column += prefix[0].shape[2]
     total = 0
-    for i, (keys, values, key_q, value_q, positions) in enumerate(histories):
-        q_rot = key_q.rotation.rotate(q, xp=xp)
-        q_sketch = None
-        if key_q.spec.kind == "prod":
-            q_sketch = q_rot @ key_q.constant("sketch_t", q_rot, xp=xp)
-        length = keys.shape[2]
+    for i, hist in enumerate(histories):
+        queries = [_part_queries(q, part, xp) for part in hist.keys]
+        bias = None if hist.key_mean is None else q @ xp.matrix_transpose(hist.key_mean)
+        length = hist.length
         total += length
         for start in range(0, length, chunk_size):
             stop = min(start + chunk_size, length)
-            scores = _key_scores(q_rot, q_sketch, slice_tokens(keys, start, stop), key_q, xp)
+            scores = bias
+            for part, (q_rot, q_sketch) in zip(hist.keys, queries, strict=True):
+                part_scores = _key_scores(
+                    q_rot, q_sketch, slice_tokens(part.codes, start, stop), part.quantizer, xp
+                )
+                scores = part_scores if scores is None else scores + part_scores
             scores = _capped(scores, softcap, xp)
-            if mask is not None and positions is None:
+            if mask is not None and hist.positions is None:
                 first = column + total - length
                 scores = _masked(scores, mask, first + start, first + stop, xp)
             elif mask is not None:
-                cols = [column + p for p in positions[start:stop]]
+                cols = [column + p for p in hist.positions[start:stop]]
                 index = xp.asarray(cols, dtype=xp.int64, device=device)
                 chunk_mask = xp.take(mask, index, axis=-1)
                 scores = xp.where(chunk_mask, scores, xp.full_like(scores, -math.inf))
-            terms = _value_terms(slice_tokens(values, start, stop), value_q, xp)
-            state.step(scores, {f"{name}{i}": t for name, t in terms.items()})
+            terms = {}
+            for j, part in enumerate(hist.values):
+                part_terms = _value_terms(slice_tokens(part.codes, start, stop), part.quantizer, xp)
+                terms.update({f"{name}{i}.{j}": t for name, t in part_terms.items()})
+            if hist.value_mean is not None:
+                terms[f"mass{i}"] = xp.ones(
+                    (*scores.shape[:2], stop - start, 1), dtype=xp.float32, device=device
+                )
+            state.step(scores, terms)
     column += total
     if suffix is not None and suffix[0].shape[2]:
         full_segment(*suffix, column)
     if not state.accs:
         raise ValueError("attention over an empty key sequence: no history and no segments")
     out = state.accs.get("full")
-    for i, (_, _, _, value_q, _) in enumerate(histories):
-        acc = state.accs.get(f"rot{i}")
-        if f"sketch{i}" in state.accs:
-            extra = state.accs[f"sketch{i}"] @ value_q.constant("sketch", q, xp=xp)
-            acc = extra if acc is None else acc + extra
-        if acc is not None:
-            acc = value_q.rotation.unrotate(acc, xp=xp)
+    for i, hist in enumerate(histories):
+        for j, part in enumerate(hist.values):
+            acc = state.accs.get(f"rot{i}.{j}")
+            if f"sketch{i}.{j}" in state.accs:
+                extra = state.accs[f"sketch{i}.{j}"] @ part.quantizer.constant("sketch", q, xp=xp)
+                acc = extra if acc is None else acc + extra
+            if acc is None:
+                continue
+            acc = part.quantizer.rotation.unrotate(acc, xp=xp)
+            if part.channel_map is not None:
+                acc = acc @ xp.matrix_transpose(part.channel_map)
             out = acc if out is None else out + acc
+        if hist.value_mean is not None and f"mass{i}" in state.accs:
+            shift = state.accs[f"mass{i}"] * hist.value_mean
+            out = shift if out is None else out + shift
     l_safe = xp.where(state.l > 0, state.l, xp.ones_like(state.l))
     out = out / l_safe[..., None]
     return xp.astype(xp.reshape(out, (b, hq, tq, d)), query.dtype)
+
+
+def _part_queries(q: Any, part: CodedPart, xp: ModuleType) -> tuple[Any, Any | None]:
+    """Grouped queries ``(B, Hkv, R, D)`` as a key part reads them: mapped, rotated, sketched."""
+    if part.channel_map is not None:
+        q = q @ part.channel_map
+    q_rot = part.quantizer.rotation.rotate(q, xp=xp)
+    q_sketch = None
+    if part.quantizer.spec.kind == "prod":
+        q_sketch = q_rot @ part.quantizer.constant("sketch_t", q_rot, xp=xp)
+    return q_rot, q_sketch

@@ -49,7 +49,16 @@ FORMAT_VERSION = 1
 NORM_DTYPES = ("float16", "float32")
 _PREFIX = struct.Struct("<4sHI")
 _DIGEST = 32
-ITEMSIZE = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+ITEMSIZE = {
+    "uint8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+}
 _ARRAY_FIELDS = ("packed", "norms", "qjl", "residual_norms")
 
 

@@ -17,6 +17,12 @@ full precision (they exist in full precision anyway), and are committed (compres
 the sinks/window) by :meth:`KVStore.attend` or :meth:`KVStore.commit`. So after every forward
 pass the store holds only sinks, packed codes and the window.
 
+Coding options (:mod:`tqai.kvlayout`, fitted once from the prompt; all exact rewrites of
+attention): ``center_keys`` / ``center_values`` (per-head mean subtracted before coding, added
+back in attention), fractional ``bits_k`` / ``bits_v`` (an outlier-channel split: the
+highest-energy channels of each head at one more bit), ``balance_keys`` (per-channel scales moved
+from keys to queries).
+
 Strategies (SPEC.md "The cache"): ``compressed`` (attention read from the codes, chunked
 online softmax: :func:`tqai.attention.compressed_attention`), ``residual`` (the same with a
 full-precision recent window, 128 tokens unless ``residual_window`` says otherwise) and ``full``
@@ -34,9 +40,16 @@ from types import ModuleType
 from typing import Any
 
 from tqai import _xp
-from tqai.attention import compressed_attention, compressed_attention_multi
-from tqai.codebooks import validate_dim, validate_n_bits
+from tqai.attention import CompressedHistory, compressed_attention_multi
+from tqai.codebooks import validate_dim
 from tqai.container import ITEMSIZE, NORM_DTYPES, QuantizedTensor, dtype_name
+from tqai.kvlayout import (
+    StreamCoding,
+    attention_weight_mass,
+    fit_stream,
+    split_widths,
+    validate_bits,
+)
 from tqai.quantizers import TurboQuantMSE, TurboQuantProd
 
 __all__ = ["STRATEGIES", "KVCacheConfig", "KVStore", "build_cache_pipeline"]
@@ -52,7 +65,9 @@ class KVCacheConfig:
 
     Attributes:
         bits_k, bits_v: bits per coordinate for keys and values (1..8; with ``use_qjl`` the
-            key budget includes the 1-bit QJL stage, so ``bits_k >= 2``).
+            key budget includes the 1-bit QJL stage, so ``bits_k >= 2``). A fraction such as 3.5
+            splits each head's channels: the highest-energy ones at the next width up
+            (:func:`tqai.kvlayout.split_widths`).
         sink_tokens: leading tokens kept in full precision.
         residual_window: most recent tokens kept in full precision (``residual`` strategy: 128
             when left at 0).
@@ -62,10 +77,14 @@ class KVCacheConfig:
         seed: rotation seed (keys use ``seed``, values ``seed + 1``).
         norm_dtype: ``"float16"`` or ``"float32"``.
         chunk_size: history tokens per online-softmax step.
+        center_keys, center_values: code the vectors minus their per-head mean over the prompt
+            (exact: the mean is added back in attention).
+        balance_keys: move per-channel scales from keys to queries, fitted to the prompt's
+            queries (needs attention through the store: not with ``strategy="full"``).
     """
 
-    bits_k: int = 4
-    bits_v: int = 2
+    bits_k: int | float = 4
+    bits_v: int | float = 2
     sink_tokens: int = 4
     residual_window: int = 0
     strategy: str = "compressed"
@@ -74,11 +93,23 @@ class KVCacheConfig:
     seed: int = 0
     norm_dtype: str = "float16"
     chunk_size: int = 1024
+    center_keys: bool = False
+    center_values: bool = False
+    balance_keys: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
-        validate_n_bits(self.bits_k, name="bits_k", low=2 if self.use_qjl else 1)
-        validate_n_bits(self.bits_v, name="bits_v")
+        bits_k = validate_bits(self.bits_k, name="bits_k", low=2 if self.use_qjl else 1)
+        object.__setattr__(self, "bits_k", bits_k)
+        object.__setattr__(self, "bits_v", validate_bits(self.bits_v, name="bits_v"))
+        for name in ("center_keys", "center_values", "balance_keys", "use_qjl"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.balance_keys and self.strategy == "full":
+            raise ValueError(
+                "balance_keys needs the queries of attention through the store; strategy='full' "
+                "lets the model's own attention run: use 'compressed' or 'residual'"
+            )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         for name in ("sink_tokens", "residual_window"):
@@ -99,19 +130,45 @@ class KVCacheConfig:
             return _DEFAULT_RESIDUAL_WINDOW
         return self.residual_window
 
+    @property
+    def plain(self) -> bool:
+        """Whole vectors at integer widths, nothing fitted: what single-history kernels read."""
+        return not (
+            self.center_keys
+            or self.center_values
+            or self.balance_keys
+            or isinstance(self.bits_k, float)
+            or isinstance(self.bits_v, float)
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def make_quantizers(self, head_dim: int) -> tuple[Any, Any]:
-        """The (key, value) quantizers for vectors of size ``head_dim``."""
-        head_dim = validate_dim(head_dim, name="head_dim")
+    def make_quantizer(self, stream: str, d: int, n_bits: int, part: int = 0) -> Any:
+        """The quantizer of part ``part`` (``d`` channels, ``n_bits``) of the ``"k"``/``"v"`` stream.
+
+        Seeds: keys ``seed + 2 * part``, values ``seed + 1 + 2 * part``.
+        """
         common = {"rotation": self.rotation, "norm_dtype": self.norm_dtype}
-        if self.use_qjl:
-            key_q = TurboQuantProd(head_dim, self.bits_k, seed=self.seed, **common)
-        else:
-            key_q = TurboQuantMSE(head_dim, self.bits_k, seed=self.seed, **common)
-        value_q = TurboQuantMSE(head_dim, self.bits_v, seed=self.seed + 1, **common)
-        return key_q, value_q
+        seed = self.seed + (stream == "v") + 2 * part
+        if stream == "k" and self.use_qjl:
+            return TurboQuantProd(d, n_bits, seed=seed, **common)
+        return TurboQuantMSE(d, n_bits, seed=seed, **common)
+
+    def part_quantizers(self, head_dim: int) -> tuple[list[Any], list[Any]]:
+        """The (key, value) quantizers of each part for vectors of size ``head_dim``.
+
+        One part each unless a width is fractional (an outlier-channel split).
+
+        Raises:
+            ValueError: ``head_dim`` is invalid or a fractional width cannot split it.
+        """
+        head_dim = validate_dim(head_dim, name="head_dim")
+        out = []
+        for stream, bits in (("k", self.bits_k), ("v", self.bits_v)):
+            widths = split_widths(bits, head_dim, name=f"bits_{stream}")
+            out.append([self.make_quantizer(stream, n, b, p) for p, (n, b) in enumerate(widths)])
+        return out[0], out[1]
 
 
 def build_cache_pipeline(
@@ -136,6 +193,12 @@ def build_cache_pipeline(
     if pipeline is None:
         return None
     from tqai.pipeline import CompressionPipeline, PipelineConfigError, build_pipeline
+
+    if not config.plain:
+        raise PipelineConfigError(
+            "a compression pipeline cannot be combined with center_keys, center_values, "
+            "balance_keys or fractional bits_k/bits_v (the pipeline codes whole vectors itself)"
+        )
 
     if isinstance(pipeline, Mapping):
         full = {"adapter": "llm", "bits_k": config.bits_k, "bits_v": config.bits_v, **pipeline}
@@ -334,19 +397,50 @@ class KVStore:
     ) -> None:
         self.config = config
         self.layer = layer
+        if pipeline is not None and not config.plain:
+            raise ValueError(
+                "a compression pipeline cannot be combined with center_keys, center_values, "
+                "balance_keys or fractional bits (the pipeline codes whole vectors itself)"
+            )
         # Only a pipeline that handles this layer is kept: a skipped layer runs the plain path.
         self.pipeline = pipeline if pipeline is not None and pipeline.handles(layer) else None
         self.tiers: dict[tuple[Any, Any], _Tier] = {}
         self.key_quantizer: Any = None
         self.value_quantizer: Any = None
+        # Fitted codings (tqai.kvlayout) of a non-plain config; None until the history starts.
+        self.key_coding: StreamCoding | None = None
+        self.value_coding: StreamCoding | None = None
+        self._query_sq: Any = None
+        self._token_weights: Any = None
+        self.head_dim: int | None = None
         self.xp: ModuleType | None = None
         self.sinks: tuple[Any, Any] | None = None
         self.window: tuple[Any, Any] | None = None
         self.pending: tuple[Any, Any] | None = None
-        self.keys = _PackedHistory()
-        self.values = _PackedHistory()
+        self.key_parts = [_PackedHistory()]
+        self.value_parts = [_PackedHistory()]
         self.dtype: Any = None
         self.dtype_name: str | None = None
+        #: Evaluation: commit staged tokens before attention reads them, and let each query see
+        #: exactly what token-by-token decoding would (see :meth:`attend`).
+        self.quantize_staged = False
+        self._just_coded: tuple[Any, Any] | None = None
+
+    @property
+    def keys(self) -> _PackedHistory:
+        """The packed key history (its first part when the channels are split)."""
+        return self.key_parts[0]
+
+    @property
+    def values(self) -> _PackedHistory:
+        """The packed value history (its first part when the channels are split)."""
+        return self.value_parts[0]
+
+    @property
+    def plain(self) -> bool:
+        """One history of whole vectors at one width each for K and V: single-history kernels
+        (:meth:`attention_inputs`) can read it."""
+        return self.config.plain and not self.tiers
 
     # ---- sizes ---------------------------------------------------------------------------
     @property
@@ -376,12 +470,14 @@ class KVStore:
         """Bytes really held, by part: ``{"sinks", "codes", "window", "staged"}``."""
         full = [self.sinks, self.window, self.pending]
         sizes = [0 if p is None else _nbytes(p[0]) + _nbytes(p[1]) for p in full]
-        codes = self.keys.nbytes() + self.values.nbytes()
+        codes = sum(h.nbytes() for h in self.key_parts + self.value_parts)
         for tier in self.tiers.values():
             codes += tier.keys.nbytes() + tier.values.nbytes()
+        stats = sum(c.nbytes() for c in (self.key_coding, self.value_coding) if c is not None)
         return {
             "sinks": sizes[0],
             "codes": codes,
+            "stats": stats,
             "window": sizes[1],
             "staged": sizes[2],
         }
@@ -391,7 +487,10 @@ class KVStore:
         self.xp = xp
         self.dtype = keys.dtype
         self.dtype_name = dtype_name(keys)
-        self.key_quantizer, self.value_quantizer = self.config.make_quantizers(keys.shape[-1])
+        self.head_dim = keys.shape[-1]
+        key_qs, value_qs = self.config.part_quantizers(self.head_dim)
+        if self.config.plain:
+            self.key_quantizer, self.value_quantizer = key_qs[0], value_qs[0]
 
     def update(self, keys: Any, values: Any) -> None:
         """Stage new tokens ``(B, H, T, D)``; they are committed by :meth:`attend`/:meth:`commit`."""
@@ -413,9 +512,11 @@ class KVStore:
         xp = self.xp
         keys, values = self.pending
         self.pending = None
+        weights, self._token_weights = self._token_weights, None
         room = self.config.sink_tokens - self.sink_length
         if room > 0:
             take = min(room, keys.shape[2])
+            weights = None if weights is None else weights[..., take:]
             head = (keys[:, :, :take, ...], values[:, :, :take, ...])
             self.sinks = (
                 head
@@ -428,17 +529,58 @@ class KVStore:
         if self.window is not None:
             keys = _cat(xp, [self.window[0], keys], 2)
             values = _cat(xp, [self.window[1], values], 2)
+            weights = None
         overflow = keys.shape[2] - self.config.window
+        if overflow > 0 and self.quantize_staged:
+            self._just_coded = (keys[:, :, :overflow, ...], values[:, :, :overflow, ...])
         if overflow > 0 and self.pipeline is not None:
             self._commit_pipeline(keys[:, :, :overflow, ...], values[:, :, :overflow, ...])
             keys, values = keys[:, :, overflow:, ...], values[:, :, overflow:, ...]
-        elif overflow > 0:
+        elif overflow > 0 and self.config.plain:
             self.keys.append(self.key_quantizer.quantize(keys[:, :, :overflow, ...], xp=xp), xp)
             self.values.append(
                 self.value_quantizer.quantize(values[:, :, :overflow, ...], xp=xp), xp
             )
             keys, values = keys[:, :, overflow:, ...], values[:, :, overflow:, ...]
+        elif overflow > 0:
+            if self.key_coding is None:
+                self._fit(keys, values, weights)
+            pairs = (
+                (self.key_parts, self.key_coding, keys),
+                (self.value_parts, self.value_coding, values),
+            )
+            for parts, coding, x in pairs:
+                for hist, qt in zip(
+                    parts, coding.encode(x[:, :, :overflow, ...], xp=xp), strict=True
+                ):
+                    hist.append(qt, xp)
+            keys, values = keys[:, :, overflow:, ...], values[:, :, overflow:, ...]
         self.window = (keys, values) if keys.shape[2] else None
+
+    def _fit(self, keys: Any, values: Any, weights: Any) -> None:
+        """Fit the codings from the first tokens past the sinks (the prompt, window included);
+        ``weights (B, H, T)``: the prompt's attention weights of these tokens, or None."""
+        c, xp = self.config, self.xp
+        self.key_coding = fit_stream(
+            keys,
+            c.bits_k,
+            lambda d, b, p: c.make_quantizer("k", d, b, p),
+            center=c.center_keys,
+            weights=weights,
+            query_sq=self._query_sq if c.balance_keys else None,
+            xp=xp,
+        )
+        self.value_coding = fit_stream(
+            values,
+            c.bits_v,
+            lambda d, b, p: c.make_quantizer("v", d, b, p),
+            center=c.center_values,
+            weights=weights,
+            xp=xp,
+        )
+        self.key_parts = [_PackedHistory() for _ in self.key_coding.quantizers]
+        self.value_parts = [_PackedHistory() for _ in self.value_coding.quantizers]
+        self._query_sq = None
 
     def _commit_pipeline(self, keys: Any, values: Any) -> None:
         """Compress tokens leaving the window with the pipeline; file them by spec."""
@@ -458,11 +600,36 @@ class KVStore:
         else:
             tier.runs.append([start, stop])
 
-    def _tier_inputs(self) -> list[tuple[Any, Any, Any, Any, list[int]]]:
+    def _histories(self) -> list[CompressedHistory]:
+        """What attention reads of the compressed tokens (pipeline tiers, or the one history)."""
+        if self.tiers:
+            return [
+                CompressedHistory.plain(
+                    t.keys.view(),
+                    t.values.view(),
+                    t.key_quantizer,
+                    t.value_quantizer,
+                    t.positions(),
+                )
+                for t in self.tiers.values()
+                if t.length
+            ]
+        if not self.keys.length:
+            return []
+        if self.key_coding is None:
+            return [
+                CompressedHistory.plain(
+                    self.keys.view(), self.values.view(), self.key_quantizer, self.value_quantizer
+                )
+            ]
+        xp, kc, vc = self.xp, self.key_coding, self.value_coding
         return [
-            (t.keys.view(), t.values.view(), t.key_quantizer, t.value_quantizer, t.positions())
-            for t in self.tiers.values()
-            if t.length
+            CompressedHistory(
+                kc.parts([h.view() for h in self.key_parts], xp=xp),
+                vc.parts([h.view() for h in self.value_parts], xp=xp),
+                key_mean=kc.mean,
+                value_mean=vc.mean,
+            )
         ]
 
     # ---- reading -------------------------------------------------------------------------
@@ -481,12 +648,13 @@ class KVStore:
         kernel that uses them must call :meth:`commit` afterwards, as :meth:`attend` does.
 
         Raises:
-            ValueError: the store holds pipeline-compressed tokens (several packed histories),
-                which only :meth:`attend` reads.
+            ValueError: the store holds pipeline-compressed tokens (several packed histories) or
+                uses centering, balancing or split channels (:attr:`plain` is False), which only
+                :meth:`attend` reads.
         """
-        if self.tiers:
+        if not self.plain:
             raise ValueError(
-                "this store holds pipeline-compressed tokens in several packed histories; "
+                "this store holds pipeline-compressed tokens or centered/balanced/split codes; "
                 "read it with attend(), not a single-history kernel"
             )
         return {
@@ -508,28 +676,19 @@ class KVStore:
         """
         if self.xp is None:
             raise RuntimeError("attend() before any update(): the store holds no tokens")
-        if self.tiers:
-            out = compressed_attention_multi(
-                query,
-                self._tier_inputs(),
-                scale=scale,
-                mask=mask,
-                prefix=self.sinks,
-                suffix=self._suffix(),
-                chunk_size=self.config.chunk_size,
-                softcap=softcap,
-                xp=self.xp,
-            )
-            self.commit()
-            return out
-        keys = self.keys.view() if self.keys.length else None
-        values = self.values.view() if self.values.length else None
-        out = compressed_attention(
+        c = self.config
+        if self.quantize_staged and self.pending is not None and not self.tiers:
+            return self._attend_as_decode(query, scale=scale, mask=mask, softcap=softcap)
+        if not c.plain and self.key_coding is None and self.pending is not None:
+            if c.balance_keys:
+                self._query_sq = self._query_mean_square(query)
+            if (c.center_keys or c.center_values) and query.shape[2] == self.pending_length:
+                self._token_weights = attention_weight_mass(
+                    query, self.pending[0], scale=scale, xp=self.xp
+                )
+        out = compressed_attention_multi(
             query,
-            keys,
-            values,
-            self.key_quantizer,
-            self.value_quantizer,
+            self._histories(),
             scale=scale,
             mask=mask,
             prefix=self.sinks,
@@ -541,12 +700,73 @@ class KVStore:
         self.commit()
         return out
 
+    def _attend_as_decode(
+        self, query: Any, *, scale: float, mask: Any | None, softcap: float | None
+    ) -> Any:
+        """Attention of a chunk of staged tokens as token-by-token decoding would compute it.
+
+        Decoding token ``t`` reads the tokens more than ``window`` positions back from the codes
+        and the last ``window`` ones and itself in full precision. Here the chunk is committed
+        first (so its tokens are coded exactly as decoding would code them), the tokens this
+        commit coded are kept in full precision as well, and the mask picks, per query, the coded
+        or the full-precision version of each of them by its distance.
+        """
+        xp, tq = self.xp, query.shape[2]
+        self._just_coded = None
+        self.commit()
+        recent, self._just_coded = self._just_coded, None
+        s, h, w = self.sink_length, self.history_length, self.window_length
+        length = s + h + w
+        n = 0 if recent is None else recent[0].shape[2]
+        device = _xp.device_of(query)
+        if mask is None:
+            mask = xp.ones((1, 1, tq, length), dtype=xp.bool, device=device)
+        positions = xp.arange(length - tq, length, device=device)
+        dist = positions[:, None] - xp.arange(s + h - n, s + h, device=device)[None, :]
+        coded = mask[..., s + h - n : s + h]
+        mask = xp.concat(
+            [
+                mask[..., : s + h - n],
+                coded & (dist > self.config.window),
+                coded & (dist <= self.config.window),
+                mask[..., s + h :],
+            ],
+            axis=-1,
+        )
+        parts = [p for p in (recent, self.window) if p is not None]
+        suffix = None
+        if parts:
+            suffix = (_cat(xp, [p[0] for p in parts], 2), _cat(xp, [p[1] for p in parts], 2))
+        return compressed_attention_multi(
+            query,
+            self._histories(),
+            scale=scale,
+            mask=mask,
+            prefix=self.sinks,
+            suffix=suffix,
+            chunk_size=self.config.chunk_size,
+            softcap=softcap,
+            xp=xp,
+        )
+
+    def _query_mean_square(self, query: Any) -> Any:
+        """``(B, Hkv, 1, D)`` mean squares of ``query (B, Hq, Tq, D)`` per KV head's group."""
+        xp = self.xp
+        b, hq, tq, d = query.shape
+        h = self.pending[0].shape[1]
+        q = xp.reshape(xp.astype(query, xp.float32), (b, h, (hq // h) * tq, d))
+        return xp.mean(q * q, axis=2, keepdims=True)
+
     def dequantize(self) -> tuple[Any, Any]:
         """All tokens as ``(B, H, length, D)`` arrays (the ``full`` strategy and tests)."""
         xp = self.xp
         hist_k = hist_v = None
         if self.tiers:
             hist_k, hist_v = self._dequantize_tiers()
+        elif self.keys.length and self.key_coding is not None:
+            views = [[h.view() for h in parts] for parts in (self.key_parts, self.value_parts)]
+            hist_k = xp.astype(self.key_coding.decode(views[0], xp=xp), self.dtype)
+            hist_v = xp.astype(self.value_coding.decode(views[1], xp=xp), self.dtype)
         elif self.keys.length:
             hist_k = xp.astype(self.key_quantizer.dequantize(self.keys.view(), xp=xp), self.dtype)
             hist_v = xp.astype(
@@ -562,10 +782,11 @@ class KVStore:
     def _dequantize_tiers(self) -> tuple[Any, Any]:
         xp = self.xp
         parts_k, parts_v, positions = [], [], []
-        for kv, vv, kq, vq, pos in self._tier_inputs():
-            parts_k.append(xp.astype(kq.dequantize(kv, xp=xp), self.dtype))
-            parts_v.append(xp.astype(vq.dequantize(vv, xp=xp), self.dtype))
-            positions += pos
+        for hist in self._histories():
+            (key,), (value,) = hist.keys, hist.values
+            parts_k.append(xp.astype(key.quantizer.dequantize(key.codes, xp=xp), self.dtype))
+            parts_v.append(xp.astype(value.quantizer.dequantize(value.codes, xp=xp), self.dtype))
+            positions += hist.positions
         if not positions:
             return None, None
         order = sorted(range(len(positions)), key=positions.__getitem__)
@@ -588,8 +809,8 @@ class KVStore:
             self.sinks = (self.sinks[0][:, :, :s, ...], self.sinks[1][:, :, :s, ...]) if s else None
         rest = length - s
         h = min(rest, self.history_length)
-        self.keys.crop(h)
-        self.values.crop(h)
+        for hist in self.key_parts + self.value_parts:
+            hist.crop(h)
         for tier in self.tiers.values():
             tier.crop(h)
         w = rest - h
@@ -603,7 +824,7 @@ class KVStore:
         new = KVStore.__new__(KVStore)
         new.__dict__.update(self.__dict__)
         if self.xp is None:
-            new.keys, new.values = _PackedHistory(), _PackedHistory()
+            new.key_parts, new.value_parts = [_PackedHistory()], [_PackedHistory()]
             new.tiers = {}
             return new
         xp = self.xp
@@ -615,14 +836,40 @@ class KVStore:
             value = getattr(self, part)
             if value is not None:
                 setattr(new, part, (clone(value[0]), clone(value[1])))
-        new.keys, new.values = self.keys.copy(clone), self.values.copy(clone)
+        # Codings are immutable (map_batch replaces them), so copies may share them.
+        new.key_parts = [h.copy(clone) for h in self.key_parts]
+        new.value_parts = [h.copy(clone) for h in self.value_parts]
         new.tiers = {spec: tier.copy(clone) for spec, tier in self.tiers.items()}
         return new
+
+    def _history_arrays(self) -> dict[str, Any]:
+        """The history's used buffers and the codings' statistics, by saved name."""
+        arrays: dict[str, Any] = {}
+        for stream, parts in (("k", self.key_parts), ("v", self.value_parts)):
+            for p, hist in enumerate(parts):
+                if hist.length:
+                    prefix = f"history.{stream}" + (str(p) if p else "")
+                    for name, a in hist.view().arrays().items():
+                        arrays[f"{prefix}.{name}"] = a
+        for stream, coding in (("k", self.key_coding), ("v", self.value_coding)):
+            if coding is not None:
+                for name, a in coding.arrays().items():
+                    arrays[f"coding.{stream}.{name}"] = a
+        return arrays
+
+    def _segment_arrays(self) -> dict[str, Any]:
+        arrays: dict[str, Any] = {}
+        for part in ("sinks", "window"):
+            value = getattr(self, part)
+            if value is not None:
+                arrays[f"{part}.k"], arrays[f"{part}.v"] = value
+        return arrays
 
     def state(self) -> tuple[dict, dict[str, Any]]:
         """What a saved cache holds for this layer: ``(meta, arrays)`` (commits first).
 
-        Only the used part of the history buffers is included, never the spare capacity.
+        Only the used part of the history buffers is included, never the spare capacity; a
+        fitted coding's statistics (means, scales, channel sets) are included.
 
         Raises:
             ValueError: the store was built with a compression pipeline (not saveable yet).
@@ -635,39 +882,24 @@ class KVStore:
         self.commit()
         meta = {
             "config": self.config.to_dict(),
-            "head_dim": None if self.key_quantizer is None else self.key_quantizer.spec.d,
+            "head_dim": self.head_dim,
             "dtype": self.dtype_name,
             "sinks": self.sink_length,
             "history": self.history_length,
             "window": self.window_length,
         }
-        arrays: dict[str, Any] = {}
-        for part in ("sinks", "window"):
-            value = getattr(self, part)
-            if value is not None:
-                arrays[f"{part}.k"], arrays[f"{part}.v"] = value
-        if self.keys.length:
-            for prefix, hist in (("history.k", self.keys), ("history.v", self.values)):
-                for name, a in hist.view().arrays().items():
-                    arrays[f"{prefix}.{name}"] = a
-        return meta, arrays
+        return meta, {**self._segment_arrays(), **self._history_arrays()}
 
     def held_arrays(self) -> dict[str, Any]:
         """Every array held, by name (commits first): for evaluation (``mx.eval``), not saving;
         unlike :meth:`state` it also serves stores built with a pipeline."""
         self.commit()
-        arrays: dict[str, Any] = {}
-        for part in ("sinks", "window"):
-            value = getattr(self, part)
-            if value is not None:
-                arrays[f"{part}.k"], arrays[f"{part}.v"] = value
-        tiers = [("history", self.keys, self.values)]
-        tiers += [(f"tier{i}", t.keys, t.values) for i, t in enumerate(self.tiers.values())]
-        for prefix, keys, values in tiers:
-            for stream, hist in (("k", keys), ("v", values)):
+        arrays = {**self._segment_arrays(), **self._history_arrays()}
+        for i, t in enumerate(self.tiers.values()):
+            for stream, hist in (("k", t.keys), ("v", t.values)):
                 if hist.length:
                     for name, a in hist.view().arrays().items():
-                        arrays[f"{prefix}.{stream}.{name}"] = a
+                        arrays[f"tier{i}.{stream}.{name}"] = a
         return arrays
 
     @classmethod
@@ -675,7 +907,8 @@ class KVStore:
         """Rebuild a store from :meth:`state` output (arrays in the namespace to use).
 
         Raises:
-            ValueError: the saved layer was made with another cache config.
+            ValueError: the saved layer was made with another cache config, or its arrays do not
+                match what the config codes.
         """
         if meta["config"] != config.to_dict():
             raise ValueError(
@@ -688,21 +921,39 @@ class KVStore:
         store.xp = _xp.namespace(*arrays.values())
         store.dtype_name = meta["dtype"]
         store.dtype = getattr(store.xp, meta["dtype"])
-        store.key_quantizer, store.value_quantizer = config.make_quantizers(meta["head_dim"])
+        store.head_dim = meta["head_dim"]
+        key_qs, value_qs = config.part_quantizers(meta["head_dim"])
+        if config.plain:
+            store.key_quantizer, store.value_quantizer = key_qs[0], value_qs[0]
         for part in ("sinks", "window"):
             if f"{part}.k" in arrays:
                 setattr(store, part, (arrays[f"{part}.k"], arrays[f"{part}.v"]))
-        if meta["history"]:
-            pairs = (
-                ("history.k", store.keys, store.key_quantizer),
-                ("history.v", store.values, store.value_quantizer),
-            )
-            for prefix, hist, q in pairs:
-                parts = {
-                    k.rsplit(".", 1)[-1]: v for k, v in arrays.items() if k.startswith(prefix + ".")
+        if not meta["history"]:
+            return store
+        if not config.plain:
+            codings = []
+            for stream, qs in (("k", key_qs), ("v", value_qs)):
+                prefix = f"coding.{stream}."
+                stats = {
+                    k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)
                 }
-                lead = tuple(parts["norms"].shape)
-                qt = QuantizedTensor(spec=q.spec, shape=lead, dtype=meta["dtype"], **parts)
+                codings.append(StreamCoding.from_arrays(qs, stats))
+            store.key_coding, store.value_coding = codings
+            store.key_parts = [_PackedHistory() for _ in key_qs]
+            store.value_parts = [_PackedHistory() for _ in value_qs]
+        for stream, parts, qs in (
+            ("k", store.key_parts, key_qs),
+            ("v", store.value_parts, value_qs),
+        ):
+            for p, (hist, q) in enumerate(zip(parts, qs, strict=True)):
+                prefix = f"history.{stream}" + (str(p) if p else "") + "."
+                named = {
+                    k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)
+                }
+                if "norms" not in named:
+                    raise ValueError(f"the saved layer has no {prefix}norms array")
+                lead = tuple(named["norms"].shape)
+                qt = QuantizedTensor(spec=q.spec, shape=lead, dtype=meta["dtype"], **named)
                 qt.validate()
                 hist.append(qt, store.xp)
         return store
@@ -714,8 +965,11 @@ class KVStore:
             value = getattr(self, part)
             if value is not None:
                 setattr(self, part, (fn(value[0]), fn(value[1])))
-        self.keys.map_batch(fn)
-        self.values.map_batch(fn)
+        for hist in self.key_parts + self.value_parts:
+            hist.map_batch(fn)
+        if self.key_coding is not None:
+            self.key_coding = self.key_coding.map_batch(fn)
+            self.value_coding = self.value_coding.map_batch(fn)
         for tier in self.tiers.values():
             tier.keys.map_batch(fn)
             tier.values.map_batch(fn)

@@ -218,7 +218,8 @@ def perplexity(
     Mirrors :func:`tqai_torch.evaluate.perplexity`: each window of ``context`` tokens (BOS first
     when given) is split, the first ``prefix`` tokens (default ``context // 2``) are prefilled
     into a fresh cache, then the rest is scored in chunks of ``chunk`` tokens, each chunk
-    attending to everything before it as the cache holds it.
+    attending to everything before it as the cache holds it, its own tokens included (they are
+    compressed before attention reads them, as in token-by-token decoding).
 
     Args:
         model: an mlx-lm model (patched here for tqai configs, unpatched at the end).
@@ -254,6 +255,9 @@ def perplexity(
             window = mx.array(window)[None]
             cache = make_prompt_cache(model)  # tqai caches while patched
             last = model(window[:, :prefix], cache=cache)[:, -1:]
+            for layer_cache in cache:  # later chunks read their own tokens from the codes
+                if hasattr(layer_cache, "store"):
+                    layer_cache.store.quantize_staged = True
             for start in range(prefix, context, chunk):
                 piece = window[:, start : start + chunk]
                 step = model(piece, cache=cache)

@@ -176,8 +176,8 @@ def _plan(model: Any, skip: set[int]) -> tuple[tuple[bool, ...], set[int]]:
 def patch(
     model: Any,
     *,
-    bits_k: int = 4,
-    bits_v: int = 2,
+    bits_k: float = 4,
+    bits_v: float = 2,
     sink_tokens: int = 4,
     residual_window: int = 0,
     cache_strategy: str = "compressed",
@@ -189,6 +189,9 @@ def patch(
     chunk_size: int = 1024,
     kernel: str | None = None,
     pipeline: Any = None,
+    center_keys: bool = False,
+    center_values: bool = False,
+    balance_keys: bool = False,
 ) -> list[Any]:
     """Make an mlx-lm model generate with TurboQuant-compressed KV caches.
 
@@ -197,7 +200,8 @@ def patch(
 
     Args:
         model: an mlx-lm model (``mlx_lm.load`` or ``Model(ModelArgs(...))``).
-        bits_k, bits_v: bits per coordinate for keys and values, 1..8 (``use_qjl``: keys >= 2).
+        bits_k, bits_v: bits per coordinate for keys and values, 1..8 (``use_qjl``: keys >= 2);
+            a fraction such as 3.5 codes each head's loudest channels one bit higher.
         sink_tokens: leading tokens kept in full precision.
         residual_window: most recent tokens kept in full precision (``residual``: 128 if 0).
         cache_strategy: ``"compressed"`` (attention from the codes, default), ``"residual"``
@@ -216,6 +220,8 @@ def patch(
             or a built ``CompressionPipeline``: built and validated once here
             (:func:`tqai.kvstore.build_cache_pipeline`), shared by every compressed layer;
             reference kernel only. Strategies storing one commit at several widths are refused.
+        center_keys, center_values, balance_keys: coding options fitted to the prompt
+            (:mod:`tqai.kvlayout`); reference kernel only.
 
     Returns:
         A fresh prompt cache (one object per layer) for ``mlx_lm.generate(..., prompt_cache=)``
@@ -244,13 +250,21 @@ def patch(
         seed=seed,
         norm_dtype=norm_dtype,
         chunk_size=chunk_size,
+        center_keys=center_keys,
+        center_values=center_values,
+        balance_keys=balance_keys,
     )
     kernel = _resolve_kernel(kernel)
+    if kernel == "metal" and not config.plain:
+        raise ValueError(
+            "kernel='metal' reads whole vectors at integer widths; center_keys, center_values, "
+            "balance_keys and fractional bits need kernel='reference'"
+        )
     with _lock:
         layers = _model.model_layers(model)
         compress, head_dims = _plan(model, _skip_set(skip_layers, len(layers)))
         for head_dim in head_dims:  # resolves the rotation now, not at the first token
-            config.make_quantizers(head_dim)
+            config.part_quantizers(head_dim)
         pipe = build_cache_pipeline(
             pipeline, config, num_layers=len(layers), head_dims=sorted(head_dims)
         )

@@ -38,7 +38,13 @@ def _use_fused_decode(query: torch.Tensor, mask: torch.Tensor | None, store: KVS
     1/2/4/8 bits, a history to read. ``TQAI_KERNEL=reference`` turns it off."""
     if os.environ.get("TQAI_KERNEL", "auto") == "reference":
         return False
-    if store.tiers or not query.is_cuda or query.shape[2] != 1 or not store.history_length:
+    if (
+        not store.plain
+        or store.quantize_staged
+        or not query.is_cuda
+        or query.shape[2] != 1
+        or not store.history_length
+    ):
         return False
     if mask is not None and not bool(mask.all()):
         return False
@@ -255,6 +261,17 @@ class TqaiCache(DynamicCache):
     @property
     def compressed_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if isinstance(layer, TqaiLayer)]
+
+    def quantize_staged(self, enabled: bool = True) -> None:
+        """Evaluation mode: compress each forward pass's tokens before attention reads them.
+
+        A chunk of tokens then attends to its own earlier tokens through the codes, exactly as
+        token-by-token decoding would read them (each token also sees its own key and value
+        coded, which decoding does not: slightly pessimistic). Perplexity measured in chunks
+        this way is not flattered by the chunk's tokens being in full precision.
+        """
+        for idx in self.compressed_layers:
+            self.layers[idx].store.quantize_staged = enabled
 
     def nbytes(self) -> int:
         """Bytes really held by the whole cache (compressed and uncompressed layers)."""

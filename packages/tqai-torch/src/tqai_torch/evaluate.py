@@ -4,8 +4,10 @@ A single forward pass over a window would compute attention from full-precision 
 and bypass the compressed cache entirely. So each window of ``context`` tokens is split: the
 first ``prefix`` tokens are prefilled into the cache, then the rest is scored in chunks of
 ``chunk`` tokens, each chunk attending to everything before it as the cache holds it (packed
-codes for tqai, exact tensors for the baseline). Only the continuation is scored, identically for
-the baseline and every config, so the numbers are comparable.
+codes for tqai, exact tensors for the baseline). A tqai cache also compresses each chunk before
+attention reads it (:meth:`tqai_torch.cache.TqaiCache.quantize_staged`), so the tokens of a chunk
+see one another through the codes, as token-by-token decoding would. Only the continuation is
+scored, identically for the baseline and every config, so the numbers are comparable.
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ __all__ = [
 class CacheConfig:
     """A named cache configuration to evaluate (``None`` bits = the uncompressed baseline)."""
 
-    bits_k: int | None = None
-    bits_v: int | None = None
+    bits_k: float | None = None
+    bits_v: float | None = None
     use_qjl: bool = False
     residual_window: int = 0
     sink_tokens: int = 4
     rotation: str = "haar"
+    center_keys: bool = False
+    center_values: bool = False
+    balance_keys: bool = False
 
     @property
     def name(self) -> str:
@@ -52,16 +57,39 @@ class CacheConfig:
             "residual_window": self.residual_window,
             "sink_tokens": self.sink_tokens,
             "rotation": self.rotation,
+            "center_keys": self.center_keys,
+            "center_values": self.center_values,
+            "balance_keys": self.balance_keys,
         }
 
 
+_FLAGS = {
+    "center": ("center_keys", "center_values"),
+    "center-k": ("center_keys",),
+    "center-v": ("center_values",),
+    "balance": ("balance_keys",),
+}
+
+
+def _bits(b: float) -> str:
+    return f"{b:g}"
+
+
 def config_name(config: CacheConfig) -> str:
-    """``"baseline"``, ``"K4/V2"``, ``"K4/V2+qjl"``, ``"K4/V2 residual128"``, ..."""
+    """``"baseline"``, ``"K4/V2"``, ``"K4/V2+qjl"``, ``"K3.5/V2 center sinks4 residual32"``..."""
     if config.bits_k is None:
         return "baseline"
-    name = f"K{config.bits_k}/V{config.bits_v}"
+    name = f"K{_bits(config.bits_k)}/V{_bits(config.bits_v)}"
     if config.use_qjl:
         name += "+qjl"
+    if config.center_keys and config.center_values:
+        name += " center"
+    elif config.center_keys or config.center_values:
+        name += " center-k" if config.center_keys else " center-v"
+    if config.balance_keys:
+        name += " balance"
+    if config.sink_tokens != CacheConfig.sink_tokens:
+        name += f" sinks{config.sink_tokens}"
     if config.residual_window:
         name += f" residual{config.residual_window}"
     if config.rotation != "haar":
@@ -70,7 +98,9 @@ def config_name(config: CacheConfig) -> str:
 
 
 def parse_config(text: str) -> CacheConfig:
-    """Parse ``"baseline"`` or ``K<b>/V<b>[+qjl][ residual<n>][ hadamard|rotor]``."""
+    """Parse ``"baseline"`` or ``K<b>/V<b>[+qjl]`` followed by any of ``center``, ``center-k``,
+    ``center-v``, ``balance``, ``sinks<n>``, ``residual<n>``, ``haar|hadamard|rotor`` (widths may
+    be fractional: ``K3.5/V2.5``)."""
     text = text.strip()
     if text == "baseline":
         return CacheConfig()
@@ -78,25 +108,34 @@ def parse_config(text: str) -> CacheConfig:
     head = parts[0]
     use_qjl = head.endswith("+qjl")
     head = head.removesuffix("+qjl")
+    options: dict[str, Any] = {"use_qjl": use_qjl}
     try:
         k, v = head.split("/")
         if not (k.startswith("K") and v.startswith("V")):
             raise ValueError
-        bits_k, bits_v = int(k[1:]), int(v[1:])
-        window, rotation = 0, "haar"
+        options["bits_k"], options["bits_v"] = (_number(k[1:]), _number(v[1:]))
         for extra in parts[1:]:
-            if extra.startswith("residual"):
-                window = int(extra.removeprefix("residual"))
+            if extra in _FLAGS:
+                options.update(dict.fromkeys(_FLAGS[extra], True))
+            elif extra.startswith("residual"):
+                options["residual_window"] = int(extra.removeprefix("residual"))
+            elif extra.startswith("sinks"):
+                options["sink_tokens"] = int(extra.removeprefix("sinks"))
             elif extra in ("haar", "hadamard", "rotor"):
-                rotation = extra
+                options["rotation"] = extra
             else:
                 raise ValueError
     except ValueError:
         raise ValueError(
-            f"config must look like 'baseline', 'K4/V2', 'K4/V2+qjl' or 'K4/V2 residual128', "
-            f"got {text!r}"
+            "config must look like 'baseline', 'K4/V2', 'K4/V2+qjl' or 'K3.5/V2 center balance "
+            f"sinks4 residual32 hadamard', got {text!r}"
         ) from None
-    return CacheConfig(bits_k, bits_v, use_qjl, window, rotation=rotation)
+    return CacheConfig(**options)
+
+
+def _number(text: str) -> float:
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def windows(ids: torch.Tensor, context: int, count: int | None = None) -> Iterator[torch.Tensor]:
@@ -143,6 +182,7 @@ def perplexity(
     bos_token_id: int | None = None,
     on_window: Callable[[], None] | None = None,
     make_cache: Callable[[], Any] | None = None,
+    decode_exact: bool = True,
 ) -> dict[str, float]:
     """Perplexity of the continuation of each window, scored through the cache.
 
@@ -158,10 +198,15 @@ def perplexity(
         on_window: called after each window (progress bars).
         make_cache: build the cache of each window instead (peers such as transformers'
             ``QuantizedCache``); ``config`` then only names the row.
+        decode_exact: after the prefill, a tqai cache compresses each chunk before attention
+            reads it (:meth:`TqaiCache.quantize_staged`), so a chunk's tokens see each other
+            through the codes as in token-by-token decoding; False lets them see each other in
+            full precision (flattering: like a recent window of up to ``chunk`` tokens).
 
     Returns:
-        ``{"ppl", "nll", "tokens", "kv_bytes", "kv_bits_per_coord"}`` (cache bytes at the end of
-        the last window; bits per coordinate of K and V together, everything counted).
+        ``{"ppl", "nll", "tokens", "kv_bytes", "kv_bits_per_coord"}`` (cache bytes held at the end
+        of the last window; bits per coordinate of K and V together over the layers the cache
+        compresses, everything they use counted: see ``_cache_size``).
     """
     prefix = context // 2 if prefix is None else prefix
     if not 0 < prefix < context:
@@ -170,7 +215,7 @@ def perplexity(
     patched = make_cache is None and config.bits_k is not None
     make_cache = make_cache or _cache_factory(model, config)
     device = next(model.parameters()).device
-    nll, tokens, kv_bytes, coords = 0.0, 0, 0, 0
+    nll, tokens, kv_bytes, bits = 0.0, 0, 0, float("nan")
     body = context - (bos_token_id is not None)
     try:
         for window in windows(ids, body, max_windows):
@@ -180,6 +225,8 @@ def perplexity(
             cache = make_cache()
             out = model(window[:, :prefix], **{keyword: cache}, use_cache=True)
             last = out.logits[:, -1:]
+            if decode_exact and hasattr(cache, "quantize_staged"):
+                cache.quantize_staged()
             for start in range(prefix, context, chunk):
                 piece = window[:, start : start + chunk]
                 step = model(piece, **{keyword: cache}, use_cache=True).logits
@@ -190,7 +237,7 @@ def perplexity(
                 ).item()
                 tokens += piece.shape[1]
                 last = step[:, -1:]
-            kv_bytes, coords = _cache_size(cache, model)
+            kv_bytes, bits = _cache_size(cache, model)
             if on_window is not None:
                 on_window()
     finally:
@@ -201,21 +248,32 @@ def perplexity(
         "nll": nll,
         "tokens": tokens,
         "kv_bytes": kv_bytes,
-        "kv_bits_per_coord": 8 * kv_bytes / coords if coords else float("nan"),
+        "kv_bits_per_coord": bits,
     }
 
 
-def _cache_size(cache: Any, model: Any) -> tuple[int, int]:
-    """Bytes the cache holds and the number of K and V coordinates it represents."""
+def _cache_size(cache: Any, model: Any) -> tuple[int, float]:
+    """Bytes the cache holds, and bits per K/V coordinate of the layers it compresses.
+
+    For a tqai cache the bits count every byte the compressed layers use (codes, norms, sinks,
+    window, fitted statistics; not spare buffer capacity) over the coordinates those layers
+    represent; uncompressed (sliding-window, skipped) layers are left out, as they are exact.
+    A peer cache with a ``bits_per_coord()`` method reports its own; any other cache is counted
+    from the tensors it holds over every layer.
+    """
     from tqai_torch.cache import TqaiCache
 
     text = model.config.get_text_config(decoder=True)
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     length = cache.get_seq_length()
-    coords = 2 * text.num_hidden_layers * heads * head_dim * length
     if isinstance(cache, TqaiCache):
-        return cache.nbytes(), coords
+        used = 0
+        for idx in cache.compressed_layers:
+            arrays = cache.layers[idx].store.state()[1].values()
+            used += sum(a.numel() * a.element_size() for a in arrays)
+        coords = 2 * len(cache.compressed_layers) * heads * head_dim * length
+        return cache.nbytes(), 8 * used / coords
     held = 0
     for layer in cache.layers:
         for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
@@ -223,4 +281,6 @@ def _cache_size(cache: Any, model: Any) -> tuple[int, int]:
             for t in value if isinstance(value, tuple) else (value,):
                 if isinstance(t, torch.Tensor):
                     held += t.numel() * t.element_size()
-    return held, coords
+    if hasattr(cache, "bits_per_coord"):
+        return held, cache.bits_per_coord()
+    return held, 8 * held / (2 * text.num_hidden_layers * heads * head_dim * length)

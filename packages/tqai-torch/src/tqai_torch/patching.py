@@ -55,8 +55,8 @@ def _check_model(model: Any) -> Any:
 
 def patch(
     model: Any,
-    bits_k: int = 4,
-    bits_v: int = 2,
+    bits_k: float = 4,
+    bits_v: float = 2,
     *,
     sink_tokens: int = 4,
     residual_window: int = 0,
@@ -69,12 +69,16 @@ def patch(
     skip_layers: tuple[int, ...] | list[int] = (),
     device: str | torch.device | None = None,
     pipeline: Any = None,
+    center_keys: bool = False,
+    center_values: bool = False,
+    balance_keys: bool = False,
 ) -> TqaiCache:
     """Make ``model`` read tqai caches and return a fresh one to pass to ``generate``.
 
     Args:
         model: a transformers causal LM (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3, ...).
-        bits_k, bits_v: bits per coordinate for keys and values (1..8).
+        bits_k, bits_v: bits per coordinate for keys and values (1..8); a fraction such as 3.5
+            codes each head's highest-energy channels at the next width up (outlier split).
         sink_tokens: leading tokens kept in full precision.
         residual_window: most recent tokens kept in full precision.
         cache_strategy: ``"compressed"`` (attention from the codes), ``"residual"`` (with a
@@ -91,6 +95,9 @@ def patch(
             or a built ``CompressionPipeline``: built and validated once here
             (:func:`tqai.kvstore.build_cache_pipeline`), shared by every compressed layer.
             Strategies that store one commit at several widths (``tiered``) are refused.
+        center_keys, center_values: code keys/values minus their per-head mean over the prompt
+            (exact; see :mod:`tqai.kvlayout`).
+        balance_keys: move per-channel scales from keys to queries, fitted to the prompt.
 
     Returns:
         A :class:`TqaiCache`; pass it as ``cache=`` (``past_key_values=`` on transformers
@@ -115,9 +122,12 @@ def patch(
         seed=seed,
         norm_dtype=norm_dtype,
         chunk_size=chunk_size,
+        center_keys=center_keys,
+        center_values=center_values,
+        balance_keys=balance_keys,
     )
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    config.make_quantizers(head_dim)  # fails now, not in generate, if the head dim can't be served
+    config.part_quantizers(head_dim)  # fails now, not in generate, if the head dim can't be served
     pipe = build_cache_pipeline(
         pipeline, config, num_layers=text.num_hidden_layers, head_dims=(head_dim,)
     )
