@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from tqai.cachefile import read_cache_file, write_cache_file
 from tqai.kvstore import KVCacheConfig, KVStore
+from tqai.layer_bits import layer_configs
 
 __all__ = ["TqaiCache", "TqaiLayer"]
 
@@ -206,6 +207,8 @@ class TqaiCache(DynamicCache):
             ``"cpu"`` to hold the cache off a GPU; None keeps them where the model's keys are.
         pipeline: optional compression pipeline shared by every compressed layer (built by
             :func:`tqai.kvstore.build_cache_pipeline`); caches with one cannot be saved.
+        layer_bits: per-layer ``(bits_k, bits_v)`` (a list for every layer or a dict of
+            overrides, see :func:`tqai.layer_bits.layer_configs`); None: ``config``'s everywhere.
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class TqaiCache(DynamicCache):
         skip_layers: tuple[int, ...] = (),
         device: str | torch.device | None = None,
         pipeline: Any = None,
+        layer_bits: Any = None,
     ) -> None:
         super().__init__(config=model_config)
         self.uses_pipeline = pipeline is not None
@@ -227,9 +231,11 @@ class TqaiCache(DynamicCache):
             raise ValueError(
                 "the model config describes no attention layers (num_hidden_layers / layer_types)"
             )
+        configs = layer_configs(config, layer_bits, len(self.layers))
+        self.layer_bits = None if layer_bits is None else [(c.bits_k, c.bits_v) for c in configs]
         for idx, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer and idx not in self.skip_layers:
-                self.layers[idx] = TqaiLayer(config, device, pipeline, idx)
+                self.layers[idx] = TqaiLayer(configs[idx], device, pipeline, idx)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kw
@@ -309,6 +315,7 @@ class TqaiCache(DynamicCache):
             "model": self.model_signature,
             "config": self.tqai_config.to_dict(),
             "skip_layers": list(self.skip_layers),
+            "layer_bits": None if self.layer_bits is None else [list(p) for p in self.layer_bits],
             "layers": [],
         }
         arrays: dict[str, torch.Tensor] = {}
@@ -339,8 +346,11 @@ class TqaiCache(DynamicCache):
                 f"{path} was saved for another model: {meta.get('model')}, "
                 f"this model is {cache.model_signature}"
             )
-        if meta.get("config") != cache.tqai_config.to_dict() or meta.get("skip_layers") != list(
-            cache.skip_layers
+        layer_bits = None if cache.layer_bits is None else [list(p) for p in cache.layer_bits]
+        if (
+            meta.get("config") != cache.tqai_config.to_dict()
+            or meta.get("skip_layers") != list(cache.skip_layers)
+            or meta.get("layer_bits") != layer_bits
         ):
             raise ValueError(
                 f"{path} was saved with another tqai config: {meta.get('config')} "

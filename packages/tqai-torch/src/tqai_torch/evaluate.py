@@ -204,9 +204,10 @@ def perplexity(
             full precision (flattering: like a recent window of up to ``chunk`` tokens).
 
     Returns:
-        ``{"ppl", "nll", "tokens", "kv_bytes", "kv_bits_per_coord"}`` (cache bytes held at the end
-        of the last window; bits per coordinate of K and V together over the layers the cache
-        compresses, everything they use counted: see ``_cache_size``).
+        ``{"ppl", "nll", "tokens", "kv_bytes", "kv_bits_per_coord", "kv_bits_per_coord_16"}``
+        (cache bytes held at the end of the last window; bits per coordinate of K and V together
+        over the layers the cache compresses, everything they use counted, and the same with the
+        full-precision tokens at 16 bits as a bfloat16 model holds them: see ``_cache_size``).
     """
     prefix = context // 2 if prefix is None else prefix
     if not 0 < prefix < context:
@@ -215,7 +216,7 @@ def perplexity(
     patched = make_cache is None and config.bits_k is not None
     make_cache = make_cache or _cache_factory(model, config)
     device = next(model.parameters()).device
-    nll, tokens, kv_bytes, bits = 0.0, 0, 0, float("nan")
+    nll, tokens, kv_bytes, bits, bits16 = 0.0, 0, 0, float("nan"), float("nan")
     body = context - (bos_token_id is not None)
     try:
         for window in windows(ids, body, max_windows):
@@ -237,7 +238,7 @@ def perplexity(
                 ).item()
                 tokens += piece.shape[1]
                 last = step[:, -1:]
-            kv_bytes, bits = _cache_size(cache, model)
+            kv_bytes, bits, bits16 = _cache_size(cache, model)
             if on_window is not None:
                 on_window()
     finally:
@@ -249,11 +250,13 @@ def perplexity(
         "tokens": tokens,
         "kv_bytes": kv_bytes,
         "kv_bits_per_coord": bits,
+        "kv_bits_per_coord_16": bits16,
     }
 
 
-def _cache_size(cache: Any, model: Any) -> tuple[int, float]:
-    """Bytes the cache holds, and bits per K/V coordinate of the layers it compresses.
+def _cache_size(cache: Any, model: Any) -> tuple[int, float, float]:
+    """Bytes the cache holds, bits per K/V coordinate of the layers it compresses, and the same
+    bits with full-precision tokens counted at 16 bits (what a bfloat16/float16 model holds).
 
     For a tqai cache the bits count every byte the compressed layers use (codes, norms, sinks,
     window, fitted statistics; not spare buffer capacity) over the coordinates those layers
@@ -268,12 +271,21 @@ def _cache_size(cache: Any, model: Any) -> tuple[int, float]:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     length = cache.get_seq_length()
     if isinstance(cache, TqaiCache):
-        used = 0
+        other = segments = segment_values = 0
         for idx in cache.compressed_layers:
-            arrays = cache.layers[idx].store.state()[1].values()
-            used += sum(a.numel() * a.element_size() for a in arrays)
+            for name, a in cache.layers[idx].store.state()[1].items():
+                size = a.numel() * a.element_size()
+                if name.startswith(("sinks.", "window.")):
+                    segments += size
+                    segment_values += a.numel()
+                else:
+                    other += size
         coords = 2 * len(cache.compressed_layers) * heads * head_dim * length
-        return cache.nbytes(), 8 * used / coords
+        return (
+            cache.nbytes(),
+            8 * (other + segments) / coords,
+            8 * (other + 2 * segment_values) / coords,
+        )
     held = 0
     for layer in cache.layers:
         for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
@@ -282,5 +294,5 @@ def _cache_size(cache: Any, model: Any) -> tuple[int, float]:
                 if isinstance(t, torch.Tensor):
                     held += t.numel() * t.element_size()
     if hasattr(cache, "bits_per_coord"):
-        return held, cache.bits_per_coord()
-    return held, 8 * held / (2 * text.num_hidden_layers * heads * head_dim * length)
+        return held, cache.bits_per_coord(), cache.bits_per_coord()
+    return held, 8 * held / (2 * text.num_hidden_layers * heads * head_dim * length), 16.0

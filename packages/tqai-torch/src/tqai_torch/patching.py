@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from tqai.kvstore import STRATEGIES, KVCacheConfig, build_cache_pipeline
+from tqai.layer_bits import layer_configs
 from tqai_torch.attention import _FALLBACK_ATTR, ATTN_IMPLEMENTATION, register
 from tqai_torch.cache import TqaiCache
 
@@ -24,6 +25,7 @@ _CONFIG_ATTR = "_tqai_cache_config"
 _SKIP_ATTR = "_tqai_skip_layers"
 _DEVICE_ATTR = "_tqai_cache_device"
 _PIPELINE_ATTR = "_tqai_pipeline"
+_LAYER_BITS_ATTR = "_tqai_layer_bits"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -72,6 +74,7 @@ def patch(
     center_keys: bool = False,
     center_values: bool = False,
     balance_keys: bool = False,
+    layer_bits: Any = None,
 ) -> TqaiCache:
     """Make ``model`` read tqai caches and return a fresh one to pass to ``generate``.
 
@@ -98,6 +101,9 @@ def patch(
         center_keys, center_values: code keys/values minus their per-head mean over the prompt
             (exact; see :mod:`tqai.kvlayout`).
         balance_keys: move per-channel scales from keys to queries, fitted to the prompt.
+        layer_bits: per-layer ``(bits_k, bits_v)``: a list with one pair per layer (e.g.
+            :func:`tqai.layer_bits.fisher_layer_bits` of a ``tqai calibrate`` file) or a dict
+            ``{layer: (bits_k, bits_v)}`` of overrides; other layers use ``bits_k``/``bits_v``.
 
     Returns:
         A :class:`TqaiCache`; pass it as ``cache=`` (``past_key_values=`` on transformers
@@ -127,7 +133,10 @@ def patch(
         balance_keys=balance_keys,
     )
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    config.part_quantizers(head_dim)  # fails now, not in generate, if the head dim can't be served
+    if pipeline is not None and layer_bits is not None:
+        raise ValueError("layer_bits cannot be combined with pipeline= (it sets its own widths)")
+    for layer_config in {*layer_configs(config, layer_bits, text.num_hidden_layers)}:
+        layer_config.part_quantizers(head_dim)  # fails now, not in generate
     pipe = build_cache_pipeline(
         pipeline, config, num_layers=text.num_hidden_layers, head_dims=(head_dim,)
     )
@@ -144,7 +153,7 @@ def patch(
             raise ValueError(
                 f"device must be a torch device such as 'cpu' or 'cuda:0': {ex}"
             ) from None
-    probe = TqaiCache(model.config, config, skip)
+    probe = TqaiCache(model.config, config, skip, layer_bits=layer_bits)
     if not probe.compressed_layers:
         kinds = sorted({type(layer).__name__ for layer in probe.layers})
         raise ValueError(
@@ -161,6 +170,7 @@ def patch(
     setattr(model, _SKIP_ATTR, skip)
     setattr(model, _DEVICE_ATTR, device)
     setattr(model, _PIPELINE_ATTR, pipe)
+    setattr(model, _LAYER_BITS_ATTR, probe.layer_bits)
     return new_cache(model)
 
 
@@ -175,6 +185,7 @@ def new_cache(model: Any) -> TqaiCache:
         getattr(model, _SKIP_ATTR, ()),
         getattr(model, _DEVICE_ATTR, None),
         pipeline=getattr(model, _PIPELINE_ATTR, None),
+        layer_bits=getattr(model, _LAYER_BITS_ATTR, None),
     )
 
 
@@ -188,5 +199,6 @@ def unpatch(model: Any) -> None:
     delattr(model, _CONFIG_ATTR)
     delattr(model, _SKIP_ATTR)
     delattr(model, _DEVICE_ATTR)
-    if hasattr(model, _PIPELINE_ATTR):
-        delattr(model, _PIPELINE_ATTR)
+    for attr in (_PIPELINE_ATTR, _LAYER_BITS_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
