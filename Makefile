@@ -40,7 +40,7 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	cd benchmarks && ../$(PY) bench_distortion.py && ../$(PY) bench_codec.py \
-		&& ../$(PY) bench_pipeline.py && ../$(PY) bench_memory.py && ../$(PY) bench_quality.py
+		&& ../$(PY) bench_pipeline.py && ../$(PY) bench_memory.py && ../$(PY) bench_fidelity.py && ../$(PY) bench_qjl.py
 	$(PY) scripts/update_readme.py
 
 readme: $(STAMP)

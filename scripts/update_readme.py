@@ -7,7 +7,7 @@ Each table lives between two marker comments named after a results file's stem::
     <!-- results:distortion:end -->
 
 Only the text between markers is rewritten; the rest of the README is left byte for byte. Known
-files have their own renderer (``distortion``, ``codec_*``, ``quality``, ``memory``); any other
+files have their own renderer (``distortion``, ``codec_*``, ``fidelity``, ``qjl``, ``memory``, ...); any other
 file gets a generic table whose columns are the row keys. Every table is followed by the machine
 the numbers came from, when the file records one.
 
@@ -163,25 +163,36 @@ def render_codec(doc: Any) -> str:
     return _join(_table(columns, rows), _machine(doc))
 
 
-def render_quality(doc: Any) -> str:
-    """Perplexity per cache configuration against the uncompressed baseline."""
-    rows = _rows(doc)
+def _change(row: Row) -> Any:
+    ppl, base = row.get("ppl"), row.get("baseline_ppl")
+    return None if ppl is None or not base else f"{100 * (ppl / base - 1):+.2f}%"
 
-    def delta(row: Row) -> Any:
-        ppl, base = row.get("ppl"), row.get("baseline_ppl")
-        return None if ppl is None or not base else f"{100 * (ppl / base - 1):+.2f}%"
 
+def render_fidelity(doc: Any) -> str:
+    """Perplexity through the cache per model, context and configuration, against baseline."""
+    rows = sorted(_rows(doc), key=lambda r: (r.get("model", ""), r.get("context", 0)))
     columns: list[Column] = [
-        *_varying(rows, "model"),
+        ("model", _key("model"), False),
+        ("context", _key("context"), True),
         ("config", _key("config"), False),
-        ("KV bits/coord", _key("kv_bits_per_coord"), True),
+        ("bits/coord", _key("bits_per_coord"), True),
         ("perplexity", _key("ppl"), True),
         ("baseline", _key("baseline_ppl"), True),
-        ("change", delta, True),
+        ("change", _change, True),
     ]
-    models = {str(r.get("model")) for r in rows}
-    note = f"Model: {models.pop()}." if len(models) == 1 and rows[0].get("model") else ""
-    return _join(_table(columns, rows), note, _machine(doc))
+    return _join(_table(columns, rows), _machine(doc))
+
+
+def render_qjl(doc: Any) -> str:
+    """Score bias, score noise and attention error of MSE vs QJL keys at equal widths."""
+    columns: list[Column] = [
+        ("keys", _key("quantizer"), False),
+        ("bits", _key("bits"), True),
+        ("score slope", _key("score_slope"), True),
+        ("score noise / spread", _key("score_noise"), True),
+        ("attention output error", _key("attention_error"), True),
+    ]
+    return _join(_table(columns, _rows(doc)), _machine(doc))
 
 
 def render_memory(doc: Any) -> str:
@@ -283,7 +294,8 @@ def _join(*parts: str) -> str:
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "distortion": render_distortion,
     "codec_*": render_codec,
-    "quality": render_quality,
+    "fidelity": render_fidelity,
+    "qjl": render_qjl,
     "memory*": render_memory,
     "pipeline": render_pipeline,
     "decode_*": render_decode,

@@ -347,9 +347,12 @@ def compressed_attention_multi(
     device = _xp.device_of(q)
 
     def full_segment(k: Any, v: Any, start: int) -> None:
-        scores = _capped(q @ xp.matrix_transpose(xp.astype(k, xp.float32)), softcap, xp)
-        scores = _masked(scores, mask, start, start + k.shape[2], xp)
-        state.step(scores, {"full": xp.astype(v, xp.float32)})
+        for first in range(0, k.shape[2], chunk_size):  # O(rows * chunk) memory, as the codes
+            last = min(first + chunk_size, k.shape[2])
+            kc = xp.astype(k[:, :, first:last, ...], xp.float32)
+            scores = _capped(q @ xp.matrix_transpose(kc), softcap, xp)
+            scores = _masked(scores, mask, start + first, start + last, xp)
+            state.step(scores, {"full": xp.astype(v[:, :, first:last, ...], xp.float32)})
 
     column = 0
     if prefix is not None and prefix[0].shape[2]:

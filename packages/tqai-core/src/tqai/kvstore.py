@@ -676,16 +676,9 @@ class KVStore:
         """
         if self.xp is None:
             raise RuntimeError("attend() before any update(): the store holds no tokens")
-        c = self.config
         if self.quantize_staged and self.pending is not None and not self.tiers:
             return self._attend_as_decode(query, scale=scale, mask=mask, softcap=softcap)
-        if not c.plain and self.key_coding is None and self.pending is not None:
-            if c.balance_keys:
-                self._query_sq = self._query_mean_square(query)
-            if (c.center_keys or c.center_values) and query.shape[2] == self.pending_length:
-                self._token_weights = attention_weight_mass(
-                    query, self.pending[0], scale=scale, xp=self.xp
-                )
+        self.observe(query, scale=scale)
         out = compressed_attention_multi(
             query,
             self._histories(),
@@ -699,6 +692,27 @@ class KVStore:
         )
         self.commit()
         return out
+
+    def observe(self, query: Any, *, scale: float) -> None:
+        """Record what the coding options fit from: the prompt's queries over the staged tokens.
+
+        :meth:`attend` calls it; a backend that computes the prompt's attention itself (a fused
+        kernel over the staged full-precision tokens) calls it before :meth:`commit`.
+        """
+        c = self.config
+        if c.plain or self.key_coding is not None or self.pending is None:
+            return
+        if c.balance_keys:
+            self._query_sq = self._query_mean_square(query)
+        if (c.center_keys or c.center_values) and query.shape[2] == self.pending_length:
+            self._token_weights = attention_weight_mass(
+                query, self.pending[0], scale=scale, xp=self.xp
+            )
+
+    @property
+    def holds_only_staged(self) -> bool:
+        """Nothing committed yet: attention reads only the staged tokens, in full precision."""
+        return self.pending is not None and self.length == self.pending_length
 
     def _attend_as_decode(
         self, query: Any, *, scale: float, mask: Any | None, softcap: float | None

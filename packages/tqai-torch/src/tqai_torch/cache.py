@@ -139,6 +139,21 @@ class TqaiLayer(DynamicLayer):
                 query.to(self.storage_device), scale=scale, mask=mask, softcap=softcap
             )
             return out.to(here)
+        if softcap is None and self._prompt_only(mask):
+            # A fresh prompt: exact attention over full-precision tokens is torch's own SDPA
+            # (fast, O(T) memory where the device allows); the store then codes the tokens.
+            self.store.observe(query, scale=scale)
+            keys, values = self.store.pending
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query,
+                keys.to(query.dtype),
+                values.to(query.dtype),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=query.shape[1] != keys.shape[1],
+            )
+            self.store.commit()
+            return out
         if softcap is None and _use_fused_decode(query, mask, self.store):
             from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
@@ -147,6 +162,12 @@ class TqaiLayer(DynamicLayer):
             self.store.commit()
             return out
         return self.store.attend(query, scale=scale, mask=mask, softcap=softcap)
+
+    def _prompt_only(self, mask: torch.Tensor | None) -> bool:
+        """Only staged tokens to read, and every query row attends to at least one of them."""
+        if not self.store.holds_only_staged or self.store.quantize_staged:
+            return False
+        return mask is None or bool(mask.any(-1).all())
 
     def get_seq_length(self) -> int:
         return self.store.length - self.store.pending_length
