@@ -36,7 +36,7 @@ def tiny_wan_vae() -> torch.nn.Module:
     torch.manual_seed(0)
     return diffusers.AutoencoderKLWan(
         base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-        temperal_downsample=[False, True, True],
+        temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
     )  # fmt: skip
 
 
