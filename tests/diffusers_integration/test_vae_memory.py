@@ -58,7 +58,11 @@ def test_pipeline_with_ltx_vae_gets_temporal_tiles_and_framewise_decoding():
     pipe = tiny_ltx_pipeline()
     done = optimize_vae_memory(pipe, tile_frames=8, tile_frames_stride=4)
     assert done["framewise"] is True
-    assert pipe.vae.use_framewise_decoding and pipe.vae.use_tiling and pipe.vae.use_slicing
+    assert (pipe.vae.use_framewise_decoding, pipe.vae.use_tiling, pipe.vae.use_slicing) == (
+        True,
+        True,
+        True,
+    )
     assert done["tiling"]["tile_sample_min_num_frames"] == 8
     assert pipe.vae.tile_sample_stride_num_frames == 4
 
@@ -66,7 +70,8 @@ def test_pipeline_with_ltx_vae_gets_temporal_tiles_and_framewise_decoding():
 def test_wan_pipeline_vae_is_found():
     pipe = tiny_wan_pipeline()
     optimize_vae_memory(pipe)
-    assert pipe.vae.use_tiling and pipe.vae.tile_sample_min_height == 256
+    assert pipe.vae.use_tiling is True
+    assert pipe.vae.tile_sample_min_height == 256
 
 
 @pytest.mark.parametrize(
