@@ -390,3 +390,14 @@ def test_bad_targets_are_refused():
 
 def test_hook_names_are_the_ones_registered():
     assert HOOK_NAMES == ("tqai_kv", "tqai_window")
+
+
+def test_tiered_with_a_scorer_and_hadamard_rotation(wan, applied):
+    pipe, base = wan
+    apply_tqai(pipe, TqaiConfig(strategy="tiered", scorer="palm", rotation="hadamard"))
+    applied(pipe)
+    out = run_wan(pipe, 2)
+    assert torch.isfinite(out).all()
+    # Plain K4/V2 costs exactly 4.0 bits/coord at D=16 (norms included); tiered adds
+    # high-bit tokens and a routing bit per token.
+    assert get_stats(pipe).bits_per_coord > 4.0
