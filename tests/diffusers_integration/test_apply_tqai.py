@@ -393,7 +393,7 @@ def test_hook_names_are_the_ones_registered():
 
 
 def test_tiered_with_a_scorer_and_hadamard_rotation(wan, applied):
-    pipe, base = wan
+    pipe, _ = wan
     apply_tqai(pipe, TqaiConfig(strategy="tiered", scorer="palm", rotation="hadamard"))
     applied(pipe)
     out = run_wan(pipe, 2)
