@@ -29,6 +29,8 @@ checking the script end to end on a CPU) and prints a table.
     python benchmarks/bench_video.py                        # CUDA, real configs
     python benchmarks/bench_video.py --models wan --frames 49 --height 704 --width 1280
     python benchmarks/bench_video.py --tiny                 # CPU, tiny configs, seconds
+    python benchmarks/bench_video.py --device cpu --layers 1 --steps 2 --frames 5 \
+        --height 128 --width 128                            # real widths, 1 layer: a check
 """
 
 from __future__ import annotations
@@ -124,7 +126,9 @@ def configs() -> dict[str, Any]:
     }
 
 
-def build(model: str, *, tiny: bool, device: str, dtype: torch.dtype) -> Any:
+def build(
+    model: str, *, tiny: bool, device: str, dtype: torch.dtype, layers: int | None = None
+) -> Any:
     """A pipeline with a random-weight transformer at the real (or tiny) config.
 
     The VAE is a small stand-in with the real latent channels and compression factors: the
@@ -134,7 +138,8 @@ def build(model: str, *, tiny: bool, device: str, dtype: torch.dtype) -> Any:
 
     torch.manual_seed(0)
     if model == "wan":
-        config = TINY_WAN if tiny else WAN22_5B
+        config = dict(TINY_WAN if tiny else WAN22_5B)
+        config["num_layers"] = layers or config["num_layers"]
         with torch.device(device):
             transformer = diffusers.WanTransformer3DModel(**config)
         z = config["in_channels"]
@@ -153,7 +158,8 @@ def build(model: str, *, tiny: bool, device: str, dtype: torch.dtype) -> Any:
             expand_timesteps=True,  # Wan 2.2 TI2V: per-token timesteps
         )
     else:
-        config = TINY_LTX if tiny else LTX_2B
+        config = dict(TINY_LTX if tiny else LTX_2B)
+        config["num_layers"] = layers or config["num_layers"]
         with torch.device(device):
             transformer = diffusers.LTXVideoTransformer3DModel(**config)
         c = config["in_channels"]
@@ -234,16 +240,22 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (fp32)")
+    parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="override num_layers (quick checks; no JSON)"
+    )
     parser.add_argument("--no-json", action="store_true", help="print only")
     args = parser.parse_args()
     from _common import machine, print_table, write_json
 
     from tqai_diffusers import apply_tqai, get_stats, remove_tqai
 
-    device = "cpu" if args.tiny else "cuda"
+    device = args.device or ("cpu" if args.tiny else "cuda")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("the full-size benchmark needs a CUDA GPU; use --tiny to check it on a CPU")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if args.layers is not None:
+        args.no_json = True  # a shortened model is a check, not a result
     table = configs()
     names = args.configs or list(table)
     unknown = sorted(set(names) - set(table))
@@ -253,7 +265,7 @@ def main() -> None:
     for model in args.models:
         frames, height, width, tokens = (TINY_SHAPES if args.tiny else SHAPES)[model]
         shape = (args.frames or frames, args.height or height, args.width or width, tokens)
-        pipe, config = build(model, tiny=args.tiny, device=device, dtype=dtype)
+        pipe, config = build(model, tiny=args.tiny, device=device, dtype=dtype, layers=args.layers)
         models[model] = {"transformer": config, "frames_height_width_text": list(shape)}
         generate(pipe, model, shape, 2, device, dtype)  # warm-up
         base, base_s, base_peak = generate(pipe, model, shape, args.steps, device, dtype)
@@ -296,7 +308,8 @@ def main() -> None:
     import diffusers
 
     info["diffusers"] = diffusers.__version__
-    title = "TINY random configs, CPU fp32" if args.tiny else "real configs, random weights, bf16"
+    title = "TINY random configs" if args.tiny else "real configs, random weights"
+    title += f", {dtype}"
     cells = [
         [r["model"], r["config"], r["seconds"], r["speedup"], r["peak_bytes"] / 2**20,
          r["rel_error"], r["bits_per_coord"], r["reuse"]]
