@@ -401,3 +401,34 @@ def test_tiered_with_a_scorer_and_hadamard_rotation(wan, applied):
     # Plain K4/V2 costs exactly 4.0 bits/coord at D=16 (norms included); tiered adds
     # high-bit tokens and a routing bit per token.
     assert get_stats(pipe).bits_per_coord > 4.0
+
+
+def test_remove_keeps_diffusers_own_hooks_on_the_same_modules():
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    pipe = tiny_wan_pipeline()
+    pab = PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2,
+        spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: pipe.current_timestep,
+    )
+    pipe.transformer.enable_cache(pab)  # hooks every attention module, attn1 included
+    with_pab = run_wan(pipe, STEPS)
+    before = _module_state(pipe.transformer)
+    apply_tqai(pipe, TqaiConfig(strategy="window", strategy_kwargs={"threshold": 0.5}))
+    attn = pipe.transformer.blocks[0].attn1
+    assert list(attn._diffusers_hook.hooks) == ["pyramid_attention_broadcast", "tqai_window"]
+    run_wan(pipe, STEPS)
+    remove_tqai(pipe)
+    assert list(attn._diffusers_hook.hooks) == ["pyramid_attention_broadcast"]
+    assert _module_state(pipe.transformer) == before
+    assert torch.equal(run_wan(pipe, STEPS), with_pab)
+
+
+def test_kv_hook_refuses_an_unexpected_projection_shape(applied):
+    transformer = tiny_wan_transformer()
+    apply_tqai(transformer, TqaiConfig())
+    applied(transformer)
+    to_v = transformer.blocks[0].attn1.to_v
+    with pytest.raises(ValueError, match=r"expected a \(B, T, H \* 16\) projection output"):
+        to_v(torch.randn(2, 3, 4, 32))  # 4-D input: not a token sequence

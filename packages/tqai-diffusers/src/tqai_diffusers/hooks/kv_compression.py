@@ -57,6 +57,11 @@ class KVCompressionHook(ModelHook):
         context, state = self.states.get()
         if state.pipeline is None:
             return output
+        if output.ndim != 3 or output.shape[-1] % self.head_dim:
+            raise ValueError(
+                f"tqai K/V hook (layer {self.layer}, {self.stream}): expected a (B, T, H * "
+                f"{self.head_dim}) projection output, got shape {tuple(output.shape)}"
+            )
         b, t, c = output.shape
         heads = c // self.head_dim
         x = output.reshape(b, t, heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
