@@ -266,6 +266,46 @@ def render_decode(doc: Any) -> str:
     return _join(_table(columns, rows), note, _machine(doc))
 
 
+def render_vae_memory(doc: Any) -> str:
+    """VAE decode peak memory per video size, baseline vs ``optimize_vae_memory``."""
+    rows = _rows(doc)
+    base = {r["frames"]: r["peak_bytes"] for r in rows if r.get("config") == "baseline"}
+
+    def reduction(row: Row) -> Any:
+        ref = base.get(row.get("frames"))
+        return None if not ref or not row.get("peak_bytes") else f"{ref / row['peak_bytes']:.3g}x"
+
+    columns: list[Column] = [
+        ("frames", _key("frames"), True),
+        ("size", lambda r: f"{r.get('height')}x{r.get('width')}", False),
+        ("config", _key("config"), False),
+        ("peak MiB", _mib("peak_bytes"), True),
+        ("reduction", reduction, True),
+        ("seconds", _key("seconds"), True),
+    ]
+    notes = [f"{k}: {doc[k]}." for k in ("vae", "peak") if isinstance(doc, dict) and doc.get(k)]
+    return _join(_table(columns, rows), " ".join(notes), _machine(doc))
+
+
+def render_video(doc: Any) -> str:
+    """Video generation per model and config: time, speed-up, memory, final-latent error."""
+    rows = _rows(doc)
+    columns: list[Column] = [
+        ("model", _key("model"), False),
+        ("config", _key("config"), False),
+        ("seconds", _key("seconds"), True),
+        ("speed-up", _key("speedup"), True),
+        ("peak MiB", _mib("peak_bytes"), True),
+        ("final-latent rel. error", _key("rel_error"), True),
+        ("K/V bits/coord", _key("bits_per_coord"), True),
+        ("reused", _key("reuse"), True),
+    ]
+    note = str(doc.get("note", "")) if isinstance(doc, dict) else ""
+    device = doc.get("machine", {}).get("device") if isinstance(doc, dict) else None
+    card = f"Device: {device}." if device else ""
+    return _join(_table(columns, rows), " ".join(p for p in (note, card) if p), _machine(doc))
+
+
 def render_generic(doc: Any) -> str:
     """Any other results file: one column per row key, in order of first appearance."""
     rows = _rows(doc)
@@ -299,6 +339,8 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "memory*": render_memory,
     "pipeline": render_pipeline,
     "decode_*": render_decode,
+    "vae_memory_*": render_vae_memory,
+    "video_*": render_video,
 }
 """Renderer per results-file stem; a key ending in ``*`` matches stems with that prefix."""
 

@@ -14,7 +14,7 @@ from tqai.pipeline.strategies.cfg_sharing import CfgSharingStrategy
 from tqai.pipeline.strategies.delta import DeltaStrategy
 from tqai.pipeline.strategies.delta2 import Delta2Strategy
 from tqai.pipeline.strategies.tiered import TieredStrategy
-from tqai.pipeline.strategies.window import WindowStrategy
+from tqai.pipeline.strategies.window import WindowStrategy, similar_rows
 from tqai.registry import registry
 from tqai.testing import make_array, xp_assert_equal
 
@@ -333,3 +333,14 @@ def test_cfg_batched_needs_an_even_batch():
         CfgSharingStrategy().compress(np.ones((3, 4, D), np.float32), None, _bank(), n_bits=2)
     with pytest.raises(ValueError, match="mode must be one of batched, split"):
         CfgSharingStrategy(mode="both")
+
+
+def test_similar_rows_is_the_window_cosine_test(xp):
+    x = np.random.default_rng(1).standard_normal((3, 4, 8)).astype(np.float32)
+    y = x.copy()
+    y[1] = -y[1]  # opposite direction: cosine -1
+    y[2] = 2.0 * y[2]  # same direction: cosine 1
+    same = similar_rows(make_array(xp, x), make_array(xp, y), threshold=0.99)
+    assert [bool(v) for v in to_host(same)] == [True, False, True]
+    with pytest.raises(ValueError, match="equal shapes"):
+        similar_rows(make_array(xp, x), make_array(xp, x[:2]), threshold=0.5)

@@ -186,3 +186,48 @@ def test_renders_the_committed_results(tmp_path: Path) -> None:
     proc = _run("--readme", path, "--results", committed)
     assert proc.returncode == 0, proc.stderr
     assert "stale" not in path.read_text()
+
+
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("update_readme", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vae_memory_and_video_renderers() -> None:
+    module = _script_module()
+    row = {"frames": 5, "height": 480, "width": 832, "seconds": 1.0}
+    vae = {
+        "machine": MACHINE,
+        "vae": "Wan 2.1 VAE",
+        "peak": "VmHWM",
+        "rows": [
+            {**row, "config": "baseline", "peak_bytes": 8 * 2**30},
+            {**row, "config": "optimize_vae_memory", "peak_bytes": 2 * 2**30},
+        ],
+    }
+    text = module.render("vae_memory_cpu-test", vae)
+    assert "| 5 | 480x832 | optimize_vae_memory | 2048 | 4x | 1 |" in text
+    assert "vae: Wan 2.1 VAE." in text
+    video = {
+        "machine": {**MACHINE, "device": "Test GPU"},
+        "note": "tiny",
+        "rows": [
+            {
+                "model": "wan",
+                "config": "delta K4/V4",
+                "seconds": 2.0,
+                "speedup": 0.5,
+                "peak_bytes": 2**20,
+                "rel_error": 0.001,
+                "bits_per_coord": 4.5,
+                "reuse": None,
+            },
+        ],
+    }
+    text = module.render("video_test-gpu", video)
+    assert "| wan | delta K4/V4 | 2 | 0.5 | 1 | 0.001 | 4.5 |  |" in text
+    assert "tiny Device: Test GPU." in text

@@ -25,7 +25,32 @@ from tqai import _xp
 from tqai.pipeline import _ops
 from tqai.pipeline.protocols import CompressionResult, QuantizerSource
 
-__all__ = ["WindowStrategy"]
+__all__ = ["WindowStrategy", "similar_rows"]
+
+
+def similar_rows(x: Any, reference: Any, *, threshold: float, xp: Any = None) -> Any:
+    """Which rows of ``x`` are still similar enough to ``reference`` to reuse (the window test).
+
+    Args:
+        x: ``(R, ...)`` floating array: ``R`` rows (e.g. batch elements or ``(batch, head)``
+            pairs flattened), each flattened to one vector.
+        reference: the array the rows were last recomputed from, ``x``'s shape and namespace.
+        threshold: cosine similarity in ``[-1, 1]`` at or above which a row counts as similar.
+
+    Returns:
+        ``(R,)`` boolean array: ``cos(x_r, reference_r) >= threshold`` (two zero rows are
+        identical). Used by :class:`WindowStrategy` and by hooks that reuse a layer's
+        attention output without recomputing it (tqai-diffusers).
+    """
+    xp = _xp.namespace(x, reference, xp=xp)
+    if tuple(x.shape) != tuple(reference.shape):
+        raise ValueError(
+            f"x and reference must have equal shapes, got {tuple(x.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
+    dtype = _ops.compute_dtype(x, xp)
+    a, b = xp.astype(x, dtype), xp.astype(reference, dtype)
+    return _ops.flat_cosine(a, b, lead=1, xp=xp) >= threshold
 
 
 class WindowStrategy:
@@ -94,7 +119,7 @@ class WindowStrategy:
                 x, rec, (qt,), side_bits=0, n_bits=n_bits, xp=xp, reused_rows=0, rows=rows
             )
         _, _, ref, previous, age = state
-        reuse = _ops.flat_cosine(x3, ref, lead=1, xp=xp) >= self.threshold
+        reuse = similar_rows(x3, ref, threshold=self.threshold, xp=xp)
         if self.max_reuse is not None:
             reuse = reuse & (age < self.max_reuse)
         n_reused = _ops.count_true(reuse, xp=xp)
