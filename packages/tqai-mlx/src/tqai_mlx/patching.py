@@ -38,7 +38,13 @@ from mlx_lm.models.cache import KVCache
 
 from tqai.codebooks import validate_dim
 from tqai.kvstore import KVCacheConfig, build_cache_pipeline
+from tqai.named_configs import resolve_patch_options
 from tqai_mlx import _model
+from tqai_mlx.activations import (
+    apply_activation_compression,
+    check_activation_compression,
+    remove_activation_compression,
+)
 from tqai_mlx.cache import KERNELS, TqaiKVCache
 
 __all__ = ["is_patched", "patch", "patch_config", "unpatch"]
@@ -176,8 +182,11 @@ def _plan(model: Any, skip: set[int]) -> tuple[tuple[bool, ...], set[int]]:
 def patch(
     model: Any,
     *,
-    bits_k: int = 4,
-    bits_v: int = 2,
+    bits_k: int | None = None,
+    bits_v: int | None = None,
+    config: str | None = None,
+    hidden_bits: int | None = None,
+    ffn_bits: int | None = None,
     sink_tokens: int = 4,
     residual_window: int = 0,
     cache_strategy: str = "compressed",
@@ -197,7 +206,13 @@ def patch(
 
     Args:
         model: an mlx-lm model (``mlx_lm.load`` or ``Model(ModelArgs(...))``).
-        bits_k, bits_v: bits per coordinate for keys and values, 1..8 (``use_qjl``: keys >= 2).
+        bits_k, bits_v: bits per coordinate for keys and values, 1..8 (``use_qjl``: keys >= 2;
+            default K4/V2).
+        config: a named config (``"kv-only"``, ``"kv+hidden8"``, ``"kv+hidden6"``,
+            ``"kv+ffn8"``, ``"all8"``, ``"all6"``, ``"aggressive"``; :mod:`tqai.named_configs`):
+            sets the KV bits and the activation compression.
+        hidden_bits, ffn_bits: compress each decoder layer's output hidden state / the FFN
+            activations (down projection input) at this many bits (:mod:`tqai_mlx.activations`).
         sink_tokens: leading tokens kept in full precision.
         residual_window: most recent tokens kept in full precision (``residual``: 128 if 0).
         cache_strategy: ``"compressed"`` (attention from the codes, default), ``"residual"``
@@ -233,7 +248,10 @@ def patch(
         >>> text = mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)  # doctest: +SKIP
         >>> unpatch(model)  # doctest: +SKIP
     """
-    config = KVCacheConfig(
+    bits_k, bits_v, activations = resolve_patch_options(
+        config, bits_k=bits_k, bits_v=bits_v, hidden_bits=hidden_bits, ffn_bits=ffn_bits
+    )
+    config = KVCacheConfig(  # the named config, if any, is resolved above
         bits_k=bits_k,
         bits_v=bits_v,
         sink_tokens=sink_tokens,
@@ -256,7 +274,11 @@ def patch(
         )
         if pipe is not None and kernel != "reference":
             raise ValueError(f"pipeline= runs with kernel='reference' only, got {kernel!r}")
+        if activations is not None:
+            check_activation_compression(model, activations)
         unpatch(model)  # re-patching replaces the settings; nothing changed before this point
+        if activations is not None:
+            apply_activation_compression(model, activations)
         own = vars(model).get("make_cache")
         original = getattr(model, "make_cache", None)  # the model's own: instance attr or method
         key = id(model)
@@ -292,6 +314,7 @@ def _tqai_make_cache(model: Any, state: _Patched, original: Any) -> Callable[[],
 def unpatch(model: Any) -> None:
     """Undo :func:`patch`: the model and mlx-lm are exactly as never patched (no-op if not)."""
     with _lock:
+        remove_activation_compression(model)
         state = _patched.get(id(model))
         if state is None:
             return

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from tqai.kvstore import STRATEGIES, KVCacheConfig, build_cache_pipeline
+from tqai.named_configs import resolve_patch_options
+from tqai_torch.activations import apply_activation_compression, remove_activation_compression
 from tqai_torch.attention import _FALLBACK_ATTR, ATTN_IMPLEMENTATION, register
 from tqai_torch.cache import TqaiCache
 
@@ -55,9 +57,12 @@ def _check_model(model: Any) -> Any:
 
 def patch(
     model: Any,
-    bits_k: int = 4,
-    bits_v: int = 2,
+    bits_k: int | None = None,
+    bits_v: int | None = None,
     *,
+    config: str | None = None,
+    hidden_bits: int | None = None,
+    ffn_bits: int | None = None,
     sink_tokens: int = 4,
     residual_window: int = 0,
     cache_strategy: str = "compressed",
@@ -74,7 +79,13 @@ def patch(
 
     Args:
         model: a transformers causal LM (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3, ...).
-        bits_k, bits_v: bits per coordinate for keys and values (1..8).
+        bits_k, bits_v: bits per coordinate for keys and values (1..8; default K4/V2).
+        config: a named config (``"kv-only"``, ``"kv+hidden8"``, ``"kv+hidden6"``,
+            ``"kv+ffn8"``, ``"all8"``, ``"all6"``, ``"aggressive"``; see
+            :mod:`tqai.named_configs`): sets the KV bits and the activation compression.
+        hidden_bits: compress every decoder layer's output hidden state at this many bits
+            (:mod:`tqai_torch.activations`); None leaves it alone.
+        ffn_bits: compress the FFN activations (the down projection's input) likewise.
         sink_tokens: leading tokens kept in full precision.
         residual_window: most recent tokens kept in full precision.
         cache_strategy: ``"compressed"`` (attention from the codes), ``"residual"`` (with a
@@ -102,9 +113,12 @@ def patch(
         >>> out = model.generate(**inputs, cache=cache, max_new_tokens=50)  # doctest: +SKIP
     """
     text = _check_model(model)
+    bits_k, bits_v, activations = resolve_patch_options(
+        config, bits_k=bits_k, bits_v=bits_v, hidden_bits=hidden_bits, ffn_bits=ffn_bits
+    )
     if cache_strategy not in STRATEGIES:
         raise ValueError(f"cache_strategy must be one of {STRATEGIES}, got {cache_strategy!r}")
-    config = KVCacheConfig(
+    config = KVCacheConfig(  # the named config, if any, is resolved above
         bits_k=bits_k,
         bits_v=bits_v,
         sink_tokens=sink_tokens,
@@ -142,6 +156,10 @@ def patch(
             f"layers are {kinds}, skip_layers={list(skip)}): tqai keeps sliding-window layers "
             "uncompressed, so patching would save nothing"
         )
+    if activations is not None:
+        apply_activation_compression(model, activations)  # checks the model before any hook
+    else:
+        remove_activation_compression(model)
     register()
     current = model.config._attn_implementation
     if current != ATTN_IMPLEMENTATION:
@@ -170,6 +188,7 @@ def new_cache(model: Any) -> TqaiCache:
 
 def unpatch(model: Any) -> None:
     """Restore the model's own attention implementation (a no-op for an unpatched model)."""
+    remove_activation_compression(model)
     if getattr(model, _CONFIG_ATTR, None) is None:
         return
     fallback = getattr(model.config, _FALLBACK_ATTR, "sdpa")
