@@ -255,6 +255,48 @@ def render_decode(doc: Any) -> str:
     return _join(_table(columns, rows), note, _machine(doc))
 
 
+def render_chunked(doc: Any) -> str:
+    """Chunked attention vs plain attention vs fused SDPA: milliseconds and peak memory."""
+    rows = _rows(doc)
+    base = {r["context"]: r["seconds"] for r in rows if r.get("provider") == "torch"}
+
+    def speed(row: Row) -> Any:
+        ref = base.get(row.get("context"))
+        return None if not ref else f"{ref / row['seconds']:.3g}x"
+
+    columns: list[Column] = [
+        ("provider", _key("provider"), False),
+        ("context", _key("context"), True),
+        ("ms", lambda r: r["seconds"] * 1e3, True),
+        ("peak MiB", _mib("peak_bytes"), True),
+        ("speed vs torch SDPA", speed, True),
+    ]
+    device = doc.get("machine", {}).get("device") if isinstance(doc, dict) else None
+    note = f"Card: {device}." if device else ""
+    return _join(_table(columns, rows), note, _machine(doc))
+
+
+def render_named_configs(doc: Any) -> str:
+    """Perplexity per named config (KV + activation compression) against the baseline."""
+    rows = _rows(doc)
+
+    def delta(row: Row) -> Any:
+        ppl, base = row.get("ppl"), row.get("baseline_ppl")
+        return None if ppl is None or not base else f"{100 * (ppl / base - 1):+.2f}%"
+
+    columns: list[Column] = [
+        ("config", _key("config"), False),
+        ("KV", _key("kv"), False),
+        ("hidden bits", lambda r: r.get("hidden_bits") or "-", True),
+        ("FFN bits", lambda r: r.get("ffn_bits") or "-", True),
+        ("perplexity", _key("ppl"), True),
+        ("change", delta, True),
+    ]
+    models = {str(r.get("model")) for r in rows}
+    note = f"Model: {models.pop()}." if len(models) == 1 and rows and rows[0].get("model") else ""
+    return _join(_table(columns, rows), note, _machine(doc))
+
+
 def render_generic(doc: Any) -> str:
     """Any other results file: one column per row key, in order of first appearance."""
     rows = _rows(doc)
@@ -287,6 +329,8 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "memory*": render_memory,
     "pipeline": render_pipeline,
     "decode_*": render_decode,
+    "chunked_*": render_chunked,
+    "named_configs": render_named_configs,
 }
 """Renderer per results-file stem; a key ending in ``*`` matches stems with that prefix."""
 

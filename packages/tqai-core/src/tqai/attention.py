@@ -281,9 +281,16 @@ def compressed_attention_multi(
     device = _xp.device_of(q)
 
     def full_segment(k: Any, v: Any, start: int) -> None:
-        scores = _capped(q @ xp.matrix_transpose(xp.astype(k, xp.float32)), softcap, xp)
-        scores = _masked(scores, mask, start, start + k.shape[2], xp)
-        state.step(scores, {"full": xp.astype(v, xp.float32)})
+        # In chunks too: a prefill's own tokens form a suffix as long as the query.
+        for s in range(0, k.shape[2], chunk_size):
+            e = min(s + chunk_size, k.shape[2])
+            k_c, v_c = (
+                xp.astype(k[:, :, s:e, :], xp.float32),
+                xp.astype(v[:, :, s:e, :], xp.float32),
+            )
+            scores = _capped(q @ xp.matrix_transpose(k_c), softcap, xp)
+            scores = _masked(scores, mask, start + s, start + e, xp)
+            state.step(scores, {"full": v_c})
 
     column = 0
     if prefix is not None and prefix[0].shape[2]:

@@ -46,6 +46,7 @@ from tqai_mlx.activations import (
     remove_activation_compression,
 )
 from tqai_mlx.cache import KERNELS, TqaiKVCache
+from tqai_mlx.chunked_attention import CHUNK_ATTR, chunked_scaled_dot_product_attention, supports
 
 __all__ = ["is_patched", "patch", "patch_config", "unpatch"]
 
@@ -59,6 +60,7 @@ class _Patched:
     kernel: str
     compress: tuple[bool, ...]
     pipeline: Any
+    chunk_attention: int | None
     had_own_make_cache: bool
     own_make_cache: Any
     finalizer: weakref.finalize
@@ -75,11 +77,20 @@ def _make_dispatcher(original: Callable[..., mx.array]) -> Callable[..., mx.arra
     @functools.wraps(original)
     def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> mx.array:
         cache = kwargs["cache"] if "cache" in kwargs else (args[3] if len(args) > 3 else None)
-        if not (isinstance(cache, TqaiKVCache) and cache.reads_codes):
+        reads_codes = isinstance(cache, TqaiKVCache) and cache.reads_codes
+        chunk = None if reads_codes else getattr(cache, CHUNK_ATTR, None)
+        if not reads_codes and chunk is None:
             return original(*args, **kwargs)
         call = signature.bind(*args, **kwargs)
         call.apply_defaults()
         a = call.arguments
+        if chunk is not None:
+            if not supports(a["mask"], a.get("sinks")):
+                return original(*args, **kwargs)
+            return chunked_scaled_dot_product_attention(
+                a["queries"], a["keys"], a["values"], scale=a["scale"], mask=a["mask"],
+                chunk_size=chunk,
+            )  # fmt: skip
         return cache.attend(a["queries"], scale=a["scale"], mask=a["mask"], sinks=a.get("sinks"))
 
     scaled_dot_product_attention._tqai_dispatch = True  # type: ignore[attr-defined]
@@ -187,6 +198,7 @@ def patch(
     config: str | None = None,
     hidden_bits: int | None = None,
     ffn_bits: int | None = None,
+    chunk_attention: bool = False,
     sink_tokens: int = 4,
     residual_window: int = 0,
     cache_strategy: str = "compressed",
@@ -213,6 +225,10 @@ def patch(
             sets the KV bits and the activation compression.
         hidden_bits, ffn_bits: compress each decoder layer's output hidden state / the FFN
             activations (down projection input) at this many bits (:mod:`tqai_mlx.activations`).
+        chunk_attention: compute the attention calls that do not read codes (sliding-window and
+            skipped layers, the ``full`` strategy) tile by tile with an online softmax in chunks
+            of ``chunk_size`` (:mod:`tqai_mlx.chunked_attention`): exact, O(chunk^2) memory,
+            slower than mlx's fused attention.
         sink_tokens: leading tokens kept in full precision.
         residual_window: most recent tokens kept in full precision (``residual``: 128 if 0).
         cache_strategy: ``"compressed"`` (attention from the codes, default), ``"residual"``
@@ -264,6 +280,8 @@ def patch(
         chunk_size=chunk_size,
     )
     kernel = _resolve_kernel(kernel)
+    if not isinstance(chunk_attention, bool):
+        raise ValueError(f"chunk_attention must be True or False, got {chunk_attention!r}")
     with _lock:
         layers = _model.model_layers(model)
         compress, head_dims = _plan(model, _skip_set(skip_layers, len(layers)))
@@ -283,8 +301,9 @@ def patch(
         original = getattr(model, "make_cache", None)  # the model's own: instance attr or method
         key = id(model)
         finalizer = weakref.finalize(model, _release, key)
+        chunk = chunk_size if chunk_attention else None
         state = _Patched(
-            config, kernel, compress, pipe, "make_cache" in vars(model), own, finalizer
+            config, kernel, compress, pipe, chunk, "make_cache" in vars(model), own, finalizer
         )
         make_cache = _tqai_make_cache(model, state, original)
         _install()
@@ -300,12 +319,16 @@ def _tqai_make_cache(model: Any, state: _Patched, original: Any) -> Callable[[],
         """The model's own caches with each compressible KVCache layer made a TqaiKVCache."""
         m = ref()
         base = list(original()) if original is not None else [KVCache() for _ in m.layers]
-        return [
+        caches = [
             TqaiKVCache(state.config, kernel=state.kernel, pipeline=state.pipeline, layer=i)
             if compress
             else cache
             for i, (cache, compress) in enumerate(zip(base, state.compress, strict=True))
         ]
+        if state.chunk_attention is not None:
+            for cache in caches:
+                setattr(cache, CHUNK_ATTR, state.chunk_attention)
+        return caches
 
     make_cache._tqai_original = original  # type: ignore[attr-defined]
     return make_cache

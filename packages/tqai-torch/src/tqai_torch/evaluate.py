@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tqai.named_configs import NAMED_CONFIGS
 from tqai_torch.patching import patch, unpatch
 
 __all__ = [
@@ -39,6 +40,9 @@ class CacheConfig:
     residual_window: int = 0
     sink_tokens: int = 4
     rotation: str = "haar"
+    hidden_bits: int | None = None
+    ffn_bits: int | None = None
+    label: str | None = None  # a named config's name (tqai.named_configs)
 
     @property
     def name(self) -> str:
@@ -52,11 +56,15 @@ class CacheConfig:
             "residual_window": self.residual_window,
             "sink_tokens": self.sink_tokens,
             "rotation": self.rotation,
+            "hidden_bits": self.hidden_bits,
+            "ffn_bits": self.ffn_bits,
         }
 
 
 def config_name(config: CacheConfig) -> str:
-    """``"baseline"``, ``"K4/V2"``, ``"K4/V2+qjl"``, ``"K4/V2 residual128"``, ..."""
+    """``"baseline"``, ``"K4/V2"``, ``"K4/V2+qjl"``, ``"K4/V2 residual128"``, ``"all8"``, ..."""
+    if config.label is not None:
+        return config.label
     if config.bits_k is None:
         return "baseline"
     name = f"K{config.bits_k}/V{config.bits_v}"
@@ -70,10 +78,20 @@ def config_name(config: CacheConfig) -> str:
 
 
 def parse_config(text: str) -> CacheConfig:
-    """Parse ``"baseline"`` or ``K<b>/V<b>[+qjl][ residual<n>][ hadamard|rotor]``."""
+    """Parse ``"baseline"``, a named config (``"kv+hidden8"``, ``"all6"``, ...; see
+    :mod:`tqai.named_configs`) or ``K<b>/V<b>[+qjl][ residual<n>][ hadamard|rotor]``."""
     text = text.strip()
     if text == "baseline":
         return CacheConfig()
+    if text in NAMED_CONFIGS:
+        named = NAMED_CONFIGS[text]
+        return CacheConfig(
+            named.bits_k,
+            named.bits_v,
+            hidden_bits=named.hidden_bits,
+            ffn_bits=named.ffn_bits,
+            label=named.name,
+        )
     parts = text.split()
     head = parts[0]
     use_qjl = head.endswith("+qjl")
@@ -94,7 +112,7 @@ def parse_config(text: str) -> CacheConfig:
     except ValueError:
         raise ValueError(
             f"config must look like 'baseline', 'K4/V2', 'K4/V2+qjl' or 'K4/V2 residual128', "
-            f"got {text!r}"
+            f"or be a named config ({', '.join(NAMED_CONFIGS)}), got {text!r}"
         ) from None
     return CacheConfig(bits_k, bits_v, use_qjl, window, rotation=rotation)
 

@@ -19,6 +19,7 @@ from tqai.named_configs import resolve_patch_options
 from tqai_torch.activations import apply_activation_compression, remove_activation_compression
 from tqai_torch.attention import _FALLBACK_ATTR, ATTN_IMPLEMENTATION, register
 from tqai_torch.cache import TqaiCache
+from tqai_torch.chunked_attention import CHUNK_ATTR
 
 __all__ = ["new_cache", "patch", "unpatch"]
 
@@ -63,6 +64,7 @@ def patch(
     config: str | None = None,
     hidden_bits: int | None = None,
     ffn_bits: int | None = None,
+    chunk_attention: bool = False,
     sink_tokens: int = 4,
     residual_window: int = 0,
     cache_strategy: str = "compressed",
@@ -86,6 +88,10 @@ def patch(
         hidden_bits: compress every decoder layer's output hidden state at this many bits
             (:mod:`tqai_torch.activations`); None leaves it alone.
         ffn_bits: compress the FFN activations (the down projection's input) likewise.
+        chunk_attention: also compute the attention calls that do not read compressed codes
+            (sliding-window and skipped layers, no-cache forwards) tile by tile with an online
+            softmax in blocks of ``chunk_size`` (:mod:`tqai_torch.chunked_attention`): exact,
+            memory O(chunk^2) instead of O(T^2); slower than a fused SDPA kernel.
         sink_tokens: leading tokens kept in full precision.
         residual_window: most recent tokens kept in full precision.
         cache_strategy: ``"compressed"`` (attention from the codes), ``"residual"`` (with a
@@ -156,6 +162,8 @@ def patch(
             f"layers are {kinds}, skip_layers={list(skip)}): tqai keeps sliding-window layers "
             "uncompressed, so patching would save nothing"
         )
+    if not isinstance(chunk_attention, bool):
+        raise ValueError(f"chunk_attention must be True or False, got {chunk_attention!r}")
     if activations is not None:
         apply_activation_compression(model, activations)  # checks the model before any hook
     else:
@@ -165,6 +173,10 @@ def patch(
     if current != ATTN_IMPLEMENTATION:
         setattr(model.config, _FALLBACK_ATTR, current or "sdpa")
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if chunk_attention:
+        setattr(model.config, CHUNK_ATTR, chunk_size)
+    elif hasattr(model.config, CHUNK_ATTR):
+        delattr(model.config, CHUNK_ATTR)
     setattr(model, _CONFIG_ATTR, config)
     setattr(model, _SKIP_ATTR, skip)
     setattr(model, _DEVICE_ATTR, device)
@@ -189,6 +201,8 @@ def new_cache(model: Any) -> TqaiCache:
 def unpatch(model: Any) -> None:
     """Restore the model's own attention implementation (a no-op for an unpatched model)."""
     remove_activation_compression(model)
+    if hasattr(getattr(model, "config", None), CHUNK_ATTR):
+        delattr(model.config, CHUNK_ATTR)
     if getattr(model, _CONFIG_ATTR, None) is None:
         return
     fallback = getattr(model.config, _FALLBACK_ATTR, "sdpa")
