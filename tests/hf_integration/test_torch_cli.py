@@ -153,3 +153,24 @@ def test_eval_ppl_accepts_named_configs(app, tiny_folder: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
     rows = re.findall(r"│\s*(baseline|kv-only|all8)\s*│\s*([\d.]+)", result.output)
     assert [r[0] for r in rows] == ["baseline", "kv-only", "all8"], result.output
+
+
+def test_convert_writes_a_folder_patch_can_start_from(app, tiny_folder: Path, tmp_path: Path):
+    import json
+
+    import tqai_torch
+
+    out = tmp_path / "converted"
+    result = runner.invoke(
+        app, ["convert", "--model", str(tiny_folder), "--output", str(out), "--config", "all8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2/2 layers compressed" in result.output
+    doc = json.loads((out / "tqai_config.json").read_text())
+    assert doc["options"]["config"] == "all8"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder)
+    cache = tqai_torch.patch(model, from_pretrained=out)
+    assert cache.tqai_config.bits_k == 4
+    tqai_torch.unpatch(model)
+    result = runner.invoke(app, ["convert", "--model", str(tiny_folder)])
+    assert result.exit_code == 2  # --output is required

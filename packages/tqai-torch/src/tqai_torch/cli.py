@@ -345,8 +345,66 @@ def eval_ppl(
     Console().print(table)
 
 
+def convert(
+    model: str = typer.Option("smollm2-135m", help=_MODEL_HELP),
+    output: Path = typer.Option(..., "--output", help="folder to write the tqai configuration to"),
+    config: str = typer.Option(
+        None,
+        callback=_check_config,
+        help="named config: kv-only, kv+hidden8, kv+hidden6, kv+ffn8, all8, all6, aggressive",
+    ),
+    bits_k: int = typer.Option(None, callback=_check_bits, help="key bits, 1..8 (default 4)"),
+    bits_v: int = typer.Option(None, callback=_check_bits, help="value bits, 1..8 (default 2)"),
+    hidden_bits: int = typer.Option(None, callback=_check_bits, help="hidden-state bits, 1..8"),
+    ffn_bits: int = typer.Option(None, callback=_check_bits, help="FFN activation bits, 1..8"),
+    rotation: str = typer.Option("haar", help="haar, hadamard or rotor"),
+    seed: int = typer.Option(0, min=0, help="rotation seed"),
+    sink_tokens: int = typer.Option(4, min=0),
+    residual_window: int = typer.Option(0, min=0),
+    chunk_attention: bool = typer.Option(False, "--chunk-attention"),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+) -> None:
+    """Write the model's tqai configuration (options, rotations, codebooks, per-layer settings)
+    into a folder, so that tqai.patch(model, from_pretrained=DIR) starts without solving."""
+    import json
+
+    from tqai.named_configs import resolve_patch_options
+    from tqai_torch.convert import convert as convert_model
+
+    try:
+        resolve_patch_options(
+            config, bits_k=bits_k, bits_v=bits_v, hidden_bits=hidden_bits, ffn_bits=ffn_bits
+        )
+    except ValueError as ex:
+        raise typer.BadParameter(str(ex), param_hint="--config") from None
+    options = {
+        "config": config,
+        "bits_k": bits_k,
+        "bits_v": bits_v,
+        "hidden_bits": hidden_bits,
+        "ffn_bits": ffn_bits,
+        "rotation": rotation,
+        "seed": seed,
+        "sink_tokens": sink_tokens,
+        "residual_window": residual_window,
+        "chunk_attention": chunk_attention,
+    }
+    loaded, _ = load_model_option(model, dtype)
+    try:
+        path = convert_model(loaded, output, **{k: v for k, v in options.items() if v is not None})
+    except ValueError as ex:
+        raise typer.BadParameter(str(ex)) from None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    compressed = sum(layer["compressed"] for layer in doc["layers"])
+    typer.echo(
+        f"wrote {path.parent}: {len(doc['constants']['entries'])} constants, "
+        f"{compressed}/{len(doc['layers'])} layers compressed"
+    )
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``run``, ``compare`` and ``eval`` to the ``tqai`` CLI."""
+    """Add ``run``, ``compare``, ``eval`` and ``convert`` to the ``tqai`` CLI."""
+    app.command("convert")(convert)
     app.command("run")(run)
     app.command("compare")(compare)
     app.add_typer(eval_app, name="eval")

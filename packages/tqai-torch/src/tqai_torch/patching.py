@@ -76,6 +76,7 @@ def patch(
     skip_layers: tuple[int, ...] | list[int] = (),
     device: str | torch.device | None = None,
     pipeline: Any = None,
+    from_pretrained: str | None = None,
 ) -> TqaiCache:
     """Make ``model`` read tqai caches and return a fresh one to pass to ``generate``.
 
@@ -108,6 +109,9 @@ def patch(
             or a built ``CompressionPipeline``: built and validated once here
             (:func:`tqai.kvstore.build_cache_pipeline`), shared by every compressed layer.
             Strategies that store one commit at several widths (``tiered``) are refused.
+        from_pretrained: a folder written by ``tqai convert`` (:mod:`tqai_torch.convert`): its
+            options and prebuilt rotations/codebooks are used (no solving at start); no other
+            option may be given with it.
 
     Returns:
         A :class:`TqaiCache`; pass it as ``cache=`` (``past_key_values=`` on transformers
@@ -118,6 +122,11 @@ def patch(
         >>> cache = patch(model, bits_k=4, bits_v=2)  # doctest: +SKIP
         >>> out = model.generate(**inputs, cache=cache, max_new_tokens=50)  # doctest: +SKIP
     """
+    if from_pretrained is not None:
+        from tqai_torch.convert import explicit_options, patch_from_pretrained
+
+        given = explicit_options(patch, locals())
+        return patch_from_pretrained(model, from_pretrained, given=given)
     text = _check_model(model)
     bits_k, bits_v, activations = resolve_patch_options(
         config, bits_k=bits_k, bits_v=bits_v, hidden_bits=hidden_bits, ffn_bits=ffn_bits
