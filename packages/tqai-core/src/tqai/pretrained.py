@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 from collections.abc import Iterable, Mapping
@@ -45,6 +46,7 @@ __all__ = [
     "PretrainedConfig",
     "PretrainedError",
     "check_fingerprint",
+    "explicit_options",
     "load_pretrained",
     "save_pretrained",
 ]
@@ -270,3 +272,15 @@ def check_fingerprint(saved: Mapping[str, Any], actual: Mapping[str, Any], where
             f"{where} was converted for another model ({'; '.join(diffs)}); run `tqai convert` "
             "for this model"
         )
+
+
+def explicit_options(fn: Any, arguments: Mapping[str, Any]) -> list[str]:
+    """Names of ``fn``'s defaulted options in ``arguments`` (its ``locals()``) that differ from
+    their defaults: what a ``patch(model, from_pretrained=DIR, ...)`` call was also given."""
+    given = []
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.default is inspect.Parameter.empty or name == "from_pretrained":
+            continue
+        if name in arguments and arguments[name] != param.default:
+            given.append(name)
+    return given

@@ -210,6 +210,7 @@ def patch(
     chunk_size: int = 1024,
     kernel: str | None = None,
     pipeline: Any = None,
+    from_pretrained: str | None = None,
 ) -> list[Any]:
     """Make an mlx-lm model generate with TurboQuant-compressed KV caches.
 
@@ -247,6 +248,9 @@ def patch(
             or a built ``CompressionPipeline``: built and validated once here
             (:func:`tqai.kvstore.build_cache_pipeline`), shared by every compressed layer;
             reference kernel only. Strategies storing one commit at several widths are refused.
+        from_pretrained: a folder written by :func:`tqai_mlx.convert.convert`: its options and
+            prebuilt rotations/codebooks are used (no solving at start); no other option may be
+            given with it.
 
     Returns:
         A fresh prompt cache (one object per layer) for ``mlx_lm.generate(..., prompt_cache=)``
@@ -264,6 +268,12 @@ def patch(
         >>> text = mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)  # doctest: +SKIP
         >>> unpatch(model)  # doctest: +SKIP
     """
+    if from_pretrained is not None:
+        from tqai.pretrained import explicit_options
+        from tqai_mlx.convert import patch_from_pretrained
+
+        given = explicit_options(patch, locals())
+        return patch_from_pretrained(model, from_pretrained, given=given)
     bits_k, bits_v, activations = resolve_patch_options(
         config, bits_k=bits_k, bits_v=bits_v, hidden_bits=hidden_bits, ffn_bits=ffn_bits
     )

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -123,17 +122,6 @@ def convert(model: Any, output: str | Path, **options: Any) -> Path:
         layers=layers,
         quantizers=quantizers,
     )
-
-
-def explicit_options(fn: Any, arguments: dict[str, Any]) -> list[str]:
-    """Names of ``fn``'s keyword options in ``arguments`` that differ from their defaults."""
-    given = []
-    for name, param in inspect.signature(fn).parameters.items():
-        if param.default is inspect.Parameter.empty or name == "from_pretrained":
-            continue
-        if name in arguments and arguments[name] != param.default:
-            given.append(name)
-    return given
 
 
 def patch_from_pretrained(model: Any, directory: str | Path, *, given: list[str]) -> Any:

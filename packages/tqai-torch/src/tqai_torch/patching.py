@@ -123,7 +123,8 @@ def patch(
         >>> out = model.generate(**inputs, cache=cache, max_new_tokens=50)  # doctest: +SKIP
     """
     if from_pretrained is not None:
-        from tqai_torch.convert import explicit_options, patch_from_pretrained
+        from tqai.pretrained import explicit_options
+        from tqai_torch.convert import patch_from_pretrained
 
         given = explicit_options(patch, locals())
         return patch_from_pretrained(model, from_pretrained, given=given)
