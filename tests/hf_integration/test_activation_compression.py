@@ -87,8 +87,9 @@ def test_repatch_replaces_the_hooks_and_generation_runs():
     model = build("qwen2")
     hooks = _hook_count(model)
     tqai_torch.patch(model, config="all8")
-    cache = tqai_torch.patch(model, bits_k=8, bits_v=8, hidden_bits=8)
+    cache = tqai_torch.patch(model, bits_k=8, bits_v=8, hidden_bits=8, rotation="rotor", seed=3)
     assert _hook_count(model) == hooks + model.config.num_hidden_layers
+    assert activation_config(model) == ActivationConfig(hidden_bits=8, rotation="rotor", seed=3)
     ids = _ids(12)
     with torch.no_grad():
         out = model.generate(

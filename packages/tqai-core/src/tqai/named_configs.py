@@ -113,6 +113,8 @@ def resolve_patch_options(
     bits_v: int | None,
     hidden_bits: int | None = None,
     ffn_bits: int | None = None,
+    rotation: str = "haar",
+    seed: int = 0,
 ) -> tuple[int, int, ActivationConfig | None]:
     """Merge a named config with explicitly given options into what a backend's patch uses.
 
@@ -122,6 +124,7 @@ def resolve_patch_options(
     Args:
         config: a name of :data:`NAMED_CONFIGS` or None.
         bits_k, bits_v, hidden_bits, ffn_bits: the patch options as given (None = not given).
+        rotation, seed: the patch's rotation options; the activation quantizers use them too.
 
     Returns:
         ``(bits_k, bits_v, activations)``; ``activations`` is None when nothing but the KV cache
@@ -152,6 +155,9 @@ def resolve_patch_options(
                 "pass either the named config or the options"
             )
     activations = ActivationConfig(
-        hidden_bits=resolved["hidden_bits"], ffn_bits=resolved["ffn_bits"]
+        hidden_bits=resolved["hidden_bits"],
+        ffn_bits=resolved["ffn_bits"],
+        rotation=rotation,
+        seed=seed,
     )
     return resolved["bits_k"], resolved["bits_v"], activations if activations.enabled else None

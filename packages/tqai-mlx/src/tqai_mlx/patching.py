@@ -225,7 +225,8 @@ def patch(
             ``"kv+ffn8"``, ``"all8"``, ``"all6"``, ``"aggressive"``; :mod:`tqai.named_configs`):
             sets the KV bits and the activation compression.
         hidden_bits, ffn_bits: compress each decoder layer's output hidden state / the FFN
-            activations (down projection input) at this many bits (:mod:`tqai_mlx.activations`).
+            activations (down projection input) at this many bits (:mod:`tqai_mlx.activations`;
+            with ``rotation`` and ``seed``).
         chunk_attention: compute the attention calls that do not read codes (sliding-window and
             skipped layers, the ``full`` strategy) tile by tile with an online softmax in chunks
             of ``chunk_size`` (:mod:`tqai_mlx.chunked_attention`): exact, O(chunk^2) memory,
@@ -275,7 +276,13 @@ def patch(
         given = explicit_options(patch, locals())
         return patch_from_pretrained(model, from_pretrained, given=given)
     bits_k, bits_v, activations = resolve_patch_options(
-        config, bits_k=bits_k, bits_v=bits_v, hidden_bits=hidden_bits, ffn_bits=ffn_bits
+        config,
+        bits_k=bits_k,
+        bits_v=bits_v,
+        hidden_bits=hidden_bits,
+        ffn_bits=ffn_bits,
+        rotation=rotation,
+        seed=seed,
     )
     config = KVCacheConfig(  # the named config, if any, is resolved above
         bits_k=bits_k,

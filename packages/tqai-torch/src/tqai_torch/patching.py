@@ -88,7 +88,8 @@ def patch(
             :mod:`tqai.named_configs`): sets the KV bits and the activation compression.
         hidden_bits: compress every decoder layer's output hidden state at this many bits
             (:mod:`tqai_torch.activations`); None leaves it alone.
-        ffn_bits: compress the FFN activations (the down projection's input) likewise.
+        ffn_bits: compress the FFN activations (the down projection's input) likewise
+            (activation quantizers use ``rotation`` and ``seed`` too).
         chunk_attention: also compute the attention calls that do not read compressed codes
             (sliding-window and skipped layers, no-cache forwards) tile by tile with an online
             softmax in blocks of ``chunk_size`` (:mod:`tqai_torch.chunked_attention`): exact,
@@ -130,7 +131,13 @@ def patch(
         return patch_from_pretrained(model, from_pretrained, given=given)
     text = _check_model(model)
     bits_k, bits_v, activations = resolve_patch_options(
-        config, bits_k=bits_k, bits_v=bits_v, hidden_bits=hidden_bits, ffn_bits=ffn_bits
+        config,
+        bits_k=bits_k,
+        bits_v=bits_v,
+        hidden_bits=hidden_bits,
+        ffn_bits=ffn_bits,
+        rotation=rotation,
+        seed=seed,
     )
     if cache_strategy not in STRATEGIES:
         raise ValueError(f"cache_strategy must be one of {STRATEGIES}, got {cache_strategy!r}")
