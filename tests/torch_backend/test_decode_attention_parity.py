@@ -1,45 +1,154 @@
-"""The Triton decode kernel matches the core reference (run on a CUDA machine; skipped in CI)."""
+"""The Triton decode kernel matches the core reference.
+
+Runs on a CUDA GPU (marked ``gpu``: skipped in CI), or on the CPU through Triton's interpreter
+when ``TRITON_INTERPRET=1`` is set and triton is installed (then the tensors live on the CPU).
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from tqai import TurboQuantMSE
 from tqai.attention import compressed_attention
+from tqai.packing import pack_bits, unpack_bits
 
-pytestmark = pytest.mark.gpu
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = [] if INTERPRET else [pytest.mark.gpu]
+triton = pytest.importorskip("triton")
+
+
+def _interpreter_index_fix() -> None:
+    """Triton 3.6's interpreter turns a scalar into ``int(array of shape (1,))``, which numpy
+    >= 2.4 refuses ("only 0-dimensional arrays can be converted"); loops over run-time bounds
+    need it. Re-register ``__index__`` on the interpreted tensor with a 0-d reshape."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_tqai_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+    patched._tqai_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _interpreter_index_fix()
 
 CASES = [
     # (B, Hq, Hkv, T, D, bits_k, bits_v, sinks, window)
-    (1, 32, 8, 4096, 128, 4, 2, 4, 0),
+    (1, 32, 8, 4096, 128, 4, 2, 4, 0),  # the benchmark's shape
+    (1, 32, 8, 1100, 128, 3, 2, 4, 1),  # K3/V2, one staged token
+    (1, 32, 8, 700, 128, 4, 4, 0, 0),  # K4/V4, no segments
     (2, 9, 3, 1000, 64, 4, 2, 4, 7),  # SmolLM2 heads, irregular length
-    (1, 4, 1, 333, 128, 8, 4, 0, 0),  # MQA
-    (3, 8, 8, 77, 64, 2, 1, 2, 3),  # MHA, tiny history
+    (3, 8, 1, 333, 80, 8, 3, 0, 2),  # MQA (G = 8), head_dim 80
+    (3, 8, 8, 77, 96, 2, 1, 2, 3),  # MHA (G = 1), head_dim 96, tiny history
+    (1, 4, 2, 129, 256, 1, 8, 1, 0),  # head_dim 256
 ]
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_attention_matches_reference(case, dtype):
-    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
-
+def _interpreted(case):
+    """The interpreter is slow: the same shapes with at most 160 history tokens."""
     b, hq, hkv, t, d, bk, bv, s, w = case
-    gen = torch.Generator(device="cuda").manual_seed(sum(case))
-    new = {"device": "cuda", "generator": gen}
+    return (b, hq, hkv, min(t, 160 + s + w), d, bk, bv, s, w)
+
+
+def _case_inputs(case, dtype, seed):
+    b, hq, hkv, t, d, bk, bv, s, w = case
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    new = {"device": DEVICE, "generator": gen}
     q = torch.randn(b, hq, 1, d, **new).to(dtype)
-    k = torch.randn(b, hkv, t, d, **new).to(dtype)
+    k = torch.randn(b, hkv, t, d, **new).to(dtype) * 2.0
     v = torch.randn(b, hkv, t, d, **new).to(dtype)
-    kq = TurboQuantMSE(d, bk, rotation="hadamard", seed=1)
-    vq = TurboQuantMSE(d, bv, seed=2)
+    kq = TurboQuantMSE(d, bk, rotation="hadamard", seed=seed)
+    vq = TurboQuantMSE(d, bv, seed=seed + 1)
     keys, values = kq.quantize(k[:, :, s : t - w]), vq.quantize(v[:, :, s : t - w])
     prefix = (k[:, :, :s], v[:, :, :s])
     suffix = (k[:, :, t - w :], v[:, :, t - w :])
-    kwargs = {"scale": d**-0.5, "prefix": prefix, "suffix": suffix}
-    ref = compressed_attention(q.float(), keys, values, kq, vq, **kwargs)
-    out = decode_attention_triton(q, keys, values, kq, vq, tokens_per_split=256, **kwargs)
+    return q, keys, values, kq, vq, {"scale": d**-0.5, "prefix": prefix, "suffix": suffix}
+
+
+def _check(out, ref, dtype):
     assert out.dtype == dtype
-    # The kernel computes in fp32 and rounds once to the output dtype: within that rounding.
-    err = (out.float() - ref).abs().max().item()
-    rounding = (ref.to(dtype).float() - ref).abs().max().item()
-    assert err <= 2 * rounding + 1e-5, (err, rounding)
+    assert bool(torch.isfinite(out).all())
+    # fp16 operands on the tensor cores (query, centroids, p * |v|) with fp32 accumulation, and
+    # one rounding to the output dtype: relative error well under 1e-2 of the reference.
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    rounding = ((ref.to(dtype).float() - ref).norm() / ref.norm()).item()
+    assert rel <= 2 * rounding + 3e-3, (rel, rounding)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_matches_reference(index, dtype):
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    case = _interpreted(CASES[index]) if INTERPRET else CASES[index]
+    q, keys, values, kq, vq, kwargs = _case_inputs(case, dtype, seed=index + 3)
+    ref = compressed_attention(q.float(), keys, values, kq, vq, **kwargs)
+    out = decode_attention_triton(
+        q, keys, values, kq, vq, tokens_per_split=64 if INTERPRET else 128, **kwargs
+    )
+    _check(out, ref, dtype)
+    # the default split heuristic and a whole-history program give the same function
+    out2 = decode_attention_triton(q, keys, values, kq, vq, **kwargs)
+    _check(out2, ref, dtype)
+    out3 = decode_attention_triton(q, keys, values, kq, vq, tokens_per_split=1 << 20, **kwargs)
+    _check(out3, ref, dtype)
+
+
+def test_decode_attention_reads_a_history_view():
+    """A view into a larger (growable) buffer is read in place with its strides."""
+    from tqai.attention import slice_tokens
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    q, keys, values, kq, vq, kwargs = _case_inputs((2, 8, 2, 200, 64, 4, 2, 0, 1), torch.float16, 1)
+    keys_view, values_view = slice_tokens(keys, 0, 150), slice_tokens(values, 0, 150)
+    assert not keys_view.packed.is_contiguous()
+    ref = compressed_attention(q.float(), keys_view, values_view, kq, vq, **kwargs)
+    out = decode_attention_triton(q, keys_view, values_view, kq, vq, **kwargs)
+    _check(out, ref, torch.float16)
+
+
+def test_group_layout_matches_packing():
+    """The kernel reads whole packing groups: code ``8 j + i`` is bits ``[b i, b i + b)`` of the
+    little-endian integer in bytes ``[b j, b j + b)`` of a row (the layout of tqai.packing)."""
+    from tqai_torch.kernels.triton.decode_attention import plane_layout
+
+    gen = torch.Generator().manual_seed(0)
+    for bits in (1, 2, 3, 4, 8):
+        for d in (64, 80, 96, 128):
+            codes = torch.randint(0, 2**bits, (5, d), generator=gen, dtype=torch.int64)
+            packed = pack_bits(codes, bits).to(torch.int64)
+            wp, wr = plane_layout(bits, d)
+            assert wr == packed.shape[1] // bits
+            assert wp >= wr
+            assert 8 * wp >= 16
+            weights = torch.tensor([1 << (8 * k) for k in range(bits)])
+            groups = (packed.reshape(5, wr, bits) * weights).sum(-1)
+            for dim in range(d):
+                j, i = divmod(dim, 8)
+                got = (groups[:, j] >> (bits * i)) & (2**bits - 1)
+                assert torch.equal(got, codes[:, dim]), (bits, d, dim)
+            assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, d).to(torch.int64), codes)
+
+
+def test_decode_attention_refuses_bad_input():
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    q, keys, values, kq, vq, kwargs = _case_inputs((1, 4, 2, 40, 64, 4, 2, 0, 0), torch.float16, 2)
+    with pytest.raises(ValueError, match="one token"):
+        decode_attention_triton(q.expand(1, 4, 2, 64), keys, values, kq, vq, **kwargs)
+    with pytest.raises(ValueError, match="keys"):
+        decode_attention_triton(q, None, values, kq, vq, **kwargs)
+    vq5 = TurboQuantMSE(64, 5, seed=3)
+    values5 = vq5.quantize(torch.randn(1, 2, 40, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="quantizer"):
+        decode_attention_triton(q, keys, values5, kq, vq5, **kwargs)
