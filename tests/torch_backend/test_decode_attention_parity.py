@@ -102,6 +102,9 @@ def test_decode_attention_matches_reference(index, dtype):
     _check(out2, ref, dtype)
     out3 = decode_attention_triton(q, keys, values, kq, vq, tokens_per_split=1 << 20, **kwargs)
     _check(out3, ref, dtype)
+    # centroids gathered from memory instead of byte-permuted from registers (same function)
+    out4 = decode_attention_triton(q, keys, values, kq, vq, lookup="gather", **kwargs)
+    _check(out4, ref, dtype)
 
 
 def test_decode_attention_reads_a_history_view():
@@ -140,6 +143,78 @@ def test_group_layout_matches_packing():
             assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, d).to(torch.int64), codes)
 
 
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte k of the result is byte ``c[4k:4k+3] & 7`` of
+    ``{b, a}``, or the replicated sign of that byte when ``c[4k+3]`` is set."""
+    src, out = (b << 32) | a, 0
+    for k in range(4):
+        sel = (c >> (4 * k)) & 0xF
+        byte = (src >> (8 * (sel & 7))) & 0xFF
+        out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * k)
+    return out
+
+
+def _run_ptx(asm: str, inputs: dict[int, int]) -> list[int]:
+    """Interpret the few PTX instructions the PRMT lookups use (32-bit registers)."""
+    regs: dict[str, int] = {}
+    outs: dict[int, int] = {}
+
+    def val(x: str) -> int:
+        x = x.strip()
+        return inputs[int(x[1:])] if x.startswith("$") else regs[x] if x in regs else int(x, 0)
+
+    ops = {
+        "shr.b32": lambda x, y: x >> y,
+        "shl.b32": lambda x, y: (x << y) & 0xFFFFFFFF,
+        "and.b32": lambda x, y: x & y,
+        "xor.b32": lambda x, y: x ^ y,
+        "mul.lo.u32": lambda x, y: (x * y) & 0xFFFFFFFF,
+        "prmt.b32": _prmt,
+    }
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32":  # mov.b32 {$i, $j}, r: split into two 16-bit outputs
+            halves, src = rest.split("},")
+            lo, hi = (int(h.strip()[1:]) for h in halves.strip("{ ").split(","))
+            outs[lo], outs[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        dst, *args = (a.strip() for a in rest.split(","))
+        regs[dst] = ops[op](*(val(a) for a in args))
+    return [outs[i] for i in range(8)]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_prmt_lookups_match_the_table(bits, d):
+    """The byte-permute PTX of the fast path, interpreted instruction by instruction, returns the
+    fp16 centroids of every code (the interpreter cannot run inline PTX; the GPU tests do)."""
+    import numpy as np
+
+    from tqai.codebooks import lloyd_max_codebook
+    from tqai_torch.kernels.triton import decode_attention as k
+
+    centroids = lloyd_max_codebook(d, bits).centroids
+    regs = [r & 0xFFFFFFFF for r in k._prmt_registers(centroids)]
+    table = np.asarray(centroids, np.float16).view(np.uint16)
+    asm = k._PRMT4 if bits == 4 else k._PRMT2
+    rng = np.random.default_rng(d + bits)
+    for _ in range(200):
+        codes = rng.integers(0, 2**bits, 8)
+        group = sum(int(x) << (bits * i) for i, x in enumerate(codes))
+        got = _run_ptx(asm, {8: group, 9: regs[0], 10: regs[1], 11: regs[2], 12: regs[3]})
+        assert got == [int(table[x]) for x in codes]
+
+
+def test_prmt_registers_need_a_symmetric_codebook():
+    from tqai_torch.kernels.triton import decode_attention as k
+
+    assert k._prmt_registers([float(i) for i in range(16)]) is None  # not symmetric: gathers
+    assert k._prmt_registers([0.5] * 8) is None  # 3 bits: gathers
+
+
 def test_decode_attention_refuses_bad_input():
     from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
@@ -152,3 +227,5 @@ def test_decode_attention_refuses_bad_input():
     values5 = vq5.quantize(torch.randn(1, 2, 40, 64, device=DEVICE))
     with pytest.raises(ValueError, match="quantizer"):
         decode_attention_triton(q, keys, values5, kq, vq5, **kwargs)
+    with pytest.raises(ValueError, match="lookup"):
+        decode_attention_triton(q, keys, values, kq, vq, lookup="table", **kwargs)

@@ -99,19 +99,106 @@ def _load_groups(
     return groups
 
 
+# Byte-permute lookups (PTX ``prmt``): the fp16 table lives in registers as its low bytes and its
+# high bytes, ``prmt`` picks 4 bytes at once by 4 nibble selectors, and two more ``prmt`` weave
+# low and high bytes into fp16 pairs. No memory access and no address arithmetic per code.
+#
+# 4 bits: the Lloyd-Max codebook is symmetric, c[15 - j] = -c[j] (checked on the host, in fp16),
+# so the table holds c[0..7] ($9, $10: low bytes; $11, $12: high bytes): code j reads entry
+# (j & 7) ^ (7 if j & 8 else 0) and flips the sign bit when j & 8. $8: one packing group (8 codes).
+_PRMT4 = """{
+.reg .b32 t, f, m, mh, lo, hi, se, so, sg, r;
+shr.b32 t, $8, 3;
+and.b32 t, t, 0x11111111;
+mul.lo.u32 f, t, 7;
+and.b32 m, $8, 0x77777777;
+xor.b32 m, m, f;
+shl.b32 se, t, 7;
+and.b32 se, se, 0x80808080;
+shl.b32 so, t, 3;
+and.b32 so, so, 0x80808080;
+prmt.b32 lo, $9, $10, m;
+prmt.b32 hi, $11, $12, m;
+prmt.b32 sg, se, so, 0x5140;
+xor.b32 hi, hi, sg;
+prmt.b32 r, lo, hi, 0x5140;
+mov.b32 {$0, $1}, r;
+prmt.b32 r, lo, hi, 0x7362;
+mov.b32 {$2, $3}, r;
+shr.b32 mh, m, 16;
+prmt.b32 lo, $9, $10, mh;
+prmt.b32 hi, $11, $12, mh;
+prmt.b32 sg, se, so, 0x7362;
+xor.b32 hi, hi, sg;
+prmt.b32 r, lo, hi, 0x5140;
+mov.b32 {$4, $5}, r;
+prmt.b32 r, lo, hi, 0x7362;
+mov.b32 {$6, $7}, r;
+}"""
+# 2 bits: the 4-entry table is one register of low bytes ($9) and one of high bytes ($10); even
+# and odd codes of the group are spread into nibble selectors, looked up, and interleaved.
+_PRMT2 = """{
+.reg .b32 x, y, le, he, lo, ho, e0, e1, o0, o1, r;
+and.b32 x, $8, 0x3333;
+shr.b32 y, $8, 2;
+and.b32 y, y, 0x3333;
+prmt.b32 le, $9, $9, x;
+prmt.b32 he, $10, $10, x;
+prmt.b32 lo, $9, $9, y;
+prmt.b32 ho, $10, $10, y;
+prmt.b32 e0, le, he, 0x5140;
+prmt.b32 e1, le, he, 0x7362;
+prmt.b32 o0, lo, ho, 0x5140;
+prmt.b32 o1, lo, ho, 0x7362;
+prmt.b32 r, e0, o0, 0x5410;
+mov.b32 {$0, $1}, r;
+prmt.b32 r, e0, o0, 0x7632;
+mov.b32 {$2, $3}, r;
+prmt.b32 r, e1, o1, 0x5410;
+mov.b32 {$4, $5}, r;
+prmt.b32 r, e1, o1, 0x7632;
+mov.b32 {$6, $7}, r;
+}"""
+
+_PRMT4_ASM = tl.constexpr(_PRMT4)
+_PRMT2_ASM = tl.constexpr(_PRMT2)
+
+
 @triton.jit
 def _centroids(
     groups,  # (BLOCK_N, WP) from _load_groups
-    table_ptr,  # (2**BITS,) fp16 centroids
+    table_ptr,  # (2**BITS,) fp16 centroids (gather path)
+    t0,  # table bytes in registers (PRMT path, see _PRMT4 / _PRMT2)
+    t1,
+    t2,
+    t3,
     BITS: tl.constexpr,
     WP: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRMT: tl.constexpr,
 ):
     """Centroids of the codes in ``groups``, ``(BLOCK_N, 8 * WP)`` fp16 in dim order (code
-    ``8 j + i`` is group ``j`` at shift ``BITS i``)."""
-    shifts = tl.arange(0, 8).to(groups.dtype) * BITS
-    codes = ((groups[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
-    cent = tl.load(table_ptr + codes)
+    ``8 j + i`` is group ``j`` at shift ``BITS i``): byte-permute lookups from registers
+    (``PRMT``, 2 and 4 bits) or gathers from the table in memory."""
+    if PRMT:
+        if BITS == 4:
+            o = tl.inline_asm_elementwise(
+                _PRMT4_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [groups, t0, t1, t2, t3],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            o = tl.inline_asm_elementwise(
+                _PRMT2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [groups, t0, t1],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
+        # join appends a minor axis: [a, b, c] below is code 4 a + 2 b + c
+        even = tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6]))
+        odd = tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7]))
+        cent = tl.join(even, odd)
+    else:
+        shifts = tl.arange(0, 8).to(groups.dtype) * BITS
+        codes = ((groups[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+        cent = tl.load(table_ptr + codes)
     return tl.reshape(cent, (BLOCK_N, 8 * WP))
 
 
@@ -132,6 +219,14 @@ def _decode_attention_kernel(
     vn_ptr,  # (B, Hkv, T) value norms, fp16
     kt_ptr,  # (2**KB,) fp16 key centroids
     vt_ptr,  # (2**VB,) fp16 value centroids
+    kt0,  # key table bytes for the PRMT path (int32 each; unused otherwise)
+    kt1,
+    kt2,
+    kt3,
+    vt0,  # value table bytes
+    vt1,
+    vt2,
+    vt3,
     T,
     split_len,  # tokens per program, a multiple of BLOCK_N
     n_kv,
@@ -158,6 +253,8 @@ def _decode_attention_kernel(
     D: tl.constexpr,
     DP: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    KPRMT: tl.constexpr,  # key lookups by byte permutes from registers (else gathers)
+    VPRMT: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -208,14 +305,14 @@ def _decode_attention_kernel(
         kn_nx = tl.load(kn_row + toks_nx * kn_st, mask=valid_nx, other=0.0)
         vu_nx = _load_groups(vp_row + toks_nx * vp_st, valid_nx, VB, VWP, VWR)
         vn_nx = tl.load(vn_row + toks_nx * vn_st, mask=valid_nx, other=0.0)
-        k = _centroids(ku, kt_ptr, KB, KWP, BLOCK_N)
+        k = _centroids(ku, kt_ptr, kt0, kt1, kt2, kt3, KB, KWP, BLOCK_N, KPRMT)
         s = tl.dot(q, tl.trans(k)) * kn.to(tl.float32)[None, :]  # (GP, BLOCK_N), base 2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        v = _centroids(vu, vt_ptr, VB, VWP, BLOCK_N)
+        v = _centroids(vu, vt_ptr, vt0, vt1, vt2, vt3, VB, VWP, BLOCK_N, VPRMT)
         pv = (p * vn.to(tl.float32)[None, :]).to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(pv, v)
         m = m_new
@@ -413,6 +510,8 @@ class _Constants:
     k_layout: tuple[int, int]
     v_layout: tuple[int, int]
     dp: int
+    k_regs: tuple[int, int, int, int] | None  # table bytes for the PRMT path, None: gathers
+    v_regs: tuple[int, int, int, int] | None
 
 
 _CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -446,9 +545,30 @@ def _constants(key_q: Any, value_q: Any, device: torch.device) -> _Constants:
         k_layout=k_layout,
         v_layout=v_layout,
         dp=dp,
+        k_regs=_prmt_registers(key_q.codebook.centroids),
+        v_regs=_prmt_registers(value_q.codebook.centroids),
     )
     per_value[device] = found
     return found
+
+
+def _prmt_registers(centroids: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The fp16 table of a 2- or 4-bit codebook as 4 int32 registers of bytes for the PRMT path
+    (4 bits: low bytes of c[0..3], c[4..7], high bytes of c[0..3], c[4..7], valid only because
+    c[15 - j] == -c[j] in fp16, checked here; 2 bits: low bytes, high bytes, 0, 0), or None."""
+    c = np.asarray(centroids, dtype=np.float16)
+    bits = c.view(np.uint16).astype(np.uint32)
+    lo, hi = bits & 0xFF, bits >> 8
+
+    def word(b: np.ndarray) -> int:
+        value = int(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24)
+        return value - (1 << 32) if value >= 1 << 31 else value  # as a signed int32 argument
+
+    if c.size == 16 and np.array_equal(c[::-1], -c):
+        return word(lo[:4]), word(lo[4:8]), word(hi[:4]), word(hi[4:8])
+    if c.size == 4:
+        return word(lo), word(hi), 0, 0
+    return None
 
 
 def _check_aligned(qt: Any, name: str) -> None:
@@ -518,6 +638,7 @@ def decode_attention_triton(
     block_n: int | None = None,
     tokens_per_split: int | None = None,
     num_warps: int = 4,
+    lookup: str = "auto",
 ) -> torch.Tensor:
     """Decode attention ``query (B, Hq, 1, D)`` over packed history + full-precision segments.
 
@@ -525,7 +646,8 @@ def decode_attention_triton(
     (``keys`` / ``values`` must hold at least one token). ``block_n`` (tokens per step)
     defaults to 64, 32 for rows of more than 128 kernel columns (shared memory);
     ``tokens_per_split`` to a split that gives the GPU about two programs per SM (at least
-    ``4 * block_n`` tokens each).
+    ``4 * block_n`` tokens each). ``lookup="gather"`` reads centroids from memory even where
+    byte-permute lookups from registers serve (2 bits, symmetric 4-bit codebooks on CUDA).
     """
     b, hq, tq, d = query.shape
     if tq != 1:
@@ -555,6 +677,13 @@ def decode_attention_triton(
     pdk, pdv = 8 * kwp, 8 * vwp
     if block_n is None:
         block_n = 64 if max(pdk, pdv) <= 128 else 32
+    if lookup not in ("auto", "gather"):
+        raise ValueError(f"lookup must be 'auto' or 'gather', got {lookup!r}")
+    # byte-permute lookups need PTX (not the interpreter) and a 2-bit or symmetric 4-bit table
+    prmt = lookup == "auto" and device.type == "cuda"
+    kprmt, vprmt = prmt and c.k_regs is not None, prmt and c.v_regs is not None
+    k_regs = c.k_regs if kprmt else (0, 0, 0, 0)
+    v_regs = c.v_regs if vprmt else (0, 0, 0, 0)
     bh = b * n_kv
     if tokens_per_split is None:
         want = max(1, math.ceil(2 * _sm_count(device) / bh))
@@ -570,13 +699,13 @@ def decode_attention_triton(
     _decode_attention_kernel[(bh, splits)](
         query, query.stride(0), query.stride(1), qscale, c.rot,
         ws, m_off, l_off, acc_off,
-        kp, kn, vp, vn, c.k_table, c.v_table,
+        kp, kn, vp, vn, c.k_table, c.v_table, *k_regs, *v_regs,
         t, split_len, n_kv,
         kp.stride(0), kp.stride(1), kp.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
         vp.stride(0), vp.stride(1), vp.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
         KB=key_quantizer.spec.n_bits, KWP=kwp, KWR=kwr,
         VB=value_quantizer.spec.n_bits, VWP=vwp, VWR=vwr,
-        G=g, GP=_GP, D=d, DP=c.dp, BLOCK_N=block_n,
+        G=g, GP=_GP, D=d, DP=c.dp, BLOCK_N=block_n, KPRMT=kprmt, VPRMT=vprmt,
         num_warps=num_warps,
     )  # fmt: skip
     out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
