@@ -190,7 +190,9 @@ def main() -> None:
                     checks.append({"config": name, "context": context, "rel_err": rel})
                 settings = [(None, 4, None)]  # the library's defaults
                 if args.tune:
-                    settings = [(bn, 4, ps) for bn in (64, 128) for ps in (2.0, 4.0, 8.0)]
+                    settings = [
+                        (bn, nw, ps) for bn in (64, 128) for nw in (4, 8) for ps in (2.0, 4.0)
+                    ]
                 for block_n, warps, per_sm in settings:
                     tps = (
                         None

@@ -644,9 +644,9 @@ def decode_attention_triton(
 
     Same inputs and output as :func:`tqai.attention.compressed_attention` with ``mask=None``
     (``keys`` / ``values`` must hold at least one token). ``block_n`` (tokens per step)
-    defaults to 64, 32 for rows of more than 128 kernel columns (shared memory);
-    ``tokens_per_split`` to a split that gives the GPU about two programs per SM (at least
-    ``4 * block_n`` tokens each). ``lookup="gather"`` reads centroids from memory even where
+    defaults to 64 (128 from 16K tokens; 32 for rows of more than 128 kernel columns, for
+    shared memory); ``tokens_per_split`` to splits that give the GPU at least two programs per
+    SM and every KV head at least 8 splits (each at least ``4 * block_n`` tokens). ``lookup="gather"`` reads centroids from memory even where
     byte-permute lookups from registers serve (2 bits, symmetric 4-bit codebooks on CUDA).
     """
     b, hq, tq, d = query.shape
@@ -675,8 +675,8 @@ def decode_attention_triton(
     kwp, kwr = c.k_layout
     vwp, vwr = c.v_layout
     pdk, pdv = 8 * kwp, 8 * vwp
-    if block_n is None:
-        block_n = 64 if max(pdk, pdv) <= 128 else 32
+    if block_n is None:  # measured on H100 (benchmarks/NOTES.md, v5 sweep)
+        block_n = 32 if max(pdk, pdv) > 128 else 128 if t >= 16384 else 64
     if lookup not in ("auto", "gather"):
         raise ValueError(f"lookup must be 'auto' or 'gather', got {lookup!r}")
     # byte-permute lookups need PTX (not the interpreter) and a 2-bit or symmetric 4-bit table
@@ -685,8 +685,8 @@ def decode_attention_triton(
     k_regs = c.k_regs if kprmt else (0, 0, 0, 0)
     v_regs = c.v_regs if vprmt else (0, 0, 0, 0)
     bh = b * n_kv
-    if tokens_per_split is None:
-        want = max(1, math.ceil(2 * _sm_count(device) / bh))
+    if tokens_per_split is None:  # >= 2 programs per SM, >= 8 splits per KV head
+        want = max(8, math.ceil(2 * _sm_count(device) / bh))
         tokens_per_split = max(4 * block_n, math.ceil(t / want))
     split_len = max(block_n, math.ceil(tokens_per_split / block_n) * block_n)
     splits = math.ceil(t / split_len)
