@@ -15,7 +15,7 @@ time of one call is reported separately (``eager`` in the JSON).
 (plus nothing else of size). The roofline is a device-to-device copy measured in the same run
 (bytes read + written over time).
 
-Also the encode throughput of the core quantizer on the GPU (K and V of one decode-sized and one
+Also the encode throughput, core quantizer vs the fused Triton encode (K and V of one decode-sized and one
 prefill-sized append). Writes ``benchmarks/results/attention_<card>.json``; prints the table.
 
     python benchmarks/bench_attention.py [--contexts 4096 ...] [--batches 1 8] [--tune]
@@ -264,10 +264,10 @@ def main() -> None:
         table,
     )  # fmt: skip
     print_table(
-        f"encode (core quantizer, torch ops) on {card}",
-        ["tokens", "K bits", "V bits", "us", "tokens/s", "GB/s in"],
-        [[e["tokens"], e["bits_k"], e["bits_v"], f"{e['us']:.0f}", f"{e['tokens_per_s']:.3g}",
-          f"{e['gbps']:.1f}"] for e in encode],
+        f"encode K and V (core quantizer vs fused Triton encode, eager) on {card}",
+        ["path", "tokens", "K bits", "V bits", "us", "tokens/s", "GB/s in"],
+        [[e["path"], e["tokens"], e["bits_k"], e["bits_v"], f"{e['us']:.1f}",
+          f"{e['tokens_per_s']:.3g}", f"{e['gbps']:.1f}"] for e in encode],
     )  # fmt: skip
     for c in checks:
         print(
@@ -307,26 +307,33 @@ def profile_kernels(calls: list, title: str) -> None:
 
 
 def encode_throughput(quantizers: dict) -> list[dict]:
-    """K and V of a decode append (1 token) and a prefill append (4096 tokens), batch 1."""
+    """K and V of a decode append (1 token) and a prefill append (4096 tokens), batch 1, by the
+    core quantizer (torch ops, with its input checks) and by the fused Triton encode."""
+    from tqai_torch.kernels.triton.encode import quantize_triton
+
     out = []
     for tokens in (1, 4096):
-        for bk, bv in {CONFIGS[c] for c in CONFIGS}:
+        for bk, bv in sorted({CONFIGS[c] for c in CONFIGS}):
             if ("k", bk) not in quantizers or ("v", bv) not in quantizers:
                 continue
             k = torch.randn(1, KV_HEADS, tokens, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             kq, vq = quantizers[("k", bk)], quantizers[("v", bv)]
-
-            def run(k=k, v=v, kq=kq, vq=vq):
-                return kq.quantize(k), vq.quantize(v)
-
-            run()
-            us = _median(_events_ms(run, 20)) * 1e3
-            bytes_in = 2 * k.numel() * k.element_size()
-            out.append(
-                {"tokens": tokens, "bits_k": bk, "bits_v": bv, "us": us,
-                 "tokens_per_s": tokens / us * 1e6, "gbps": bytes_in / us / 1e3}
-            )  # fmt: skip
+            paths = {
+                "core": lambda k=k, v=v, kq=kq, vq=vq: (kq.quantize(k), vq.quantize(v)),
+                "triton": lambda k=k, v=v, kq=kq, vq=vq: (
+                    quantize_triton(k, kq),
+                    quantize_triton(v, vq),
+                ),
+            }
+            for path, run in paths.items():
+                run()
+                us = _median(_events_ms(run, 20)) * 1e3
+                bytes_in = 2 * k.numel() * k.element_size()
+                out.append(
+                    {"path": path, "tokens": tokens, "bits_k": bk, "bits_v": bv, "us": us,
+                     "tokens_per_s": tokens / us * 1e6, "gbps": bytes_in / us / 1e3}
+                )  # fmt: skip
     return out
 
 

@@ -6,8 +6,6 @@ when ``TRITON_INTERPRET=1`` is set and triton is installed (then the tensors liv
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -15,32 +13,10 @@ from tqai import TurboQuantMSE
 from tqai.attention import compressed_attention
 from tqai.packing import pack_bits, unpack_bits
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = [] if INTERPRET else [pytest.mark.gpu]
 triton = pytest.importorskip("triton")
+from triton_interpret import DEVICE, INTERPRET, MARKS  # noqa: E402
 
-
-def _interpreter_index_fix() -> None:
-    """Triton 3.6's interpreter turns a scalar into ``int(array of shape (1,))``, which numpy
-    >= 2.4 refuses ("only 0-dimensional arrays can be converted"); loops over run-time bounds
-    need it. Re-register ``__index__`` on the interpreted tensor with a 0-d reshape."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_tqai_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
-
-    patched._tqai_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if INTERPRET:
-    _interpreter_index_fix()
+pytestmark = MARKS
 
 CASES = [
     # (B, Hq, Hkv, T, D, bits_k, bits_v, sinks, window)
