@@ -268,6 +268,43 @@ def section_speed(docs: dict[str, Any]) -> str:
             )
         )
         parts.append(machine(doc))
+    for name in sorted(n for n in docs if n.startswith("attention_")):
+        doc = docs[name]
+        rows = _rows(doc)
+        card = (rows[0].get("card") if rows else None) or name.removeprefix("attention_")
+        parts.append(f"<h3>Decode attention vs SDPA, {html.escape(str(card))}</h3>")
+        for batch in sorted({r["batch"] for r in rows}):
+            rs = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["context"])
+            fig, ax = plt.subplots(figsize=(7, 4))
+            sdpa = sorted({(r["context"], r["sdpa_us"]) for r in rs})
+            ax.plot([c for c, _ in sdpa], [u for _, u in sdpa], "k--o", label="SDPA bf16")
+            for config in sorted({r["config"] for r in rs}):
+                cs = [r for r in rs if r["config"] == config]
+                ax.plot([r["context"] for r in cs], [r["tqai_us"] for r in cs], "o-",
+                        label=f"tqai {config}")  # fmt: skip
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel("microseconds per layer call")
+            ax.set_title(f"Decode attention, batch {batch} ({card})")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            caption = f"Decode attention vs SDPA, batch {batch}, {card}"
+            parts.append(figure(fig, caption, f"plot-{name}-b{batch}"))
+        parts.append(
+            table(
+                [
+                    ("config", _key("config")),
+                    ("batch", _key("batch")),
+                    ("context", _key("context")),
+                    ("SDPA us", _key("sdpa_us")),
+                    ("tqai us", _key("tqai_us")),
+                    ("speedup", lambda r: f"{r['sdpa_us'] / r['tqai_us']:.2f}x"),
+                ],
+                rows,
+            )
+        )
+        parts.append(machine(doc))
     for name in sorted(n for n in docs if n.startswith("chunked_")):
         doc = docs[name]
         card = (doc.get("machine") or {}).get("device") or doc.get("device") or name
@@ -359,7 +396,7 @@ def render(results: Path) -> str:
     if not docs:
         raise ValueError(f"no results (*.json) in {results}")
     known = {"quality", "named_configs", "distortion", "memory", "memory_cuda", "pipeline"}
-    known |= {n for n in docs if n.startswith(("decode_", "chunked_"))}
+    known |= {n for n in docs if n.startswith(("decode_", "chunked_", "attention_"))}
     body = [
         section_quality(docs),
         section_memory(docs),

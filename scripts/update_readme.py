@@ -297,6 +297,33 @@ def render_named_configs(doc: Any) -> str:
     return _join(_table(columns, rows), note, _machine(doc))
 
 
+def render_attention(doc: Any) -> str:
+    """Decode attention on a GPU (bench_attention): SDPA vs tqai per layer-call, GB/s, roofline."""
+    rows = _rows(doc)
+    roof = doc.get("copy_gbps") if isinstance(doc, dict) else None
+    columns: list[Column] = [
+        ("config", _key("config"), False),
+        ("batch", _key("batch"), True),
+        ("context", _key("context"), True),
+        ("SDPA bf16 us", lambda r: r["sdpa_us"], True),
+        ("tqai us", lambda r: r["tqai_us"], True),
+        ("speedup", lambda r: f"{r['sdpa_us'] / r['tqai_us']:.2f}x", True),
+        ("tqai GB/s", lambda r: round(r["tqai_gbps"]), True),
+    ]
+    if roof:
+        columns.append(
+            ("% of copy roofline", lambda r: f"{100 * r['tqai_gbps'] / roof:.0f}%", True)
+        )
+    card = rows[0].get("card") if rows else None
+    notes = []
+    if card:
+        notes.append(f"Card: {card}.")
+    if isinstance(doc, dict) and doc.get("method"):
+        roof_note = f" Roofline: device-to-device copy, {roof:.0f} GB/s." if roof else ""
+        notes.append(f"Timing: {doc['method']}.{roof_note}")
+    return _join(_table(columns, rows), " ".join(notes), _machine(doc))
+
+
 def render_generic(doc: Any) -> str:
     """Any other results file: one column per row key, in order of first appearance."""
     rows = _rows(doc)
@@ -331,6 +358,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "decode_*": render_decode,
     "chunked_*": render_chunked,
     "named_configs": render_named_configs,
+    "attention_*": render_attention,
 }
 """Renderer per results-file stem; a key ending in ``*`` matches stems with that prefix."""
 
