@@ -10,7 +10,7 @@ TORCH_VERSION := 2.13.0
 PACKAGES := packages/tqai-core packages/tqai-torch packages/tqai-mlx packages/tqai-diffusers
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-gpu lint fmt bench lock readme ci clean
+.PHONY: setup demo test test-gpu lint fmt bench lock readme report ci clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ bench: $(STAMP)
 
 readme: $(STAMP)
 	$(PY) scripts/update_readme.py
+
+# One self-contained HTML page (plots + tables) from benchmarks/results/*.json.
+report: $(STAMP)
+	$(PY) benchmarks/report.py --output build/report/index.html
 
 lock: $(STAMP)
 	$(UV) pip compile requirements/dev.in --python-version 3.11 --no-header --no-annotate \

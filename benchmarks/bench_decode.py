@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--bits-k", type=int, default=4)
     parser.add_argument("--bits-v", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--block-n", type=int, default=32, help="triton: tokens per block")
+    parser.add_argument("--block-n", type=int, default=None, help="triton: tokens per block")
     parser.add_argument("--no-json", action="store_true", help="print only (tuning runs)")
     args = parser.parse_args()
     device = args.device

@@ -306,6 +306,75 @@ def render_video(doc: Any) -> str:
     return _join(_table(columns, rows), " ".join(p for p in (note, card) if p), _machine(doc))
 
 
+def render_chunked(doc: Any) -> str:
+    """Chunked attention vs plain attention vs fused SDPA: milliseconds and peak memory."""
+    rows = _rows(doc)
+    base = {r["context"]: r["seconds"] for r in rows if r.get("provider") == "torch"}
+
+    def speed(row: Row) -> Any:
+        ref = base.get(row.get("context"))
+        return None if not ref else f"{ref / row['seconds']:.3g}x"
+
+    columns: list[Column] = [
+        ("provider", _key("provider"), False),
+        ("context", _key("context"), True),
+        ("ms", lambda r: r["seconds"] * 1e3, True),
+        ("peak MiB", _mib("peak_bytes"), True),
+        ("speed vs torch SDPA", speed, True),
+    ]
+    device = doc.get("machine", {}).get("device") if isinstance(doc, dict) else None
+    note = f"Card: {device}." if device else ""
+    return _join(_table(columns, rows), note, _machine(doc))
+
+
+def render_named_configs(doc: Any) -> str:
+    """Perplexity per named config (KV + activation compression) against the baseline."""
+    rows = _rows(doc)
+
+    def delta(row: Row) -> Any:
+        ppl, base = row.get("ppl"), row.get("baseline_ppl")
+        return None if ppl is None or not base else f"{100 * (ppl / base - 1):+.2f}%"
+
+    columns: list[Column] = [
+        ("config", _key("config"), False),
+        ("KV", _key("kv"), False),
+        ("hidden bits", lambda r: r.get("hidden_bits") or "-", True),
+        ("FFN bits", lambda r: r.get("ffn_bits") or "-", True),
+        ("perplexity", _key("ppl"), True),
+        ("change", delta, True),
+    ]
+    models = {str(r.get("model")) for r in rows}
+    note = f"Model: {models.pop()}." if len(models) == 1 and rows and rows[0].get("model") else ""
+    return _join(_table(columns, rows), note, _machine(doc))
+
+
+def render_attention(doc: Any) -> str:
+    """Decode attention on a GPU (bench_attention): SDPA vs tqai per layer-call, GB/s, roofline."""
+    rows = _rows(doc)
+    roof = doc.get("copy_gbps") if isinstance(doc, dict) else None
+    columns: list[Column] = [
+        ("config", _key("config"), False),
+        ("batch", _key("batch"), True),
+        ("context", _key("context"), True),
+        ("SDPA bf16 us", lambda r: r["sdpa_us"], True),
+        ("tqai us", lambda r: r["tqai_us"], True),
+        ("speedup", lambda r: f"{r['sdpa_us'] / r['tqai_us']:.2f}x", True),
+        ("tqai GB/s", lambda r: round(r["tqai_gbps"]), True),
+    ]
+    if roof:
+        columns.append(
+            ("% of copy roofline", lambda r: f"{100 * r['tqai_gbps'] / roof:.0f}%", True)
+        )
+    card = rows[0].get("card") if rows else None
+    notes = []
+    if card:
+        notes.append(f"Card: {card}.")
+    if isinstance(doc, dict) and doc.get("method"):
+        roof_note = f" Roofline: device-to-device copy, {roof:.0f} GB/s." if roof else ""
+        notes.append(f"Timing: {doc['method']}.{roof_note}")
+    return _join(_table(columns, rows), " ".join(notes), _machine(doc))
+
+
 def render_generic(doc: Any) -> str:
     """Any other results file: one column per row key, in order of first appearance."""
     rows = _rows(doc)
@@ -341,6 +410,9 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "decode_*": render_decode,
     "vae_memory_*": render_vae_memory,
     "video_*": render_video,
+    "chunked_*": render_chunked,
+    "named_configs": render_named_configs,
+    "attention_*": render_attention,
 }
 """Renderer per results-file stem; a key ending in ``*`` matches stems with that prefix."""
 

@@ -110,3 +110,67 @@ def test_bad_options_are_usage_errors(app, tiny_folder: Path):
     assert result.exit_code == 2
     result = runner.invoke(app, ["eval", "ppl", "K9/X", "--model", str(tiny_folder)])
     assert result.exit_code == 2
+
+
+def test_run_with_a_named_config_compresses_activations(app, tiny_folder: Path, monkeypatch):
+    import tqai_torch.patching
+
+    applied = []
+    original = tqai_torch.patching.apply_activation_compression
+    monkeypatch.setattr(
+        tqai_torch.patching,
+        "apply_activation_compression",
+        lambda model, config: applied.append(config) or original(model, config),
+    )
+    result = runner.invoke(
+        app,
+        ["run", "To be", "--model", str(tiny_folder), "--config", "aggressive",
+         "--max-new-tokens", "6"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [(c.hidden_bits, c.ffn_bits) for c in applied] == [(6, 6)]
+
+
+def test_named_config_usage_errors(app, tiny_folder: Path):
+    result = runner.invoke(app, ["run", "x", "--model", str(tiny_folder), "--config", "all4"])
+    assert result.exit_code == 2
+    assert "kv+hidden8" in result.output
+    result = runner.invoke(
+        app, ["run", "x", "--model", str(tiny_folder), "--config", "aggressive", "--bits-k", "4"]
+    )
+    assert result.exit_code == 2
+    assert "contradicts" in result.output
+
+
+def test_eval_ppl_accepts_named_configs(app, tiny_folder: Path, tmp_path: Path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(SENTENCES * 10), encoding="utf-8")
+    result = runner.invoke(
+        app,
+        ["eval", "ppl", "kv-only", "all8", "--model", str(tiny_folder), "--text", str(text),
+         "--context", "64", "--windows", "1", "--chunk", "16"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = re.findall(r"│\s*(baseline|kv-only|all8)\s*│\s*([\d.]+)", result.output)
+    assert [r[0] for r in rows] == ["baseline", "kv-only", "all8"], result.output
+
+
+def test_convert_writes_a_folder_patch_can_start_from(app, tiny_folder: Path, tmp_path: Path):
+    import json
+
+    import tqai_torch
+
+    out = tmp_path / "converted"
+    result = runner.invoke(
+        app, ["convert", "--model", str(tiny_folder), "--output", str(out), "--config", "all8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2/2 layers compressed" in result.output
+    doc = json.loads((out / "tqai_config.json").read_text())
+    assert doc["options"]["config"] == "all8"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder)
+    cache = tqai_torch.patch(model, from_pretrained=out)
+    assert cache.tqai_config.bits_k == 4
+    tqai_torch.unpatch(model)
+    result = runner.invoke(app, ["convert", "--model", str(tiny_folder)])
+    assert result.exit_code == 2  # --output is required

@@ -1,4 +1,8 @@
-"""The Triton decode kernel matches the core reference (run on a CUDA machine; skipped in CI)."""
+"""The Triton decode kernel matches the core reference.
+
+Runs on a CUDA GPU (marked ``gpu``: skipped in CI), or on the CPU through Triton's interpreter
+when ``TRITON_INTERPRET=1`` is set and triton is installed (then the tensors live on the CPU).
+"""
 
 from __future__ import annotations
 
@@ -7,39 +11,197 @@ import torch
 
 from tqai import TurboQuantMSE
 from tqai.attention import compressed_attention
+from tqai.packing import pack_bits, unpack_bits
 
-pytestmark = pytest.mark.gpu
+triton = pytest.importorskip("triton")
+from triton_interpret import DEVICE, INTERPRET, MARKS  # noqa: E402
+
+pytestmark = MARKS
 
 CASES = [
     # (B, Hq, Hkv, T, D, bits_k, bits_v, sinks, window)
-    (1, 32, 8, 4096, 128, 4, 2, 4, 0),
+    (1, 32, 8, 4096, 128, 4, 2, 4, 0),  # the benchmark's shape
+    (1, 32, 8, 1100, 128, 3, 2, 4, 1),  # K3/V2, one staged token
+    (1, 32, 8, 700, 128, 4, 4, 0, 0),  # K4/V4, no segments
     (2, 9, 3, 1000, 64, 4, 2, 4, 7),  # SmolLM2 heads, irregular length
-    (1, 4, 1, 333, 128, 8, 4, 0, 0),  # MQA
-    (3, 8, 8, 77, 64, 2, 1, 2, 3),  # MHA, tiny history
+    (3, 8, 1, 333, 80, 8, 3, 0, 2),  # MQA (G = 8), head_dim 80
+    (3, 8, 8, 77, 96, 2, 1, 2, 3),  # MHA (G = 1), head_dim 96, tiny history
+    (1, 4, 2, 129, 256, 1, 8, 1, 0),  # head_dim 256
 ]
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_attention_matches_reference(case, dtype):
-    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
-
+def _interpreted(case):
+    """The interpreter is slow: the same shapes with at most 160 history tokens."""
     b, hq, hkv, t, d, bk, bv, s, w = case
-    gen = torch.Generator(device="cuda").manual_seed(sum(case))
-    new = {"device": "cuda", "generator": gen}
+    return (b, hq, hkv, min(t, 160 + s + w), d, bk, bv, s, w)
+
+
+def _case_inputs(case, dtype, seed):
+    b, hq, hkv, t, d, bk, bv, s, w = case
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    new = {"device": DEVICE, "generator": gen}
     q = torch.randn(b, hq, 1, d, **new).to(dtype)
-    k = torch.randn(b, hkv, t, d, **new).to(dtype)
+    k = torch.randn(b, hkv, t, d, **new).to(dtype) * 2.0
     v = torch.randn(b, hkv, t, d, **new).to(dtype)
-    kq = TurboQuantMSE(d, bk, rotation="hadamard", seed=1)
-    vq = TurboQuantMSE(d, bv, seed=2)
+    kq = TurboQuantMSE(d, bk, rotation="hadamard", seed=seed)
+    vq = TurboQuantMSE(d, bv, seed=seed + 1)
     keys, values = kq.quantize(k[:, :, s : t - w]), vq.quantize(v[:, :, s : t - w])
     prefix = (k[:, :, :s], v[:, :, :s])
     suffix = (k[:, :, t - w :], v[:, :, t - w :])
-    kwargs = {"scale": d**-0.5, "prefix": prefix, "suffix": suffix}
-    ref = compressed_attention(q.float(), keys, values, kq, vq, **kwargs)
-    out = decode_attention_triton(q, keys, values, kq, vq, tokens_per_split=256, **kwargs)
+    return q, keys, values, kq, vq, {"scale": d**-0.5, "prefix": prefix, "suffix": suffix}
+
+
+def _check(out, ref, dtype):
     assert out.dtype == dtype
-    # The kernel computes in fp32 and rounds once to the output dtype: within that rounding.
-    err = (out.float() - ref).abs().max().item()
-    rounding = (ref.to(dtype).float() - ref).abs().max().item()
-    assert err <= 2 * rounding + 1e-5, (err, rounding)
+    assert bool(torch.isfinite(out).all())
+    # fp16 operands on the tensor cores (query, centroids, p * |v|) with fp32 accumulation, and
+    # one rounding to the output dtype: relative error well under 1e-2 of the reference.
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    rounding = ((ref.to(dtype).float() - ref).norm() / ref.norm()).item()
+    assert rel <= 2 * rounding + 3e-3, (rel, rounding)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_matches_reference(index, dtype):
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    case = _interpreted(CASES[index]) if INTERPRET else CASES[index]
+    q, keys, values, kq, vq, kwargs = _case_inputs(case, dtype, seed=index + 3)
+    ref = compressed_attention(q.float(), keys, values, kq, vq, **kwargs)
+    out = decode_attention_triton(
+        q, keys, values, kq, vq, tokens_per_split=64 if INTERPRET else 128, **kwargs
+    )
+    _check(out, ref, dtype)
+    # the default split heuristic and a whole-history program give the same function
+    out2 = decode_attention_triton(q, keys, values, kq, vq, **kwargs)
+    _check(out2, ref, dtype)
+    out3 = decode_attention_triton(q, keys, values, kq, vq, tokens_per_split=1 << 20, **kwargs)
+    _check(out3, ref, dtype)
+    # centroids gathered from memory instead of byte-permuted from registers (same function)
+    out4 = decode_attention_triton(q, keys, values, kq, vq, lookup="gather", **kwargs)
+    _check(out4, ref, dtype)
+
+
+def test_decode_attention_reads_a_history_view():
+    """A view into a larger (growable) buffer is read in place with its strides."""
+    from tqai.attention import slice_tokens
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    q, keys, values, kq, vq, kwargs = _case_inputs((2, 8, 2, 200, 64, 4, 2, 0, 1), torch.float16, 1)
+    keys_view, values_view = slice_tokens(keys, 0, 150), slice_tokens(values, 0, 150)
+    assert not keys_view.packed.is_contiguous()
+    ref = compressed_attention(q.float(), keys_view, values_view, kq, vq, **kwargs)
+    out = decode_attention_triton(q, keys_view, values_view, kq, vq, **kwargs)
+    _check(out, ref, torch.float16)
+
+
+def test_group_layout_matches_packing():
+    """The kernel reads whole packing groups: code ``8 j + i`` is bits ``[b i, b i + b)`` of the
+    little-endian integer in bytes ``[b j, b j + b)`` of a row (the layout of tqai.packing)."""
+    from tqai_torch.kernels.triton.decode_attention import plane_layout
+
+    gen = torch.Generator().manual_seed(0)
+    for bits in (1, 2, 3, 4, 8):
+        for d in (64, 80, 96, 128):
+            codes = torch.randint(0, 2**bits, (5, d), generator=gen, dtype=torch.int64)
+            packed = pack_bits(codes, bits).to(torch.int64)
+            wp, wr = plane_layout(bits, d)
+            assert wr == packed.shape[1] // bits
+            assert wp >= wr
+            assert 8 * wp >= 16
+            weights = torch.tensor([1 << (8 * k) for k in range(bits)])
+            groups = (packed.reshape(5, wr, bits) * weights).sum(-1)
+            for dim in range(d):
+                j, i = divmod(dim, 8)
+                got = (groups[:, j] >> (bits * i)) & (2**bits - 1)
+                assert torch.equal(got, codes[:, dim]), (bits, d, dim)
+            assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, d).to(torch.int64), codes)
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte k of the result is byte ``c[4k:4k+3] & 7`` of
+    ``{b, a}``, or the replicated sign of that byte when ``c[4k+3]`` is set."""
+    src, out = (b << 32) | a, 0
+    for k in range(4):
+        sel = (c >> (4 * k)) & 0xF
+        byte = (src >> (8 * (sel & 7))) & 0xFF
+        out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * k)
+    return out
+
+
+def _run_ptx(asm: str, inputs: dict[int, int]) -> list[int]:
+    """Interpret the few PTX instructions the PRMT lookups use (32-bit registers)."""
+    regs: dict[str, int] = {}
+    outs: dict[int, int] = {}
+
+    def val(x: str) -> int:
+        x = x.strip()
+        return inputs[int(x[1:])] if x.startswith("$") else regs[x] if x in regs else int(x, 0)
+
+    ops = {
+        "shr.b32": lambda x, y: x >> y,
+        "shl.b32": lambda x, y: (x << y) & 0xFFFFFFFF,
+        "and.b32": lambda x, y: x & y,
+        "xor.b32": lambda x, y: x ^ y,
+        "mul.lo.u32": lambda x, y: (x * y) & 0xFFFFFFFF,
+        "prmt.b32": _prmt,
+    }
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32":  # mov.b32 {$i, $j}, r: split into two 16-bit outputs
+            halves, src = rest.split("},")
+            lo, hi = (int(h.strip()[1:]) for h in halves.strip("{ ").split(","))
+            outs[lo], outs[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        dst, *args = (a.strip() for a in rest.split(","))
+        regs[dst] = ops[op](*(val(a) for a in args))
+    return [outs[i] for i in range(8)]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_prmt_lookups_match_the_table(bits, d):
+    """The byte-permute PTX of the fast path, interpreted instruction by instruction, returns the
+    fp16 centroids of every code (the interpreter cannot run inline PTX; the GPU tests do)."""
+    import numpy as np
+
+    from tqai.codebooks import lloyd_max_codebook
+    from tqai_torch.kernels.triton import decode_attention as k
+
+    centroids = lloyd_max_codebook(d, bits).centroids
+    regs = [r & 0xFFFFFFFF for r in k._prmt_registers(centroids)]
+    table = np.asarray(centroids, np.float16).view(np.uint16)
+    asm = k._PRMT4 if bits == 4 else k._PRMT2
+    rng = np.random.default_rng(d + bits)
+    for _ in range(200):
+        codes = rng.integers(0, 2**bits, 8)
+        group = sum(int(x) << (bits * i) for i, x in enumerate(codes))
+        got = _run_ptx(asm, {8: group, 9: regs[0], 10: regs[1], 11: regs[2], 12: regs[3]})
+        assert got == [int(table[x]) for x in codes]
+
+
+def test_prmt_registers_need_a_symmetric_codebook():
+    from tqai_torch.kernels.triton import decode_attention as k
+
+    assert k._prmt_registers([float(i) for i in range(16)]) is None  # not symmetric: gathers
+    assert k._prmt_registers([0.5] * 8) is None  # 3 bits: gathers
+
+
+def test_decode_attention_refuses_bad_input():
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    q, keys, values, kq, vq, kwargs = _case_inputs((1, 4, 2, 40, 64, 4, 2, 0, 0), torch.float16, 2)
+    with pytest.raises(ValueError, match="one token"):
+        decode_attention_triton(q.expand(1, 4, 2, 64), keys, values, kq, vq, **kwargs)
+    with pytest.raises(ValueError, match="keys"):
+        decode_attention_triton(q, None, values, kq, vq, **kwargs)
+    vq5 = TurboQuantMSE(64, 5, seed=3)
+    values5 = vq5.quantize(torch.randn(1, 2, 40, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="quantizer"):
+        decode_attention_triton(q, keys, values5, kq, vq5, **kwargs)
+    with pytest.raises(ValueError, match="lookup"):
+        decode_attention_triton(q, keys, values, kq, vq, lookup="table", **kwargs)

@@ -30,6 +30,8 @@ from importlib import resources
 import numpy as np
 from scipy import special
 
+from tqai import prebuilt
+
 __all__ = [
     "SHIPPED_HEAD_DIMS",
     "Codebook",
@@ -219,6 +221,8 @@ def lloyd_max_codebook(d: int, n_bits: int) -> Codebook:
     d = validate_dim(d)
     n_bits = validate_n_bits(n_bits)
     table = _shipped_tables().get(f"{d}/{n_bits}")
+    if table is None:
+        table = prebuilt.centroids(d, n_bits)  # filled from a `tqai convert` folder
     centroids = np.asarray(table) if table is not None else solve_lloyd_max(d, n_bits)
     return _from_centroids(centroids, d, n_bits, "lloyd_max")
 

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from tqai import _xp
+from tqai import _xp, prebuilt
 from tqai.codebooks import validate_dim
 
 __all__ = [
@@ -110,7 +110,14 @@ class HaarRotation(Rotation):
 
     @functools.cached_property
     def _host(self) -> np.ndarray:
+        hit = prebuilt.rotation_arrays(self.kind, self.d, self.seed)
+        if hit is not None:
+            return hit["matrix"]
         return _haar_matrix(self.d, np.random.default_rng([self.seed, self.d, 0x7A]))
+
+    def host_arrays(self) -> dict[str, np.ndarray]:
+        """What :mod:`tqai.prebuilt` records for this rotation."""
+        return {"matrix": self._host}
 
     def matrix(self) -> np.ndarray:
         return self._host
@@ -147,10 +154,18 @@ class HadamardRotation(Rotation):
         while m % 2 == 0:
             m //= 2
         n = self.d // m
+        hit = prebuilt.rotation_arrays(self.kind, self.d, self.seed)
+        if hit is not None:
+            return n, m, hit["signs"], hit["q"]
         rng = np.random.default_rng([self.seed, self.d, 0x4AD])
         signs = rng.choice(np.array([-1.0, 1.0]), size=self.d)
         q = _haar_matrix(m, rng) if m > 1 else np.ones((1, 1))
         return n, m, signs, q
+
+    def host_arrays(self) -> dict[str, np.ndarray]:
+        """What :mod:`tqai.prebuilt` records for this rotation."""
+        _, _, signs, q = self._factors
+        return {"signs": signs, "q": q}
 
     def _rotate(self, x: Any, *, xp: ModuleType) -> Any:
         n, m, signs, q = self._factors
@@ -196,6 +211,9 @@ class RotorRotation(Rotation):
 
     @functools.cached_property
     def _host(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        hit = prebuilt.rotation_arrays(self.kind, self.d, self.seed)
+        if hit is not None:
+            return hit["perm"], hit["blocks"], hit["tail"]
         rng = np.random.default_rng([self.seed, self.d, 0x9070])
         perm = rng.permutation(self.d)
         n, r = divmod(self.d, 3)
@@ -208,6 +226,11 @@ class RotorRotation(Rotation):
         else:
             tail = np.array([[rng.choice([-1.0, 1.0])]]) if r == 1 else np.zeros((0, 0))
         return perm, blocks, tail
+
+    def host_arrays(self) -> dict[str, np.ndarray]:
+        """What :mod:`tqai.prebuilt` records for this rotation."""
+        perm, blocks, tail = self._host
+        return {"perm": perm, "blocks": blocks, "tail": tail}
 
     def _rotate(self, x: Any, *, xp: ModuleType) -> Any:
         perm, blocks, tail = self._host

@@ -297,13 +297,17 @@ def run(
     tokenizer: Any,
     prompt: str,
     *,
-    bits_k: int = 4,
-    bits_v: int = 2,
+    bits_k: int | None = None,
+    bits_v: int | None = None,
+    config: str | None = None,
     max_new_tokens: int = 128,
     no_tqai: bool = False,
     on_text: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Generate with the compressed cache (or the plain one with ``no_tqai``), streaming text.
+
+    ``config`` is a named config (:mod:`tqai.named_configs`); ``bits_k``/``bits_v`` default to
+    its bits, or K4/V2.
 
     Returns:
         ``{"tokens": [...], "seconds": float, "kv_bytes": int}``.
@@ -312,7 +316,10 @@ def run(
 
     from tqai_mlx.patching import patch, unpatch
 
-    cache = make_prompt_cache(model) if no_tqai else patch(model, bits_k=bits_k, bits_v=bits_v)
+    if no_tqai:
+        cache = make_prompt_cache(model)
+    else:
+        cache = patch(model, bits_k=bits_k, bits_v=bits_v, config=config)
     try:
         tokens, seconds = generate(model, tokenizer, prompt, max_new_tokens, cache, on_text)
     finally:

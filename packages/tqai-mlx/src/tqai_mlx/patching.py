@@ -38,8 +38,15 @@ from mlx_lm.models.cache import KVCache
 
 from tqai.codebooks import validate_dim
 from tqai.kvstore import KVCacheConfig, build_cache_pipeline
+from tqai.named_configs import resolve_patch_options
 from tqai_mlx import _model
+from tqai_mlx.activations import (
+    apply_activation_compression,
+    check_activation_compression,
+    remove_activation_compression,
+)
 from tqai_mlx.cache import KERNELS, TqaiKVCache
+from tqai_mlx.chunked_attention import CHUNK_ATTR, chunked_scaled_dot_product_attention, supports
 
 __all__ = ["is_patched", "patch", "patch_config", "unpatch"]
 
@@ -53,6 +60,7 @@ class _Patched:
     kernel: str
     compress: tuple[bool, ...]
     pipeline: Any
+    chunk_attention: int | None
     had_own_make_cache: bool
     own_make_cache: Any
     finalizer: weakref.finalize
@@ -69,11 +77,20 @@ def _make_dispatcher(original: Callable[..., mx.array]) -> Callable[..., mx.arra
     @functools.wraps(original)
     def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> mx.array:
         cache = kwargs["cache"] if "cache" in kwargs else (args[3] if len(args) > 3 else None)
-        if not (isinstance(cache, TqaiKVCache) and cache.reads_codes):
+        reads_codes = isinstance(cache, TqaiKVCache) and cache.reads_codes
+        chunk = None if reads_codes else getattr(cache, CHUNK_ATTR, None)
+        if not reads_codes and chunk is None:
             return original(*args, **kwargs)
         call = signature.bind(*args, **kwargs)
         call.apply_defaults()
         a = call.arguments
+        if chunk is not None:
+            if not supports(a["mask"], a.get("sinks")):
+                return original(*args, **kwargs)
+            return chunked_scaled_dot_product_attention(
+                a["queries"], a["keys"], a["values"], scale=a["scale"], mask=a["mask"],
+                chunk_size=chunk,
+            )  # fmt: skip
         return cache.attend(a["queries"], scale=a["scale"], mask=a["mask"], sinks=a.get("sinks"))
 
     scaled_dot_product_attention._tqai_dispatch = True  # type: ignore[attr-defined]
@@ -176,8 +193,12 @@ def _plan(model: Any, skip: set[int]) -> tuple[tuple[bool, ...], set[int]]:
 def patch(
     model: Any,
     *,
-    bits_k: float = 4,
-    bits_v: float = 2,
+    bits_k: float | None = None,
+    bits_v: float | None = None,
+    config: str | None = None,
+    hidden_bits: int | None = None,
+    ffn_bits: int | None = None,
+    chunk_attention: bool = False,
     sink_tokens: int = 4,
     residual_window: int = 0,
     cache_strategy: str = "compressed",
@@ -192,6 +213,7 @@ def patch(
     center_keys: bool = False,
     center_values: bool = False,
     balance_keys: bool = False,
+    from_pretrained: str | None = None,
 ) -> list[Any]:
     """Make an mlx-lm model generate with TurboQuant-compressed KV caches.
 
@@ -200,8 +222,19 @@ def patch(
 
     Args:
         model: an mlx-lm model (``mlx_lm.load`` or ``Model(ModelArgs(...))``).
-        bits_k, bits_v: bits per coordinate for keys and values, 1..8 (``use_qjl``: keys >= 2);
-            a fraction such as 3.5 codes each head's loudest channels one bit higher.
+        bits_k, bits_v: bits per coordinate for keys and values, 1..8 (``use_qjl``: keys >= 2;
+            default K4/V2); a fraction such as 3.5 codes each head's loudest channels one bit
+            higher.
+        config: a named config (``"kv-only"``, ``"kv+hidden8"``, ``"kv+hidden6"``,
+            ``"kv+ffn8"``, ``"all8"``, ``"all6"``, ``"aggressive"``; :mod:`tqai.named_configs`):
+            sets the KV bits and the activation compression.
+        hidden_bits, ffn_bits: compress each decoder layer's output hidden state / the FFN
+            activations (down projection input) at this many bits (:mod:`tqai_mlx.activations`;
+            with ``rotation`` and ``seed``).
+        chunk_attention: compute the attention calls that do not read codes (sliding-window and
+            skipped layers, the ``full`` strategy) tile by tile with an online softmax in chunks
+            of ``chunk_size`` (:mod:`tqai_mlx.chunked_attention`): exact, O(chunk^2) memory,
+            slower than mlx's fused attention.
         sink_tokens: leading tokens kept in full precision.
         residual_window: most recent tokens kept in full precision (``residual``: 128 if 0).
         cache_strategy: ``"compressed"`` (attention from the codes, default), ``"residual"``
@@ -222,6 +255,9 @@ def patch(
             reference kernel only. Strategies storing one commit at several widths are refused.
         center_keys, center_values, balance_keys: coding options fitted to the prompt
             (:mod:`tqai.kvlayout`); reference kernel only.
+        from_pretrained: a folder written by :func:`tqai_mlx.convert.convert`: its options and
+            prebuilt rotations/codebooks are used (no solving at start); no other option may be
+            given with it.
 
     Returns:
         A fresh prompt cache (one object per layer) for ``mlx_lm.generate(..., prompt_cache=)``
@@ -239,7 +275,22 @@ def patch(
         >>> text = mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)  # doctest: +SKIP
         >>> unpatch(model)  # doctest: +SKIP
     """
-    config = KVCacheConfig(
+    if from_pretrained is not None:
+        from tqai.pretrained import explicit_options
+        from tqai_mlx.convert import patch_from_pretrained
+
+        given = explicit_options(patch, locals())
+        return patch_from_pretrained(model, from_pretrained, given=given)
+    bits_k, bits_v, activations = resolve_patch_options(
+        config,
+        bits_k=bits_k,
+        bits_v=bits_v,
+        hidden_bits=hidden_bits,
+        ffn_bits=ffn_bits,
+        rotation=rotation,
+        seed=seed,
+    )
+    config = KVCacheConfig(  # the named config, if any, is resolved above
         bits_k=bits_k,
         bits_v=bits_v,
         sink_tokens=sink_tokens,
@@ -260,6 +311,8 @@ def patch(
             "kernel='metal' reads whole vectors at integer widths; center_keys, center_values, "
             "balance_keys and fractional bits need kernel='reference'"
         )
+    if not isinstance(chunk_attention, bool):
+        raise ValueError(f"chunk_attention must be True or False, got {chunk_attention!r}")
     with _lock:
         layers = _model.model_layers(model)
         compress, head_dims = _plan(model, _skip_set(skip_layers, len(layers)))
@@ -270,13 +323,18 @@ def patch(
         )
         if pipe is not None and kernel != "reference":
             raise ValueError(f"pipeline= runs with kernel='reference' only, got {kernel!r}")
+        if activations is not None:
+            check_activation_compression(model, activations)
         unpatch(model)  # re-patching replaces the settings; nothing changed before this point
+        if activations is not None:
+            apply_activation_compression(model, activations)
         own = vars(model).get("make_cache")
         original = getattr(model, "make_cache", None)  # the model's own: instance attr or method
         key = id(model)
         finalizer = weakref.finalize(model, _release, key)
+        chunk = chunk_size if chunk_attention else None
         state = _Patched(
-            config, kernel, compress, pipe, "make_cache" in vars(model), own, finalizer
+            config, kernel, compress, pipe, chunk, "make_cache" in vars(model), own, finalizer
         )
         make_cache = _tqai_make_cache(model, state, original)
         _install()
@@ -292,12 +350,16 @@ def _tqai_make_cache(model: Any, state: _Patched, original: Any) -> Callable[[],
         """The model's own caches with each compressible KVCache layer made a TqaiKVCache."""
         m = ref()
         base = list(original()) if original is not None else [KVCache() for _ in m.layers]
-        return [
+        caches = [
             TqaiKVCache(state.config, kernel=state.kernel, pipeline=state.pipeline, layer=i)
             if compress
             else cache
             for i, (cache, compress) in enumerate(zip(base, state.compress, strict=True))
         ]
+        if state.chunk_attention is not None:
+            for cache in caches:
+                setattr(cache, CHUNK_ATTR, state.chunk_attention)
+        return caches
 
     make_cache._tqai_original = original  # type: ignore[attr-defined]
     return make_cache
@@ -306,6 +368,7 @@ def _tqai_make_cache(model: Any, state: _Patched, original: Any) -> Callable[[],
 def unpatch(model: Any) -> None:
     """Undo :func:`patch`: the model and mlx-lm are exactly as never patched (no-op if not)."""
     with _lock:
+        remove_activation_compression(model)
         state = _patched.get(id(model))
         if state is None:
             return

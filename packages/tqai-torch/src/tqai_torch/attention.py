@@ -22,6 +22,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from tqai_torch.chunked_attention import CHUNK_ATTR, chunked_attention_forward
+
 __all__ = ["ATTN_IMPLEMENTATION", "register", "tqai_attention_forward"]
 
 ATTN_IMPLEMENTATION = "tqai"
@@ -68,6 +70,10 @@ def tqai_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Attention over a tqai layer's packed codes; ``(B, Tq, Hq, D)`` like transformers' sdpa."""
     layer = getattr(key, "_tqai_layer", None)
+    if layer is None and getattr(module.config, CHUNK_ATTR, None):
+        return chunked_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if layer is None:
         fallback, additive = _fallback(module)
         if additive and attention_mask is not None and attention_mask.dtype == torch.bool:

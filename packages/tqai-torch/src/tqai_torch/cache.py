@@ -36,7 +36,8 @@ __all__ = ["TqaiCache", "TqaiLayer"]
 
 def _use_fused_decode(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
     """The Triton decode kernel serves: CUDA, one query token, nothing masked, MSE codes with
-    1/2/4/8 bits, a history to read. ``TQAI_KERNEL=reference`` turns it off."""
+    1/2/3/4/8 bits and fp16 norms, a history to read (and :func:`_fused_inputs` finds nothing
+    it cannot read). ``TQAI_KERNEL=reference`` turns it off."""
     if os.environ.get("TQAI_KERNEL", "auto") == "reference":
         return False
     if (
@@ -54,6 +55,25 @@ def _use_fused_decode(query: torch.Tensor, mask: torch.Tensor | None, store: KVS
     except ImportError:  # no triton on this machine
         return False
     return supports(store.key_quantizer, store.value_quantizer, query.shape[-1])
+
+
+_FUSED_INPUTS = frozenset(
+    ("keys", "values", "prefix", "suffix", "key_quantizer", "value_quantizer")
+)
+
+
+def _fused_inputs(store: KVStore) -> dict | None:
+    """The store's attention inputs if the fused kernel reads all of them, else None (then the
+    reference runs): a store whose attention needs more than one packed history and plain
+    full-precision segments (pipeline tiers, or any field the kernel does not know) is not
+    served by it."""
+    try:
+        inputs = store.attention_inputs()
+    except ValueError:
+        return None
+    if set(inputs) != _FUSED_INPUTS or inputs["keys"] is None:
+        return None
+    return inputs
 
 
 class TqaiLayer(DynamicLayer):
@@ -154,10 +174,12 @@ class TqaiLayer(DynamicLayer):
             )
             self.store.commit()
             return out
+        inputs = None
         if softcap is None and _use_fused_decode(query, mask, self.store):
+            inputs = _fused_inputs(self.store)
+        if inputs is not None:
             from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
-            inputs = self.store.attention_inputs()
             out = decode_attention_triton(query, scale=scale, **inputs)
             self.store.commit()
             return out

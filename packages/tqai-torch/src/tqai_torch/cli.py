@@ -88,8 +88,8 @@ def load_model_option(model: str, dtype: str) -> tuple[Any, Any]:
     return loaded.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def _check_bits(value: int) -> int:
-    if not 1 <= value <= 8:
+def _check_bits(value: int | None) -> int | None:
+    if value is not None and not 1 <= value <= 8:
         raise typer.BadParameter(f"must be in 1..8, got {value}")
     return value
 
@@ -132,17 +132,36 @@ def _kv_bytes(cache: Any, model: Any) -> int:
     return _cache_size(cache, model)[0]
 
 
+def _check_config(value: str | None) -> str | None:
+    from tqai.named_configs import NAMED_CONFIGS
+
+    if value is not None and value not in NAMED_CONFIGS:
+        raise typer.BadParameter(f"must be one of {', '.join(NAMED_CONFIGS)}, got {value!r}")
+    return value
+
+
 def run(
     prompt: str = typer.Argument(..., help="the prompt"),
     model: str = typer.Option("smollm2-135m", help=_MODEL_HELP),
-    bits_k: int = typer.Option(4, callback=_check_bits, help="key bits, 1..8"),
-    bits_v: int = typer.Option(2, callback=_check_bits, help="value bits, 1..8"),
+    bits_k: int = typer.Option(None, callback=_check_bits, help="key bits, 1..8 (default 4)"),
+    bits_v: int = typer.Option(None, callback=_check_bits, help="value bits, 1..8 (default 2)"),
+    config: str = typer.Option(
+        None,
+        callback=_check_config,
+        help="named config: kv-only, kv+hidden8, kv+hidden6, kv+ffn8, all8, all6, aggressive",
+    ),
     max_new_tokens: int = typer.Option(128, min=1),
     no_tqai: bool = typer.Option(False, "--no-tqai", help="generate with the plain cache"),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
     backend: Backend = _BACKEND,
 ) -> None:
     """Generate from a prompt, streaming the text, with the compressed cache."""
+    from tqai.named_configs import resolve_patch_options
+
+    try:
+        resolve_patch_options(config, bits_k=bits_k, bits_v=bits_v)
+    except ValueError as ex:
+        raise typer.BadParameter(str(ex), param_hint="--config") from None
     if backend is Backend.mlx:
         mlx_cli = _mlx()
         loaded, tokenizer = _load_mlx(mlx_cli, model, dtype)
@@ -152,6 +171,7 @@ def run(
             prompt,
             bits_k=bits_k,
             bits_v=bits_v,
+            config=config,
             max_new_tokens=max_new_tokens,
             no_tqai=no_tqai,
             on_text=lambda piece: typer.echo(piece, nl=False),
@@ -166,7 +186,7 @@ def run(
     if no_tqai:
         cache = DynamicCache(config=loaded.config)
     else:
-        cache = tqai_torch.patch(loaded, bits_k=bits_k, bits_v=bits_v)
+        cache = tqai_torch.patch(loaded, bits_k=bits_k, bits_v=bits_v, config=config)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     tokens, seconds = _generate(loaded, tokenizer, prompt, max_new_tokens, cache, streamer)
     _report(len(tokens), seconds, _kv_bytes(cache, loaded))
@@ -325,8 +345,66 @@ def eval_ppl(
     Console().print(table)
 
 
+def convert(
+    model: str = typer.Option("smollm2-135m", help=_MODEL_HELP),
+    output: Path = typer.Option(..., "--output", help="folder to write the tqai configuration to"),
+    config: str = typer.Option(
+        None,
+        callback=_check_config,
+        help="named config: kv-only, kv+hidden8, kv+hidden6, kv+ffn8, all8, all6, aggressive",
+    ),
+    bits_k: int = typer.Option(None, callback=_check_bits, help="key bits, 1..8 (default 4)"),
+    bits_v: int = typer.Option(None, callback=_check_bits, help="value bits, 1..8 (default 2)"),
+    hidden_bits: int = typer.Option(None, callback=_check_bits, help="hidden-state bits, 1..8"),
+    ffn_bits: int = typer.Option(None, callback=_check_bits, help="FFN activation bits, 1..8"),
+    rotation: str = typer.Option("haar", help="haar, hadamard or rotor"),
+    seed: int = typer.Option(0, min=0, help="rotation seed"),
+    sink_tokens: int = typer.Option(4, min=0),
+    residual_window: int = typer.Option(0, min=0),
+    chunk_attention: bool = typer.Option(False, "--chunk-attention"),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+) -> None:
+    """Write the model's tqai configuration (options, rotations, codebooks, per-layer settings)
+    into a folder, so that tqai.patch(model, from_pretrained=DIR) starts without solving."""
+    import json
+
+    from tqai.named_configs import resolve_patch_options
+    from tqai_torch.convert import convert as convert_model
+
+    try:
+        resolve_patch_options(
+            config, bits_k=bits_k, bits_v=bits_v, hidden_bits=hidden_bits, ffn_bits=ffn_bits
+        )
+    except ValueError as ex:
+        raise typer.BadParameter(str(ex), param_hint="--config") from None
+    options = {
+        "config": config,
+        "bits_k": bits_k,
+        "bits_v": bits_v,
+        "hidden_bits": hidden_bits,
+        "ffn_bits": ffn_bits,
+        "rotation": rotation,
+        "seed": seed,
+        "sink_tokens": sink_tokens,
+        "residual_window": residual_window,
+        "chunk_attention": chunk_attention,
+    }
+    loaded, _ = load_model_option(model, dtype)
+    try:
+        path = convert_model(loaded, output, **{k: v for k, v in options.items() if v is not None})
+    except ValueError as ex:
+        raise typer.BadParameter(str(ex)) from None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    compressed = sum(layer["compressed"] for layer in doc["layers"])
+    typer.echo(
+        f"wrote {path.parent}: {len(doc['constants']['entries'])} constants, "
+        f"{compressed}/{len(doc['layers'])} layers compressed"
+    )
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``run``, ``compare`` and ``eval`` to the ``tqai`` CLI."""
+    """Add ``run``, ``compare``, ``eval`` and ``convert`` to the ``tqai`` CLI."""
+    app.command("convert")(convert)
     app.command("run")(run)
     app.command("compare")(compare)
     app.add_typer(eval_app, name="eval")

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tqai.named_configs import NAMED_CONFIGS
 from tqai_torch.patching import patch, unpatch
 
 __all__ = [
@@ -44,6 +45,9 @@ class CacheConfig:
     center_keys: bool = False
     center_values: bool = False
     balance_keys: bool = False
+    hidden_bits: int | None = None
+    ffn_bits: int | None = None
+    label: str | None = None  # a named config's name (tqai.named_configs)
 
     @property
     def name(self) -> str:
@@ -60,6 +64,8 @@ class CacheConfig:
             "center_keys": self.center_keys,
             "center_values": self.center_values,
             "balance_keys": self.balance_keys,
+            "hidden_bits": self.hidden_bits,
+            "ffn_bits": self.ffn_bits,
         }
 
 
@@ -77,6 +83,8 @@ def _bits(b: float) -> str:
 
 def config_name(config: CacheConfig) -> str:
     """``"baseline"``, ``"K4/V2"``, ``"K4/V2+qjl"``, ``"K3.5/V2 center sinks4 residual32"``..."""
+    if config.label is not None:
+        return config.label
     if config.bits_k is None:
         return "baseline"
     name = f"K{_bits(config.bits_k)}/V{_bits(config.bits_v)}"
@@ -98,12 +106,22 @@ def config_name(config: CacheConfig) -> str:
 
 
 def parse_config(text: str) -> CacheConfig:
-    """Parse ``"baseline"`` or ``K<b>/V<b>[+qjl]`` followed by any of ``center``, ``center-k``,
-    ``center-v``, ``balance``, ``sinks<n>``, ``residual<n>``, ``haar|hadamard|rotor`` (widths may
-    be fractional: ``K3.5/V2.5``)."""
+    """Parse ``"baseline"``, a named config (``"kv+hidden8"``, ``"all6"``, ...; see
+    :mod:`tqai.named_configs`) or ``K<b>/V<b>[+qjl]`` followed by any of ``center``,
+    ``center-k``, ``center-v``, ``balance``, ``sinks<n>``, ``residual<n>``,
+    ``haar|hadamard|rotor`` (widths may be fractional: ``K3.5/V2.5``)."""
     text = text.strip()
     if text == "baseline":
         return CacheConfig()
+    if text in NAMED_CONFIGS:
+        named = NAMED_CONFIGS[text]
+        return CacheConfig(
+            named.bits_k,
+            named.bits_v,
+            hidden_bits=named.hidden_bits,
+            ffn_bits=named.ffn_bits,
+            label=named.name,
+        )
     parts = text.split()
     head = parts[0]
     use_qjl = head.endswith("+qjl")
@@ -128,7 +146,8 @@ def parse_config(text: str) -> CacheConfig:
     except ValueError:
         raise ValueError(
             "config must look like 'baseline', 'K4/V2', 'K4/V2+qjl' or 'K3.5/V2 center balance "
-            f"sinks4 residual32 hadamard', got {text!r}"
+            f"sinks4 residual32 hadamard', or be a named config ({', '.join(NAMED_CONFIGS)}), "
+            f"got {text!r}"
         ) from None
     return CacheConfig(**options)
 

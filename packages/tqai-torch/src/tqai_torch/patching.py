@@ -16,8 +16,11 @@ import torch
 
 from tqai.kvstore import STRATEGIES, KVCacheConfig, build_cache_pipeline
 from tqai.layer_bits import layer_configs
+from tqai.named_configs import resolve_patch_options
+from tqai_torch.activations import apply_activation_compression, remove_activation_compression
 from tqai_torch.attention import _FALLBACK_ATTR, ATTN_IMPLEMENTATION, register
 from tqai_torch.cache import TqaiCache
+from tqai_torch.chunked_attention import CHUNK_ATTR
 
 __all__ = ["new_cache", "patch", "unpatch"]
 
@@ -57,9 +60,13 @@ def _check_model(model: Any) -> Any:
 
 def patch(
     model: Any,
-    bits_k: float = 4,
-    bits_v: float = 2,
+    bits_k: float | None = None,
+    bits_v: float | None = None,
     *,
+    config: str | None = None,
+    hidden_bits: int | None = None,
+    ffn_bits: int | None = None,
+    chunk_attention: bool = False,
     sink_tokens: int = 4,
     residual_window: int = 0,
     cache_strategy: str = "compressed",
@@ -75,13 +82,25 @@ def patch(
     center_values: bool = False,
     balance_keys: bool = False,
     layer_bits: Any = None,
+    from_pretrained: str | None = None,
 ) -> TqaiCache:
     """Make ``model`` read tqai caches and return a fresh one to pass to ``generate``.
 
     Args:
         model: a transformers causal LM (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3, ...).
-        bits_k, bits_v: bits per coordinate for keys and values (1..8); a fraction such as 3.5
-            codes each head's highest-energy channels at the next width up (outlier split).
+        bits_k, bits_v: bits per coordinate for keys and values (1..8; default K4/V2); a
+            fraction such as 3.5 codes each head's highest-energy channels one bit higher.
+        config: a named config (``"kv-only"``, ``"kv+hidden8"``, ``"kv+hidden6"``,
+            ``"kv+ffn8"``, ``"all8"``, ``"all6"``, ``"aggressive"``; see
+            :mod:`tqai.named_configs`): sets the KV bits and the activation compression.
+        hidden_bits: compress every decoder layer's output hidden state at this many bits
+            (:mod:`tqai_torch.activations`); None leaves it alone.
+        ffn_bits: compress the FFN activations (the down projection's input) likewise
+            (activation quantizers use ``rotation`` and ``seed`` too).
+        chunk_attention: also compute the attention calls that do not read compressed codes
+            (sliding-window and skipped layers, no-cache forwards) tile by tile with an online
+            softmax in blocks of ``chunk_size`` (:mod:`tqai_torch.chunked_attention`): exact,
+            memory O(chunk^2) instead of O(T^2); slower than a fused SDPA kernel.
         sink_tokens: leading tokens kept in full precision.
         residual_window: most recent tokens kept in full precision.
         cache_strategy: ``"compressed"`` (attention from the codes), ``"residual"`` (with a
@@ -104,6 +123,9 @@ def patch(
         layer_bits: per-layer ``(bits_k, bits_v)``: a list with one pair per layer (e.g.
             :func:`tqai.layer_bits.fisher_layer_bits` of a ``tqai calibrate`` file) or a dict
             ``{layer: (bits_k, bits_v)}`` of overrides; other layers use ``bits_k``/``bits_v``.
+        from_pretrained: a folder written by ``tqai convert`` (:mod:`tqai_torch.convert`): its
+            options and prebuilt rotations/codebooks are used (no solving at start); no other
+            option may be given with it.
 
     Returns:
         A :class:`TqaiCache`; pass it as ``cache=`` (``past_key_values=`` on transformers
@@ -114,10 +136,25 @@ def patch(
         >>> cache = patch(model, bits_k=4, bits_v=2)  # doctest: +SKIP
         >>> out = model.generate(**inputs, cache=cache, max_new_tokens=50)  # doctest: +SKIP
     """
+    if from_pretrained is not None:
+        from tqai.pretrained import explicit_options
+        from tqai_torch.convert import patch_from_pretrained
+
+        given = explicit_options(patch, locals())
+        return patch_from_pretrained(model, from_pretrained, given=given)
     text = _check_model(model)
+    bits_k, bits_v, activations = resolve_patch_options(
+        config,
+        bits_k=bits_k,
+        bits_v=bits_v,
+        hidden_bits=hidden_bits,
+        ffn_bits=ffn_bits,
+        rotation=rotation,
+        seed=seed,
+    )
     if cache_strategy not in STRATEGIES:
         raise ValueError(f"cache_strategy must be one of {STRATEGIES}, got {cache_strategy!r}")
-    config = KVCacheConfig(
+    config = KVCacheConfig(  # the named config, if any, is resolved above
         bits_k=bits_k,
         bits_v=bits_v,
         sink_tokens=sink_tokens,
@@ -161,11 +198,21 @@ def patch(
             f"layers are {kinds}, skip_layers={list(skip)}): tqai keeps sliding-window layers "
             "uncompressed, so patching would save nothing"
         )
+    if not isinstance(chunk_attention, bool):
+        raise ValueError(f"chunk_attention must be True or False, got {chunk_attention!r}")
+    if activations is not None:
+        apply_activation_compression(model, activations)  # checks the model before any hook
+    else:
+        remove_activation_compression(model)
     register()
     current = model.config._attn_implementation
     if current != ATTN_IMPLEMENTATION:
         setattr(model.config, _FALLBACK_ATTR, current or "sdpa")
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if chunk_attention:
+        setattr(model.config, CHUNK_ATTR, chunk_size)
+    elif hasattr(model.config, CHUNK_ATTR):
+        delattr(model.config, CHUNK_ATTR)
     setattr(model, _CONFIG_ATTR, config)
     setattr(model, _SKIP_ATTR, skip)
     setattr(model, _DEVICE_ATTR, device)
@@ -191,6 +238,9 @@ def new_cache(model: Any) -> TqaiCache:
 
 def unpatch(model: Any) -> None:
     """Restore the model's own attention implementation (a no-op for an unpatched model)."""
+    remove_activation_compression(model)
+    if hasattr(getattr(model, "config", None), CHUNK_ATTR):
+        delattr(model.config, CHUNK_ATTR)
     if getattr(model, _CONFIG_ATTR, None) is None:
         return
     fallback = getattr(model.config, _FALLBACK_ATTR, "sdpa")

@@ -2,106 +2,602 @@
 
 Reference: :func:`tqai.attention.compressed_attention` (the parity tests compare against it).
 
-One query token per sequence. The history of every KV head is split across programs
-(``grid = (batch * kv_heads, splits)``); each program walks its share in blocks of ``BLOCK_N``
-tokens, unpacks the key codes of the block straight from the packed bytes (layout of
-:mod:`tqai.packing`: for ``b`` in 1, 2, 4, 8 code ``i`` sits at bit ``(i b) % 8`` of byte
-``i b / 8``), looks the centroids up, scores all the query heads of the group against them in the
-rotated domain (``G`` rows, padded to 16 for ``tl.dot``), keeps an online softmax, and
-accumulates the values' centroids times their norms in the values' rotated domain. A second
-small pass (plain torch) merges the splits with the full-precision segments (sinks, window,
-staged tokens) by log-sum-exp and rotates the result back once.
+One query token per sequence, two launches, no other device work per call:
 
-Supported here: TurboQuant_mse keys and values with 1, 2, 4 or 8 bits, no mask (every token
-visible), no logit soft-capping. Everything else goes through the reference.
+1. ``_decode_attention_kernel`` (grid ``(B * Hkv, splits)``): each program rotates the query
+   heads of its KV head into the keys' domain (times ``scale * log2(e)``), then walks its share
+   of the packed history in blocks of ``BLOCK_N`` tokens. Packed rows are read as whole packing
+   groups (8 codes of ``b`` bits are exactly ``b`` bytes: one uint8/16/32/64 load, three byte
+   loads for 3 bits; code ``8 j + i`` is group ``j`` at shift ``b i``, so the codes come out in
+   dim order), centroids are gathered from a 2**b-entry fp16 table (L1-resident), all query
+   heads of the group are scored at once on the tensor cores (``tl.dot``, fp16 operands, fp32
+   accumulation; the group padded to 16 rows), an online softmax runs in base 2, and
+   ``p * ||v||`` times the values' centroids is accumulated, again on the tensor cores, in the
+   values' rotated domain. The next block's packed groups and norms are loaded before the
+   current block is decoded (software pipelining by hand).
+2. ``_combine_kernel`` (grid ``(B * Hkv, D / 64)``): merges the splits by log-sum-exp, rotates
+   the value sum back once (one small matmul with the value rotation), joins the full-precision
+   segments (sinks before the history, recent window and staged tokens after it) in the same
+   softmax, and writes the output in the query's dtype.
+
+Numerics: scores and the value sum use fp16 operands on the tensor cores with fp32 accumulation
+(query rounded to fp16 after rotation and scaling, centroids in fp16, ``p * ||v||`` in fp16);
+the rotations, softmax and merge run in fp32 (``tf32x3`` products in the combine). The parity
+tests bound the difference from the float32 reference accordingly.
+
+Supported here: TurboQuant_mse keys and values with 1, 2, 3, 4 or 8 bits, fp16 norms, head dims
+16..256, at most 16 query heads per KV head, no mask (every token visible), no logit
+soft-capping. Everything else goes through the reference (see :func:`supports`).
+
+Host path: the rotation matrices (padded) and centroid tables are built once per quantizer pair
+and device and cached; the split partials live in one float32 workspace per device that is
+reused across calls (kernels on one stream run in order, so a later call's writes never race an
+earlier call's reads; calls on several streams at once would need their own workspaces); the
+context length and split length are run-time arguments, so decoding never recompiles as the
+context grows. Measurements and the history of versions: ``benchmarks/NOTES.md``.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SUPPORTED_BITS", "decode_attention_triton", "supports"]
+__all__ = ["SUPPORTED_BITS", "decode_attention_triton", "plane_layout", "supports"]
 
-SUPPORTED_BITS = (1, 2, 4, 8)
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+_LOG2E = 1.4426950408889634
+_GP = 16  # query rows per program: the group padded for tl.dot
 
 
 @triton.jit
-def _decode_attention_kernel(
-    q_ptr,  # (BH, GP, D) float32, rotated and scaled queries, rows >= G are zero
-    kp_ptr,  # (BH, T, LK) uint8 packed key codes
-    kn_ptr,  # (BH, T) key norms
-    vp_ptr,  # (BH, T, LV) uint8 packed value codes
-    vn_ptr,  # (BH, T) value norms
-    kc_ptr,  # (2**BK,) float32 key centroids
-    vc_ptr,  # (2**BV,) float32 value centroids
-    m_ptr,  # (BH, S, GP) float32 out: running max
-    l_ptr,  # (BH, S, GP) float32 out: normalizer
-    acc_ptr,  # (BH, S, GP, D) float32 out: value sums (rotated domain)
-    T,
-    stride_kp_bh,
-    stride_vp_bh,
-    stride_kn_bh,
-    stride_vn_bh,
-    LK: tl.constexpr,
-    LV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    D: tl.constexpr,
-    GP: tl.constexpr,
+def _group_rows(base_ptr, BITS: tl.constexpr):
+    """A history's row base (a uint8 pointer) as a pointer to whole packing groups: 8 codes of
+    BITS bits are exactly BITS bytes, read as one uint8/16/32/64 (3 bits: bytes, 3 per group)."""
+    if BITS == 2:
+        rows = base_ptr.to(tl.pointer_type(tl.uint16))
+    elif BITS == 4:
+        rows = base_ptr.to(tl.pointer_type(tl.uint32))
+    elif BITS == 8:
+        rows = base_ptr.to(tl.pointer_type(tl.uint64))
+    else:
+        rows = base_ptr
+    return rows
+
+
+@triton.jit
+def _load_groups(
+    row_ptr,  # (BLOCK_N,) pointers (from _group_rows) to each token's packed row
+    valid,  # (BLOCK_N,) tokens in range
+    BITS: tl.constexpr,
+    WP: tl.constexpr,  # padded groups per row
+    WR: tl.constexpr,  # real groups per row
+):
+    """The packing groups of a block of rows, ``(BLOCK_N, WP)``: each the little-endian integer
+    ``sum_i code_i << (BITS i)`` of 8 codes (uint32; uint64 for 8 bits)."""
+    units = tl.arange(0, WP)
+    if WR == WP:  # noqa: SIM108 (a compile-time branch: no mask work for unpadded rows)
+        mask = valid[:, None]
+    else:
+        mask = valid[:, None] & (units < WR)[None, :]
+    if BITS == 3:
+        base = row_ptr[:, None] + units[None, :] * 3
+        b0 = tl.load(base, mask=mask, other=0).to(tl.uint32)
+        b1 = tl.load(base + 1, mask=mask, other=0).to(tl.uint32)
+        b2 = tl.load(base + 2, mask=mask, other=0).to(tl.uint32)
+        groups = b0 | (b1 << 8) | (b2 << 16)
+    elif BITS == 8:
+        groups = tl.load(row_ptr[:, None] + units[None, :], mask=mask, other=0)
+    else:
+        groups = tl.load(row_ptr[:, None] + units[None, :], mask=mask, other=0).to(tl.uint32)
+    return groups
+
+
+# Byte-permute lookups (PTX ``prmt``): the fp16 table lives in registers as its low bytes and its
+# high bytes, ``prmt`` picks 4 bytes at once by 4 nibble selectors, and two more ``prmt`` weave
+# low and high bytes into fp16 pairs. No memory access and no address arithmetic per code.
+#
+# 4 bits: the Lloyd-Max codebook is symmetric, c[15 - j] = -c[j] (checked on the host, in fp16),
+# so the table holds c[0..7] ($9, $10: low bytes; $11, $12: high bytes): code j reads entry
+# (j & 7) ^ (7 if j & 8 else 0) and flips the sign bit when j & 8. $8: one packing group (8 codes).
+_PRMT4 = """{
+.reg .b32 t, f, m, mh, lo, hi, se, so, sg, r;
+shr.b32 t, $8, 3;
+and.b32 t, t, 0x11111111;
+mul.lo.u32 f, t, 7;
+and.b32 m, $8, 0x77777777;
+xor.b32 m, m, f;
+shl.b32 se, t, 7;
+and.b32 se, se, 0x80808080;
+shl.b32 so, t, 3;
+and.b32 so, so, 0x80808080;
+prmt.b32 lo, $9, $10, m;
+prmt.b32 hi, $11, $12, m;
+prmt.b32 sg, se, so, 0x5140;
+xor.b32 hi, hi, sg;
+prmt.b32 r, lo, hi, 0x5140;
+mov.b32 {$0, $1}, r;
+prmt.b32 r, lo, hi, 0x7362;
+mov.b32 {$2, $3}, r;
+shr.b32 mh, m, 16;
+prmt.b32 lo, $9, $10, mh;
+prmt.b32 hi, $11, $12, mh;
+prmt.b32 sg, se, so, 0x7362;
+xor.b32 hi, hi, sg;
+prmt.b32 r, lo, hi, 0x5140;
+mov.b32 {$4, $5}, r;
+prmt.b32 r, lo, hi, 0x7362;
+mov.b32 {$6, $7}, r;
+}"""
+# 2 bits: the 4-entry table is one register of low bytes ($9) and one of high bytes ($10); even
+# and odd codes of the group are spread into nibble selectors, looked up, and interleaved.
+_PRMT2 = """{
+.reg .b32 x, y, le, he, lo, ho, e0, e1, o0, o1, r;
+and.b32 x, $8, 0x3333;
+shr.b32 y, $8, 2;
+and.b32 y, y, 0x3333;
+prmt.b32 le, $9, $9, x;
+prmt.b32 he, $10, $10, x;
+prmt.b32 lo, $9, $9, y;
+prmt.b32 ho, $10, $10, y;
+prmt.b32 e0, le, he, 0x5140;
+prmt.b32 e1, le, he, 0x7362;
+prmt.b32 o0, lo, ho, 0x5140;
+prmt.b32 o1, lo, ho, 0x7362;
+prmt.b32 r, e0, o0, 0x5410;
+mov.b32 {$0, $1}, r;
+prmt.b32 r, e0, o0, 0x7632;
+mov.b32 {$2, $3}, r;
+prmt.b32 r, e1, o1, 0x5410;
+mov.b32 {$4, $5}, r;
+prmt.b32 r, e1, o1, 0x7632;
+mov.b32 {$6, $7}, r;
+}"""
+
+_PRMT4_ASM = tl.constexpr(_PRMT4)
+_PRMT2_ASM = tl.constexpr(_PRMT2)
+
+
+@triton.jit
+def _centroids(
+    groups,  # (BLOCK_N, WP) from _load_groups
+    table_ptr,  # (2**BITS,) fp16 centroids (gather path)
+    t0,  # table bytes in registers (PRMT path, see _PRMT4 / _PRMT2)
+    t1,
+    t2,
+    t3,
+    BITS: tl.constexpr,
+    WP: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,  # tokens per program, a multiple of BLOCK_N
+    PRMT: tl.constexpr,
+):
+    """Centroids of the codes in ``groups``, ``(BLOCK_N, 8 * WP)`` fp16 in dim order (code
+    ``8 j + i`` is group ``j`` at shift ``BITS i``): byte-permute lookups from registers
+    (``PRMT``, 2 and 4 bits) or gathers from the table in memory."""
+    if PRMT:
+        if BITS == 4:
+            o = tl.inline_asm_elementwise(
+                _PRMT4_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [groups, t0, t1, t2, t3],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            o = tl.inline_asm_elementwise(
+                _PRMT2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [groups, t0, t1],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
+        # join appends a minor axis: [a, b, c] below is code 4 a + 2 b + c
+        even = tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6]))
+        odd = tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7]))
+        cent = tl.join(even, odd)
+    else:
+        shifts = tl.arange(0, 8).to(groups.dtype) * BITS
+        codes = ((groups[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+        cent = tl.load(table_ptr + codes)
+    return tl.reshape(cent, (BLOCK_N, 8 * WP))
+
+
+@triton.jit(do_not_specialize=["T", "split_len"])
+def _decode_attention_kernel(
+    query_ptr,  # (B, Hq, 1, D)
+    stride_qb,
+    stride_qh,
+    qscale,  # scale * log2(e)
+    rot_ptr,  # (DP, PDK) float32: key rotation in kernel-column order, rows >= D zero
+    ws_ptr,  # float32 workspace: partials at m_off / l_off / acc_off
+    m_off,
+    l_off,
+    acc_off,
+    kp_ptr,  # (B, Hkv, T, LK) uint8 packed key codes (any strides on B, Hkv, T)
+    kn_ptr,  # (B, Hkv, T) key norms, fp16
+    vp_ptr,  # (B, Hkv, T, LV) uint8 packed value codes
+    vn_ptr,  # (B, Hkv, T) value norms, fp16
+    kt_ptr,  # (2**KB,) fp16 key centroids
+    vt_ptr,  # (2**VB,) fp16 value centroids
+    kt0,  # key table bytes for the PRMT path (int32 each; unused otherwise)
+    kt1,
+    kt2,
+    kt3,
+    vt0,  # value table bytes
+    vt1,
+    vt2,
+    vt3,
+    T,
+    split_len,  # tokens per program, a multiple of BLOCK_N
+    n_kv,
+    kp_sb,
+    kp_sh,
+    kp_st,
+    kn_sb,
+    kn_sh,
+    kn_st,
+    vp_sb,
+    vp_sh,
+    vp_st,
+    vn_sb,
+    vn_sh,
+    vn_st,
+    KB: tl.constexpr,
+    KWP: tl.constexpr,
+    KWR: tl.constexpr,
+    VB: tl.constexpr,
+    VWP: tl.constexpr,
+    VWR: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KPRMT: tl.constexpr,  # key lookups by byte permutes from registers (else gathers)
+    VPRMT: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
+    b = bh // n_kv
+    h = bh % n_kv
+    PDK: tl.constexpr = 8 * KWP
+    PDV: tl.constexpr = 8 * VWP
     rows = tl.arange(0, GP)
-    dims = tl.arange(0, D)
-    q = tl.load(q_ptr + bh * GP * D + rows[:, None] * D + dims[None, :])
-    k_byte = (dims * BK) // 8
-    k_shift = (dims * BK) % 8
-    v_byte = (dims * BV) // 8
-    v_shift = (dims * BV) % 8
-    start = split * SPLIT
-    stop = tl.minimum(start + SPLIT, T)
+    # the group's queries, scaled and rotated into the keys' domain (kernel-column order), in
+    # chunks of 32 dims so that the rotation never sits in registers whole
+    q = tl.zeros((GP, PDK), tl.float32)
+    for d0 in range(0, DP, 32):
+        dims = d0 + tl.arange(0, 32)
+        q_c = tl.load(
+            query_ptr + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dims[None, :],
+            mask=(rows < G)[:, None] & (dims < D)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        rot = tl.load(rot_ptr + dims[:, None] * PDK + tl.arange(0, PDK)[None, :])
+        q += tl.dot(q_c, rot, input_precision="ieee")
+    q = (q * qscale).to(tl.float16)  # (GP, PDK)
+    kp_row = _group_rows(kp_ptr + b * kp_sb + h * kp_sh, KB)
+    vp_row = _group_rows(vp_ptr + b * vp_sb + h * vp_sh, VB)
+    if KB != 3:
+        kp_st = kp_st // KB  # in groups of KB bytes
+    if VB != 3:
+        vp_st = vp_st // VB
+    kn_row = kn_ptr + b * kn_sb + h * kn_sh
+    vn_row = vn_ptr + b * vn_sb + h * vn_sh
+    start = split * split_len
+    stop = tl.minimum(start + split_len, T)
     m = tl.full((GP,), float("-inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, D), tl.float32)
-    for block in range(0, SPLIT, BLOCK_N):
-        toks = start + block + tl.arange(0, BLOCK_N)
-        valid = toks < stop
-        kb = tl.load(
-            kp_ptr + bh * stride_kp_bh + toks[:, None] * LK + k_byte[None, :],
-            mask=valid[:, None],
-            other=0,
-        ).to(tl.int32)
-        k_codes = (kb >> k_shift[None, :]) & ((1 << BK) - 1)
-        k = tl.load(kc_ptr + k_codes)  # (BLOCK_N, D) centroids
-        kn = tl.load(kn_ptr + bh * stride_kn_bh + toks, mask=valid, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * kn[None, :]  # (GP, BLOCK_N)
+    acc = tl.zeros((GP, PDV), tl.float32)
+    # Software pipelining by hand: the packed units and norms of block i + 1 are loaded before
+    # block i is decoded, so their memory latency overlaps the lookups and dots.
+    toks = start + tl.arange(0, BLOCK_N)
+    valid = toks < stop
+    ku = _load_groups(kp_row + toks * kp_st, valid, KB, KWP, KWR)
+    kn = tl.load(kn_row + toks * kn_st, mask=valid, other=0.0)
+    vu = _load_groups(vp_row + toks * vp_st, valid, VB, VWP, VWR)
+    vn = tl.load(vn_row + toks * vn_st, mask=valid, other=0.0)
+    for _ in range(0, split_len, BLOCK_N):  # blocks past `stop` are fully masked (last split)
+        toks_nx = toks + BLOCK_N
+        valid_nx = toks_nx < stop
+        ku_nx = _load_groups(kp_row + toks_nx * kp_st, valid_nx, KB, KWP, KWR)
+        kn_nx = tl.load(kn_row + toks_nx * kn_st, mask=valid_nx, other=0.0)
+        vu_nx = _load_groups(vp_row + toks_nx * vp_st, valid_nx, VB, VWP, VWR)
+        vn_nx = tl.load(vn_row + toks_nx * vn_st, mask=valid_nx, other=0.0)
+        k = _centroids(ku, kt_ptr, kt0, kt1, kt2, kt3, KB, KWP, BLOCK_N, KPRMT)
+        s = tl.dot(q, tl.trans(k)) * kn.to(tl.float32)[None, :]  # (GP, BLOCK_N), base 2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        vb = tl.load(
-            vp_ptr + bh * stride_vp_bh + toks[:, None] * LV + v_byte[None, :],
-            mask=valid[:, None],
-            other=0,
-        ).to(tl.int32)
-        v_codes = (vb >> v_shift[None, :]) & ((1 << BV) - 1)
-        vn = tl.load(vn_ptr + bh * stride_vn_bh + toks, mask=valid, other=0.0).to(tl.float32)
-        v = tl.load(vc_ptr + v_codes) * vn[:, None]
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        v = _centroids(vu, vt_ptr, vt0, vt1, vt2, vt3, VB, VWP, BLOCK_N, VPRMT)
+        pv = (p * vn.to(tl.float32)[None, :]).to(tl.float16)
+        acc = acc * alpha[:, None] + tl.dot(pv, v)
         m = m_new
-    out = (bh * n_splits + split) * GP
-    tl.store(m_ptr + out + rows, m)
-    tl.store(l_ptr + out + rows, l_sum)
-    tl.store(acc_ptr + (out + rows[:, None]) * D + dims[None, :], acc)
+        toks, valid, ku, kn, vu, vn = toks_nx, valid_nx, ku_nx, kn_nx, vu_nx, vn_nx
+    part = bh * n_splits + split
+    tl.store(ws_ptr + m_off + part * GP + rows, m)
+    tl.store(ws_ptr + l_off + part * GP + rows, l_sum)
+    vcols = tl.arange(0, PDV)
+    tl.store(
+        ws_ptr + acc_off + (part * G + rows[:, None]) * PDV + vcols[None, :],
+        acc,
+        mask=(rows < G)[:, None],
+    )
+
+
+@triton.jit
+def _segment_stats(
+    q, k_base, stride_t, n, m, l_sum, D: tl.constexpr, DP: tl.constexpr, SEG_N: tl.constexpr
+):
+    """Running max and normalizer of a full-precision segment of ``n`` tokens (original domain)."""
+    dims = tl.arange(0, DP)
+    for t0 in range(0, n, SEG_N):
+        toks = t0 + tl.arange(0, SEG_N)
+        valid = toks < n
+        offs = toks[:, None] * stride_t + dims[None, :]
+        k = tl.load(k_base + offs, mask=valid[:, None] & (dims < D)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="tf32x3")
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        l_sum = l_sum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m = m_new
+    return m, l_sum
+
+
+@triton.jit
+def _segment_values(
+    q, k_base, v_base, stride_kt, stride_vt, n, m, acc, c0,
+    D: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SEG_N: tl.constexpr,
+):  # fmt: skip
+    """``acc += sum_t 2^(s_t - m) v_t[c0 : c0 + DC]`` over a segment (``m`` its final max)."""
+    dims = tl.arange(0, DP)
+    cols = c0 + tl.arange(0, DC)
+    for t0 in range(0, n, SEG_N):
+        toks = t0 + tl.arange(0, SEG_N)
+        valid = toks < n
+        k = tl.load(
+            k_base + toks[:, None] * stride_kt + dims[None, :],
+            mask=valid[:, None] & (dims < D)[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="tf32x3")
+        p = tl.where(valid[None, :], tl.exp2(s - m[:, None]), 0.0)
+        v = tl.load(
+            v_base + toks[:, None] * stride_vt + cols[None, :],
+            mask=valid[:, None] & (cols < D)[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
+    return acc
+
+
+@triton.jit(do_not_specialize=["n_splits", "n_pre", "n_suf"])
+def _combine_kernel(
+    ws_ptr,
+    m_off,
+    l_off,
+    acc_off,
+    n_splits,
+    unrot_ptr,  # (PDV, DP) float32: value rotation in kernel-column order, padding zero
+    query_ptr,  # (B, Hq, 1, D)
+    stride_qb,
+    stride_qh,
+    qscale,
+    pk_ptr,  # prefix keys/values (B, Hkv, n_pre, D), last stride 1
+    pv_ptr,
+    n_pre,
+    pk_sb,
+    pk_sh,
+    pk_st,
+    pv_sb,
+    pv_sh,
+    pv_st,
+    sk_ptr,  # suffix keys/values (B, Hkv, n_suf, D), last stride 1
+    sv_ptr,
+    n_suf,
+    sk_sb,
+    sk_sh,
+    sk_st,
+    sv_sb,
+    sv_sh,
+    sv_st,
+    out_ptr,  # (B, Hq, 1, D) contiguous, query dtype
+    n_kv,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    DC: tl.constexpr,  # output columns per chunk (bounds the shared memory of the unrotation)
+    PDV: tl.constexpr,
+    SEG_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // n_kv
+    h = bh % n_kv
+    rows = tl.arange(0, GP)
+    vcols = tl.arange(0, PDV)
+    dims = tl.arange(0, DP)
+    row_ok = rows < G
+    # 1. merge the history's splits (rotated domain, kernel-column order); the next split's
+    # partials are loaded before the current one is folded in
+    m_h = tl.full((GP,), float("-inf"), tl.float32)
+    l_h = tl.zeros((GP,), tl.float32)
+    acc_h = tl.zeros((GP, PDV), tl.float32)
+    part = bh * n_splits
+    m_s = tl.load(ws_ptr + m_off + part * GP + rows)
+    l_s = tl.load(ws_ptr + l_off + part * GP + rows)
+    acc_ptrs = ws_ptr + acc_off + (part * G + rows[:, None]) * PDV + vcols[None, :]
+    acc_s = tl.load(acc_ptrs, mask=row_ok[:, None], other=0.0)
+    for split in range(1, n_splits + 1):
+        more = split < n_splits
+        part_nx = bh * n_splits + split
+        m_nx = tl.load(ws_ptr + m_off + part_nx * GP + rows, mask=more & row_ok, other=0.0)
+        l_nx = tl.load(ws_ptr + l_off + part_nx * GP + rows, mask=more & row_ok, other=0.0)
+        acc_nx = tl.load(
+            ws_ptr + acc_off + (part_nx * G + rows[:, None]) * PDV + vcols[None, :],
+            mask=more & row_ok[:, None],
+            other=0.0,
+        )
+        m_new = tl.maximum(m_h, m_s)
+        a_old = tl.exp2(m_h - m_new)
+        a_new = tl.exp2(m_s - m_new)
+        l_h = l_h * a_old + l_s * a_new
+        acc_h = acc_h * a_old[:, None] + acc_s * a_new[:, None]
+        m_h = m_new
+        m_s, l_s, acc_s = m_nx, l_nx, acc_nx
+    # 2. softmax statistics of the full-precision segments (original domain)
+    q = tl.load(
+        query_ptr + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & (dims < D)[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    q = q * qscale
+    pk_base = pk_ptr + b * pk_sb + h * pk_sh
+    pv_base = pv_ptr + b * pv_sb + h * pv_sh
+    sk_base = sk_ptr + b * sk_sb + h * sk_sh
+    sv_base = sv_ptr + b * sv_sb + h * sv_sh
+    m_g = tl.full((GP,), float("-inf"), tl.float32)
+    l_g = tl.zeros((GP,), tl.float32)
+    m_g, l_g = _segment_stats(q, pk_base, pk_st, n_pre, m_g, l_g, D, DP, SEG_N)
+    m_g, l_g = _segment_stats(q, sk_base, sk_st, n_suf, m_g, l_g, D, DP, SEG_N)
+    # 3. one softmax over both, written chunk by chunk of output columns
+    m_all = tl.maximum(m_h, m_g)
+    w_h = tl.exp2(m_h - m_all)
+    w_g = tl.where(m_g == float("-inf"), 0.0, tl.exp2(m_g - m_all))
+    total = l_h * w_h + l_g * w_g
+    c = tl.program_id(1)  # one chunk of DC output columns per program
+    cols = c * DC + tl.arange(0, DC)
+    unrot = tl.load(unrot_ptr + vcols[:, None] * DP + cols[None, :])
+    out_h = tl.dot(acc_h, unrot, input_precision="tf32x3")  # (GP, DC), original domain
+    acc_g = tl.zeros((GP, DC), tl.float32)
+    acc_g = _segment_values(
+        q, pk_base, pv_base, pk_st, pv_st, n_pre, m_g, acc_g, c * DC, D, DP, DC, SEG_N
+    )
+    acc_g = _segment_values(
+        q, sk_base, sv_base, sk_st, sv_st, n_suf, m_g, acc_g, c * DC, D, DP, DC, SEG_N
+    )
+    out = (out_h * w_h[:, None] + acc_g * w_g[:, None]) / total[:, None]
+    tl.store(
+        out_ptr + (b * n_kv * G + h * G + rows[:, None]) * D + cols[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (cols < D)[None, :],
+    )
+
+
+def plane_layout(n_bits: int, d: int) -> tuple[int, int]:
+    """``(WP, WR)`` of packed rows of ``d`` codes: packing groups (8 codes, ``n_bits`` bytes) per
+    row padded to a power of two (``8 * WP >= 16`` for the tensor cores), and real groups. The
+    kernels' columns are dims in order, ``8 * WR`` of them real (dims ``>= d`` are padding)."""
+    wr = -(-d // 8)
+    return max(2, triton.next_power_of_2(wr)), wr
+
+
+def _padded(matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    out = np.zeros((rows, cols), dtype=np.float64)
+    out[: matrix.shape[0], : matrix.shape[1]] = matrix
+    return out
+
+
+@dataclass(frozen=True)
+class _Constants:
+    rot: torch.Tensor  # (DP, PDK) float32
+    unrot: torch.Tensor  # (PDV, DP) float32
+    k_table: torch.Tensor  # (2**bk,) fp16
+    v_table: torch.Tensor  # (2**bv,) fp16
+    k_layout: tuple[int, int]
+    v_layout: tuple[int, int]
+    dp: int
+    k_regs: tuple[int, int, int, int] | None  # table bytes for the PRMT path, None: gathers
+    v_regs: tuple[int, int, int, int] | None
+
+
+_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SMS: dict[torch.device, int] = {}
+_WORKSPACE: dict[torch.device, torch.Tensor] = {}
+
+
+def _constants(key_q: Any, value_q: Any, device: torch.device) -> _Constants:
+    """Device constants of a quantizer pair, built once (the rotations and tables never change)."""
+    per_key = _CONSTANTS.setdefault(key_q, weakref.WeakKeyDictionary())
+    per_value = per_key.setdefault(value_q, {})
+    found = per_value.get(device)
+    if found is not None:
+        return found
+    d = key_q.spec.d
+    dp = max(16, triton.next_power_of_2(d))
+    k_layout = plane_layout(key_q.spec.n_bits, d)
+    v_layout = plane_layout(value_q.spec.n_bits, d)
+    # rotate: q_rot = q @ Pi_K^T; unrotate: out = out_rot @ Pi_V (Rotation.matrix() is Pi)
+    rot = _padded(key_q.rotation.matrix().T, dp, 8 * k_layout[0])
+    unrot = _padded(value_q.rotation.matrix(), 8 * v_layout[0], dp)
+
+    def dev(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
+
+    found = _Constants(
+        rot=dev(rot, torch.float32),
+        unrot=dev(unrot, torch.float32),
+        k_table=dev(key_q.codebook.centroids, torch.float16),
+        v_table=dev(value_q.codebook.centroids, torch.float16),
+        k_layout=k_layout,
+        v_layout=v_layout,
+        dp=dp,
+        k_regs=_prmt_registers(key_q.codebook.centroids),
+        v_regs=_prmt_registers(value_q.codebook.centroids),
+    )
+    per_value[device] = found
+    return found
+
+
+def _prmt_registers(centroids: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The fp16 table of a 2- or 4-bit codebook as 4 int32 registers of bytes for the PRMT path
+    (4 bits: low bytes of c[0..3], c[4..7], high bytes of c[0..3], c[4..7], valid only because
+    c[15 - j] == -c[j] in fp16, checked here; 2 bits: low bytes, high bytes, 0, 0), or None."""
+    c = np.asarray(centroids, dtype=np.float16)
+    bits = c.view(np.uint16).astype(np.uint32)
+    lo, hi = bits & 0xFF, bits >> 8
+
+    def word(b: np.ndarray) -> int:
+        value = int(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24)
+        return value - (1 << 32) if value >= 1 << 31 else value  # as a signed int32 argument
+
+    if c.size == 16 and np.array_equal(c[::-1], -c):
+        return word(lo[:4]), word(lo[4:8]), word(hi[:4]), word(hi[4:8])
+    if c.size == 4:
+        return word(lo), word(hi), 0, 0
+    return None
+
+
+def _check_aligned(qt: Any, name: str) -> None:
+    """Packing groups are read whole (``n_bits`` bytes each): rows must start on them."""
+    p, unit = qt.packed, qt.spec.n_bits
+    if p.stride(-1) != 1:
+        raise ValueError(f"{name}: packed rows must be contiguous (last stride 1)")
+    if unit != 3 and (p.data_ptr() % unit or any(st % unit for st in p.stride()[:-1])):
+        raise ValueError(
+            f"{name}: packed rows must start on {unit}-byte packing groups (data pointer and "
+            f"strides multiples of {unit}), got strides {tuple(p.stride())}"
+        )
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor:
+    ws = _WORKSPACE.get(device)
+    if ws is None or ws.numel() < numel:
+        ws = torch.empty(max(numel, 1 << 16), device=device, dtype=torch.float32)
+        _WORKSPACE[device] = ws
+    return ws
+
+
+def _sm_count(device: torch.device) -> int:
+    if device not in _SMS:
+        if device.type == "cuda":
+            _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        else:  # the Triton interpreter (CPU tensors)
+            _SMS[device] = 4
+    return _SMS[device]
 
 
 def supports(key_quantizer: Any, value_quantizer: Any, head_dim: int) -> bool:
@@ -111,21 +607,22 @@ def supports(key_quantizer: Any, value_quantizer: Any, head_dim: int) -> bool:
         and value_quantizer.spec.kind == "mse"
         and key_quantizer.spec.n_bits in SUPPORTED_BITS
         and value_quantizer.spec.n_bits in SUPPORTED_BITS
-        and head_dim >= 16
-        and head_dim & (head_dim - 1) == 0
+        and key_quantizer.spec.norm_dtype == "float16"
+        and value_quantizer.spec.norm_dtype == "float16"
+        and 16 <= head_dim <= 256
     )
 
 
-def _segment_state(q_rot: torch.Tensor, segments: list, key_q: Any, value_q: Any):
-    """Scores and rotated values of the full-precision segments: (m, l, acc) per row."""
-    k = torch.cat([s[0] for s in segments], 2).float()
-    v = torch.cat([s[1] for s in segments], 2).float()
-    k_rot = key_q.rotation.rotate(k)
-    v_rot = value_q.rotation.rotate(v)
-    scores = q_rot @ k_rot.transpose(-1, -2)  # (B, H, G, S)
-    m = scores.amax(-1)
-    p = torch.exp(scores - m[..., None])
-    return m, p.sum(-1), p @ v_rot
+def _segment_args(seg: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor) -> list:
+    """Pointers, length and strides of a full-precision segment (a dummy when absent)."""
+    if seg is None or not seg[0].shape[2]:
+        return [like, like, 0, 0, 0, 0, 0, 0, 0]
+    k, v = seg
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    return [k, v, k.shape[2], *k.stride()[:3], *v.stride()[:3]]
 
 
 def decode_attention_triton(
@@ -138,59 +635,86 @@ def decode_attention_triton(
     scale: float,
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     suffix: tuple[torch.Tensor, torch.Tensor] | None = None,
-    block_n: int = 32,
+    block_n: int | None = None,
     tokens_per_split: int | None = None,
+    num_warps: int = 4,
+    lookup: str = "auto",
 ) -> torch.Tensor:
     """Decode attention ``query (B, Hq, 1, D)`` over packed history + full-precision segments.
 
-    Same inputs and output as :func:`tqai.attention.compressed_attention` with ``mask=None``.
-    ``tokens_per_split`` defaults to a split that gives every SM about four programs.
+    Same inputs and output as :func:`tqai.attention.compressed_attention` with ``mask=None``
+    (``keys`` / ``values`` must hold at least one token). ``block_n`` (tokens per step)
+    defaults to 64 (128 from 16K tokens; 32 for rows of more than 128 kernel columns, for
+    shared memory); ``tokens_per_split`` to splits that give the GPU at least two programs per
+    SM and every KV head at least 8 splits (each at least ``4 * block_n`` tokens). ``lookup="gather"`` reads centroids from memory even where
+    byte-permute lookups from registers serve (2 bits, symmetric 4-bit codebooks on CUDA).
     """
     b, hq, tq, d = query.shape
     if tq != 1:
-        raise ValueError(f"the fused decode kernel takes one query token, got {tq}")
+        raise ValueError(f"query must hold one token per sequence (decode), got {tq}")
+    if keys is None or keys.shape[2] == 0:
+        raise ValueError("keys must hold a packed history of at least one token")
+    if not supports(key_quantizer, value_quantizer, d):
+        raise ValueError(
+            f"key_quantizer / value_quantizer ({key_quantizer.spec}, {value_quantizer.spec}) "
+            "are not served by the fused kernel; check supports() first"
+        )
     n_kv = keys.shape[1]
+    if hq % n_kv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({n_kv})")
     g = hq // n_kv
-    gp = max(16, triton.next_power_of_2(g))
+    if g > _GP:
+        raise ValueError(f"query heads per KV head must be <= {_GP}, got {g}")
+    if query.stride(-1) != 1:
+        query = query.contiguous()
     t = keys.shape[2]
-    q = (query.float() * scale).reshape(b, n_kv, g, d)
-    q_rot = key_quantizer.rotation.rotate(q)
-    q_pad = torch.zeros(b * n_kv, gp, d, device=query.device, dtype=torch.float32)
-    q_pad[:, :g] = q_rot.reshape(b * n_kv, g, d)
-    if tokens_per_split is None:
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-        want = max(1, math.ceil(4 * sms / (b * n_kv)))
-        tokens_per_split = math.ceil(t / want)
-    tokens_per_split = max(block_n, math.ceil(tokens_per_split / block_n) * block_n)
-    splits = max(1, math.ceil(t / tokens_per_split))
-    m = torch.empty(b * n_kv, splits, gp, device=query.device, dtype=torch.float32)
-    l_sum = torch.empty_like(m)
-    acc = torch.empty(b * n_kv, splits, gp, d, device=query.device, dtype=torch.float32)
-    kp = keys.packed.reshape(b * n_kv, t, -1)
-    vp = values.packed.reshape(b * n_kv, t, -1)
-    kn = keys.norms.reshape(b * n_kv, t)
-    vn = values.norms.reshape(b * n_kv, t)
-    kc = key_quantizer.constant("centroids", q_pad)
-    vc = value_quantizer.constant("centroids", q_pad)
-    _decode_attention_kernel[(b * n_kv, splits)](
-        q_pad, kp, kn, vp, vn, kc, vc, m, l_sum, acc,
-        t,
-        kp.stride(0), vp.stride(0), kn.stride(0), vn.stride(0),
-        LK=kp.shape[-1], LV=vp.shape[-1], BK=key_quantizer.spec.n_bits,
-        BV=value_quantizer.spec.n_bits, D=d, GP=gp, BLOCK_N=block_n, SPLIT=tokens_per_split,
+    _check_aligned(keys, "keys")
+    _check_aligned(values, "values")
+    device = query.device
+    c = _constants(key_quantizer, value_quantizer, device)
+    kwp, kwr = c.k_layout
+    vwp, vwr = c.v_layout
+    pdk, pdv = 8 * kwp, 8 * vwp
+    if block_n is None:  # measured on H100 (benchmarks/NOTES.md, v5 sweep)
+        block_n = 32 if max(pdk, pdv) > 128 else 128 if t >= 16384 else 64
+    if lookup not in ("auto", "gather"):
+        raise ValueError(f"lookup must be 'auto' or 'gather', got {lookup!r}")
+    # byte-permute lookups need PTX (not the interpreter) and a 2-bit or symmetric 4-bit table
+    prmt = lookup == "auto" and device.type == "cuda"
+    kprmt, vprmt = prmt and c.k_regs is not None, prmt and c.v_regs is not None
+    k_regs = c.k_regs if kprmt else (0, 0, 0, 0)
+    v_regs = c.v_regs if vprmt else (0, 0, 0, 0)
+    bh = b * n_kv
+    if tokens_per_split is None:  # >= 2 programs per SM, >= 8 splits per KV head
+        want = max(8, math.ceil(2 * _sm_count(device) / bh))
+        tokens_per_split = max(4 * block_n, math.ceil(t / want))
+    split_len = max(block_n, math.ceil(tokens_per_split / block_n) * block_n)
+    splits = math.ceil(t / split_len)
+    m_off = 0
+    l_off = bh * splits * _GP
+    acc_off = 2 * bh * splits * _GP
+    ws = _workspace(device, acc_off + bh * splits * g * pdv)
+    qscale = scale * _LOG2E
+    kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
+    _decode_attention_kernel[(bh, splits)](
+        query, query.stride(0), query.stride(1), qscale, c.rot,
+        ws, m_off, l_off, acc_off,
+        kp, kn, vp, vn, c.k_table, c.v_table, *k_regs, *v_regs,
+        t, split_len, n_kv,
+        kp.stride(0), kp.stride(1), kp.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
+        vp.stride(0), vp.stride(1), vp.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+        KB=key_quantizer.spec.n_bits, KWP=kwp, KWR=kwr,
+        VB=value_quantizer.spec.n_bits, VWP=vwp, VWR=vwr,
+        G=g, GP=_GP, D=d, DP=c.dp, BLOCK_N=block_n, KPRMT=kprmt, VPRMT=vprmt,
+        num_warps=num_warps,
     )  # fmt: skip
-    m = m[..., :g].reshape(b, n_kv, splits, g)
-    l_sum = l_sum[..., :g].reshape(b, n_kv, splits, g)
-    acc = acc[..., :g, :].reshape(b, n_kv, splits, g, d)
-    segments = [s for s in (prefix, suffix) if s is not None and s[0].shape[2]]
-    if segments:
-        m_s, l_s, acc_s = _segment_state(q_rot, segments, key_quantizer, value_quantizer)
-        m = torch.cat([m, m_s[:, :, None]], 2)
-        l_sum = torch.cat([l_sum, l_s[:, :, None]], 2)
-        acc = torch.cat([acc, acc_s[:, :, None]], 2)
-    m_all = m.amax(2, keepdim=True)
-    w = torch.exp(m - m_all)  # empty splits have m = -inf and weigh 0
-    total = (l_sum * w).sum(2)
-    out_rot = (acc * w[..., None]).sum(2) / total[..., None]
-    out = value_quantizer.rotation.unrotate(out_rot)
-    return out.reshape(b, hq, 1, d).to(query.dtype)
+    out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
+    dc = min(c.dp, 64)
+    _combine_kernel[(bh, c.dp // dc)](
+        ws, m_off, l_off, acc_off, splits, c.unrot,
+        query, query.stride(0), query.stride(1), qscale,
+        *_segment_args(prefix, query), *_segment_args(suffix, query),
+        out, n_kv,
+        G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16,
+    )  # fmt: skip
+    return out

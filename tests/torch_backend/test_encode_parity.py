@@ -1,0 +1,93 @@
+"""The fused Triton encode matches ``TurboQuantMSE.quantize`` (the core reference).
+
+On a CUDA GPU (marked ``gpu``), or on the CPU under ``TRITON_INTERPRET=1`` (see triton_interpret).
+Codes may differ from the reference only where a rotated coordinate is within float32 rounding
+of a codebook boundary (the kernel's rotation rounds differently): the test bounds how many codes
+differ and checks that every differing code is a neighbour of the reference's one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tqai import TurboQuantMSE
+
+triton = pytest.importorskip("triton")
+from triton_interpret import DEVICE, MARKS  # noqa: E402
+
+pytestmark = MARKS
+
+CASES = [
+    # (shape, bits, rotation)
+    ((1, 8, 300, 128), 4, "haar"),
+    ((1, 8, 300, 128), 2, "hadamard"),
+    ((2, 3, 77, 64), 3, "haar"),
+    ((3, 2, 33, 80), 8, "rotor"),
+    ((2, 2, 41, 96), 1, "haar"),
+    ((1, 2, 19, 256), 4, "hadamard"),
+    ((5, 13), 2, "haar"),  # d not a multiple of 8
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_matches_reference(case, dtype):
+    from tqai_torch.kernels.triton.encode import quantize_triton
+
+    shape, bits, rotation = case
+    gen = torch.Generator(device=DEVICE).manual_seed(bits + shape[-1])
+    x = (torch.randn(shape, device=DEVICE, generator=gen) * 3).to(dtype)
+    x[..., 0, :] = 0  # zero vectors: norm 0, codes of the zero unit vector
+    q = TurboQuantMSE(shape[-1], bits, rotation=rotation, seed=5)
+    ref = q.quantize(x)
+    got = quantize_triton(x, q)
+    assert got.spec == ref.spec
+    assert got.shape == ref.shape
+    assert got.dtype == ref.dtype
+    assert got.packed.shape == ref.packed.shape
+    # the same float32 formula; the sum of squares may round differently by one float32 ulp,
+    # which can move the fp16 norm by at most one fp16 ulp
+    assert torch.allclose(got.norms.float(), ref.norms.float(), rtol=2**-10, atol=0)
+    codes, ref_codes = q.codes(got).int(), q.codes(ref).int()
+    differ = codes != ref_codes
+    assert differ.float().mean().item() <= 1e-3, differ.float().mean().item()
+    assert bool(((codes - ref_codes).abs() <= 1).all())  # ties: a neighbouring cell only
+    # where the codes agree the packed bits are the reference's bit for bit
+    if not bool(differ.any()):
+        assert torch.equal(got.packed, ref.packed)
+    err = (q.dequantize(got).float() - q.dequantize(ref).float()).norm() / x.float().norm()
+    assert err.item() <= 1e-2
+
+
+def test_encode_writes_in_place_into_a_history_slice():
+    """``out=`` views into a preallocated (B, H, capacity, .) buffer are written in place."""
+    from tqai_torch.kernels.triton.encode import quantize_triton
+
+    q = TurboQuantMSE(64, 4, seed=1)
+    x = torch.randn(2, 3, 10, 64, device=DEVICE)
+    packed = torch.full((2, 3, 32, 32), 7, dtype=torch.uint8, device=DEVICE)
+    norms = torch.full((2, 3, 32), -1.0, dtype=torch.float16, device=DEVICE)
+    out = quantize_triton(x, q, out=(packed[:, :, 5:15], norms[:, :, 5:15]))
+    ref = q.quantize(x)
+    assert out.packed.data_ptr() == packed[:, :, 5:15].data_ptr()
+    assert torch.allclose(norms[:, :, 5:15].float(), ref.norms.float(), rtol=2**-10, atol=0)
+    agree = (q.codes(out) == q.codes(ref)).float().mean().item()
+    assert agree >= 0.999
+    assert bool((packed[:, :, :5] == 7).all() and (packed[:, :, 15:] == 7).all())  # untouched
+    assert bool((norms[:, :, :5] == -1).all() and (norms[:, :, 15:] == -1).all())
+
+
+def test_encode_refuses_bad_input():
+    from tqai_torch.kernels.triton.encode import quantize_triton
+
+    q = TurboQuantMSE(64, 4)
+    with pytest.raises(ValueError, match="shape"):
+        quantize_triton(torch.randn(3, 32, device=DEVICE), q)
+    bad = (torch.empty(3, 8, dtype=torch.uint8, device=DEVICE), torch.empty(3))
+    x = torch.randn(3, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="out"):
+        quantize_triton(x, q, out=bad)
+    x[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_triton(x, q, check=True)
