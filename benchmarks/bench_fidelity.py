@@ -128,6 +128,8 @@ def main() -> None:
             flush=True,
         )
         keys = {(x["model"], x["config"], x["context"]) for x in rows}
+        if path.exists():  # merge with what other runs wrote meanwhile
+            payload = json.loads(path.read_text())
         kept = [x for x in payload["rows"] if (x["model"], x["config"], x["context"]) not in keys]
         payload = {"machine": machine(), "rows": kept + rows}
         write_json("fidelity.json", payload)
