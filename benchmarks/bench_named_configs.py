@@ -2,8 +2,9 @@
 
 The named configs (tqai.named_configs) compress the KV cache and, for all but kv-only, the hidden
 states between decoder layers and/or the FFN activations (quantize-dequantize with TurboQuant_mse,
-tqai.activations). Perplexity is measured as in bench_quality.py (tqai_torch.evaluate): the first
-half of each window is prefilled, the rest scored in chunks of 128 tokens through the cache, with
+tqai.activations). Perplexity is measured as in bench_fidelity.py (tqai_torch.evaluate): the
+first half of each window is prefilled, the rest scored in chunks of 128 tokens that the cache
+compresses before attention reads them (each token sees what token-by-token decoding would), with
 the activation hooks active for every forward pass. Writes benchmarks/results/named_configs.json.
 
     python benchmarks/bench_named_configs.py [--context 1024] [--windows 2]
