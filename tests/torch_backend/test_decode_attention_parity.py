@@ -99,14 +99,14 @@ def test_decode_attention_reads_a_history_view():
 def test_group_layout_matches_packing():
     """The kernel reads whole packing groups: code ``8 j + i`` is bits ``[b i, b i + b)`` of the
     little-endian integer in bytes ``[b j, b j + b)`` of a row (the layout of tqai.packing)."""
-    from tqai_torch.kernels.triton.decode_attention import plane_layout
+    from tqai_torch.kernels.triton.decode_attention import group_layout
 
     gen = torch.Generator().manual_seed(0)
     for bits in (1, 2, 3, 4, 8):
         for d in (64, 80, 96, 128):
             codes = torch.randint(0, 2**bits, (5, d), generator=gen, dtype=torch.int64)
             packed = pack_bits(codes, bits).to(torch.int64)
-            wp, wr = plane_layout(bits, d)
+            wp, wr = group_layout(bits, d)
             assert wr == packed.shape[1] // bits
             assert wp >= wr
             assert 8 * wp >= 16

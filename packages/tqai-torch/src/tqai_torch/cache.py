@@ -62,16 +62,22 @@ _FUSED_INPUTS = frozenset(
 )
 
 
-def _fused_inputs(store: KVStore) -> dict | None:
+_MAX_GROUP = 16  # query heads per KV head the fused kernel takes (rows of one program)
+
+
+def _fused_inputs(store: KVStore, query_heads: int) -> dict | None:
     """The store's attention inputs if the fused kernel reads all of them, else None (then the
     reference runs): a store whose attention needs more than one packed history and plain
-    full-precision segments (pipeline tiers, or any field the kernel does not know) is not
-    served by it."""
+    full-precision segments (pipeline tiers, or any field the kernel does not know), or more
+    than 16 query heads per KV head, is not served by it."""
     try:
         inputs = store.attention_inputs()
     except ValueError:
         return None
     if set(inputs) != _FUSED_INPUTS or inputs["keys"] is None:
+        return None
+    kv_heads = inputs["keys"].shape[1]
+    if query_heads % kv_heads or query_heads // kv_heads > _MAX_GROUP:
         return None
     return inputs
 
@@ -176,7 +182,7 @@ class TqaiLayer(DynamicLayer):
             return out
         inputs = None
         if softcap is None and _use_fused_decode(query, mask, self.store):
-            inputs = _fused_inputs(self.store)
+            inputs = _fused_inputs(self.store, query.shape[1])
         if inputs is not None:
             from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 

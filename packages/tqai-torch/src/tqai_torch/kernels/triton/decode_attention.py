@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SUPPORTED_BITS", "decode_attention_triton", "plane_layout", "supports"]
+__all__ = ["SUPPORTED_BITS", "decode_attention_triton", "group_layout", "supports"]
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 _LOG2E = 1.4426950408889634
@@ -487,7 +487,7 @@ def _combine_kernel(
     )
 
 
-def plane_layout(n_bits: int, d: int) -> tuple[int, int]:
+def group_layout(n_bits: int, d: int) -> tuple[int, int]:
     """``(WP, WR)`` of packed rows of ``d`` codes: packing groups (8 codes, ``n_bits`` bytes) per
     row padded to a power of two (``8 * WP >= 16`` for the tensor cores), and real groups. The
     kernels' columns are dims in order, ``8 * WR`` of them real (dims ``>= d`` are padding)."""
@@ -528,8 +528,8 @@ def _constants(key_q: Any, value_q: Any, device: torch.device) -> _Constants:
         return found
     d = key_q.spec.d
     dp = max(16, triton.next_power_of_2(d))
-    k_layout = plane_layout(key_q.spec.n_bits, d)
-    v_layout = plane_layout(value_q.spec.n_bits, d)
+    k_layout = group_layout(key_q.spec.n_bits, d)
+    v_layout = group_layout(value_q.spec.n_bits, d)
     # rotate: q_rot = q @ Pi_K^T; unrotate: out = out_rot @ Pi_V (Rotation.matrix() is Pi)
     rot = _padded(key_q.rotation.matrix().T, dp, 8 * k_layout[0])
     unrot = _padded(value_q.rotation.matrix(), 8 * v_layout[0], dp)

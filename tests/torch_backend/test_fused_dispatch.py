@@ -1,0 +1,42 @@
+"""When the CUDA cache hands a decode step to the fused kernel (CPU-checkable decisions)."""
+
+from __future__ import annotations
+
+import torch
+
+from tqai.kvstore import KVCacheConfig, KVStore
+from tqai_torch.cache import _fused_inputs
+
+
+def _store(kv_heads: int, tokens: int, **config) -> KVStore:
+    store = KVStore(KVCacheConfig(bits_k=4, bits_v=2, **config))
+    k = torch.randn(1, kv_heads, tokens, 64)
+    store.update(k, torch.randn_like(k))
+    store.commit()
+    return store
+
+
+def test_fused_inputs_are_the_kernel_arguments():
+    inputs = _fused_inputs(_store(2, 20, sink_tokens=4), query_heads=8)
+    assert inputs is not None
+    assert set(inputs) == {"keys", "values", "prefix", "suffix", "key_quantizer", "value_quantizer"}
+    assert inputs["keys"].shape == (1, 2, 16)
+
+
+def test_no_fused_inputs_without_a_history_or_for_large_groups():
+    assert _fused_inputs(_store(2, 3, sink_tokens=4), query_heads=8) is None  # sinks only
+    assert _fused_inputs(_store(1, 20), query_heads=32) is None  # 32 query heads per KV head
+    assert _fused_inputs(_store(2, 20), query_heads=5) is None  # not a multiple
+
+
+def test_no_fused_inputs_for_stores_with_pipeline_tiers():
+    from tqai.kvstore import build_cache_pipeline
+
+    config = KVCacheConfig(bits_k=4, bits_v=2, sink_tokens=0)
+    pipe = build_cache_pipeline({"monitor": "stability"}, config, num_layers=1, head_dims=[64])
+    store = KVStore(config, pipe, 0)
+    k = torch.randn(1, 2, 20, 64)
+    store.update(k, torch.randn_like(k))
+    store.commit()
+    assert store.tiers
+    assert _fused_inputs(store, query_heads=4) is None
