@@ -21,9 +21,9 @@ __all__ = ["KiviCache", "kivi_bits_per_coord"]
 
 def _affine(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Quantize-dequantize ``x`` with min/max affine codes along ``dim`` (fp16 scale and zero)."""
-    low = x.amin(dim, keepdim=True).half().float()
+    low = x.amin(dim, keepdim=True).bfloat16().float()
     high = x.amax(dim, keepdim=True)
-    scale = ((high - low) / (2**bits - 1)).clamp_min(1e-8).half().float()
+    scale = ((high - low) / (2**bits - 1)).clamp_min(1e-8).bfloat16().float()
     codes = torch.clamp(torch.round((x - low) / scale), 0, 2**bits - 1)
     return codes * scale + low
 

@@ -121,7 +121,11 @@ def test_several_widths_attend_like_the_dequantized_reference(model):
 def test_skip_layers_keeps_the_plain_widths(model):
     ids = _ids()
     cache = tqai_torch.patch(
-        model, bits_k=4, bits_v=2, pipeline={"monitor": "stability", "skip_layers": [0]}
+        model,
+        bits_k=4,
+        bits_v=2,
+        residual_window=0,
+        pipeline={"monitor": "stability", "skip_layers": [0]},
     )
     _generate(model, ids, cache, n=4)
     skipped, piped = (layer.store for layer in cache.layers)

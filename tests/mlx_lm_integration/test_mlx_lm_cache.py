@@ -244,7 +244,7 @@ def test_mask_conventions_agree():
 @pytest.mark.parametrize("strategy", ["compressed", "residual"])
 def test_trim_rolls_back_exactly(patched, strategy):
     ref_tokens, _ = _baseline("llama")
-    model, cache = patched("llama", bits_k=4, bits_v=2, cache_strategy=strategy)
+    model, cache = patched("llama", bits_k=4, bits_v=2, cache_strategy=strategy, residual_window=0)
     _, logits = _decode(model, cache, _prompt(), forced=ref_tokens)
     assert all(c.is_trimmable() for c in cache)
     assert trim_prompt_cache(cache, 3) == 3

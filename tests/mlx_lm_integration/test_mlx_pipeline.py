@@ -118,7 +118,11 @@ def test_several_widths_match_the_full_strategy(model):
 
 def test_skip_layers_keeps_the_plain_widths(model):
     cache = tqai_mlx.patch(
-        model, bits_k=4, bits_v=2, pipeline={"monitor": "stability", "skip_layers": [0]}
+        model,
+        bits_k=4,
+        bits_v=2,
+        residual_window=0,
+        pipeline={"monitor": "stability", "skip_layers": [0]},
     )
     _decode(model, cache, _prompt(), n=2)
     skipped, piped = (c.store for c in cache)

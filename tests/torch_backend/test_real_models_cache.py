@@ -65,7 +65,9 @@ def test_smollm2_perplexity_through_the_cache(smollm2):
     k8 = perplexity(model, ids, parse_config("K8/V8"), **kwargs)
     k4 = perplexity(model, ids, parse_config("K4/V2"), **kwargs)
     assert abs(k8["ppl"] / base["ppl"] - 1) < 0.005
-    assert 1.0 < k4["ppl"] / base["ppl"] < 1.15
+    # read back as decoding reads it, K4/V2 with no window costs real perplexity: a cache that
+    # silently bypassed the codes would land at 1.0
+    assert 1.03 < k4["ppl"] / base["ppl"] < 1.35
     assert k4["kv_bits_per_coord"] < 0.3 * base["kv_bits_per_coord"]  # fp32 model: 32 bits
 
 

@@ -65,7 +65,7 @@ def convert(model: Any, output: str | Path, **options: Any) -> Path:
         head_dims = sorted(
             {info["head_dim"] for info, on in zip(infos, state.compress, strict=True) if on}
         )
-        quantizers = [q for d in head_dims for q in config.make_quantizers(d)]
+        quantizers = [q for d in head_dims for qs in config.part_quantizers(d) for q in qs]
         activations = activation_config(model)
         hidden_d, ffn_d = _widths(model)
         if activations is not None:

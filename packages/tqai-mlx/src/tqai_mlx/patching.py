@@ -200,7 +200,7 @@ def patch(
     ffn_bits: int | None = None,
     chunk_attention: bool = False,
     sink_tokens: int = 4,
-    residual_window: int = 0,
+    residual_window: int = 32,
     cache_strategy: str = "compressed",
     use_qjl: bool = False,
     rotation: str = "haar",
@@ -236,7 +236,9 @@ def patch(
             of ``chunk_size`` (:mod:`tqai_mlx.chunked_attention`): exact, O(chunk^2) memory,
             slower than mlx's fused attention.
         sink_tokens: leading tokens kept in full precision.
-        residual_window: most recent tokens kept in full precision (``residual``: 128 if 0).
+        residual_window: most recent tokens kept in full precision (default 32: on real
+            SmolLM2-135M at 4096 tokens it takes K4/V2 from +13.6% to +2.1% perplexity for 0.1
+            bit per coordinate; see the README's fidelity table); 0 codes every token.
         cache_strategy: ``"compressed"`` (attention from the codes, default), ``"residual"``
             (the same with a full-precision window) or ``"full"`` (dequantize each step and run
             mlx-lm's attention: the reference).

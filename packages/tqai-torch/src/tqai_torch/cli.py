@@ -360,7 +360,7 @@ def convert(
     rotation: str = typer.Option("haar", help="haar, hadamard or rotor"),
     seed: int = typer.Option(0, min=0, help="rotation seed"),
     sink_tokens: int = typer.Option(4, min=0),
-    residual_window: int = typer.Option(0, min=0),
+    residual_window: int = typer.Option(32, min=0),
     chunk_attention: bool = typer.Option(False, "--chunk-attention"),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
 ) -> None:

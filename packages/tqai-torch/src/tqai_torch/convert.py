@@ -90,7 +90,7 @@ def convert(model: Any, output: str | Path, **options: Any) -> Path:
         config = getattr(model, _CONFIG_ATTR)
         fingerprint = model_fingerprint(model)
         head_dim = fingerprint["head_dim"]
-        quantizers = list(config.make_quantizers(head_dim))
+        quantizers = [q for qs in config.part_quantizers(head_dim) for q in qs]
         activations = activation_config(model)
         if activations is not None:
             hidden = activations.compressor("hidden")

@@ -68,7 +68,7 @@ def patch(
     ffn_bits: int | None = None,
     chunk_attention: bool = False,
     sink_tokens: int = 4,
-    residual_window: int = 0,
+    residual_window: int = 32,
     cache_strategy: str = "compressed",
     use_qjl: bool = False,
     rotation: str = "haar",
@@ -102,7 +102,9 @@ def patch(
             softmax in blocks of ``chunk_size`` (:mod:`tqai_torch.chunked_attention`): exact,
             memory O(chunk^2) instead of O(T^2); slower than a fused SDPA kernel.
         sink_tokens: leading tokens kept in full precision.
-        residual_window: most recent tokens kept in full precision.
+        residual_window: most recent tokens kept in full precision (default 32: on real
+            SmolLM2-135M at 4096 tokens it takes K4/V2 from +13.6% to +2.1% perplexity for 0.1
+            bit per coordinate; see the README's fidelity table); 0 codes every token.
         cache_strategy: ``"compressed"`` (attention from the codes), ``"residual"`` (with a
             KIVI-style full-precision recent window) or ``"full"`` (dequantize every step; the
             reference).
