@@ -44,7 +44,9 @@ def main() -> None:
             {
                 "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)",
                 "config": name,
-                "kv": "fp32" if named is None else f"K{named.bits_k}/V{named.bits_v}",
+                "kv": "fp32"
+                if named is None
+                else f"K{named.bits_k}/V{named.bits_v} residual{config.residual_window}",
                 "hidden_bits": None if named is None else named.hidden_bits,
                 "ffn_bits": None if named is None else named.ffn_bits,
                 "ppl": r["ppl"],

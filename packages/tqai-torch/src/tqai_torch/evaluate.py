@@ -12,6 +12,7 @@ scored, identically for the baseline and every config, so the numbers are compar
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -115,9 +116,10 @@ def parse_config(text: str) -> CacheConfig:
         return CacheConfig()
     if text in NAMED_CONFIGS:
         named = NAMED_CONFIGS[text]
-        return CacheConfig(
+        return CacheConfig(  # as tqai.patch(model, config=NAME) runs it: its default window
             named.bits_k,
             named.bits_v,
+            residual_window=_PATCH_WINDOW,
             hidden_bits=named.hidden_bits,
             ffn_bits=named.ffn_bits,
             label=named.name,
@@ -157,6 +159,9 @@ def _number(text: str) -> float:
     return int(value) if value.is_integer() else value
 
 
+_PATCH_WINDOW = inspect.signature(patch).parameters["residual_window"].default
+
+
 def windows(ids: torch.Tensor, context: int, count: int | None = None) -> Iterator[torch.Tensor]:
     """Consecutive non-overlapping windows of ``context`` tokens from 1-D ``ids``."""
     n = ids.numel() // context
@@ -182,8 +187,6 @@ def _cache_factory(model: Any, config: CacheConfig) -> Callable[[], Any]:
 
 def cache_keyword(model: Any) -> str:
     """``"cache"`` on transformers releases that renamed it, else ``"past_key_values"``."""
-    import inspect
-
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
