@@ -244,15 +244,26 @@ def render_pipeline(doc: Any) -> str:
     return _join(_table(columns, summary), note, _machine(doc))
 
 
-def render_decode(doc: Any) -> str:
-    """Decode attention per layer-step: microseconds, bytes held, speed relative to torch SDPA."""
-    rows = _rows(doc)
+def _speed_vs_torch(rows: Sequence[Row]) -> Callable[[Row], Any]:
+    """A column: torch SDPA's seconds at the row's context over the row's seconds."""
     base = {r["context"]: r["seconds"] for r in rows if r.get("provider") == "torch"}
 
     def speed(row: Row) -> Any:
         ref = base.get(row.get("context"))
         return None if not ref else f"{ref / row['seconds']:.3g}x"
 
+    return speed
+
+
+def _card(doc: Any) -> str:
+    device = doc.get("machine", {}).get("device") if isinstance(doc, dict) else None
+    return f"Card: {device}." if device else ""
+
+
+def render_decode(doc: Any) -> str:
+    """Decode attention per layer-step: microseconds, bytes held, speed relative to torch SDPA."""
+    rows = _rows(doc)
+    speed = _speed_vs_torch(rows)
     columns: list[Column] = [
         ("provider", _key("provider"), False),
         ("config", _key("config"), False),
@@ -261,9 +272,7 @@ def render_decode(doc: Any) -> str:
         ("cache MiB", _mib("cache_bytes"), True),
         ("speed vs torch SDPA", speed, True),
     ]
-    device = doc.get("machine", {}).get("device") if isinstance(doc, dict) else None
-    note = f"Card: {device}." if device else ""
-    return _join(_table(columns, rows), note, _machine(doc))
+    return _join(_table(columns, rows), _card(doc), _machine(doc))
 
 
 def render_vae_memory(doc: Any) -> str:
@@ -309,12 +318,7 @@ def render_video(doc: Any) -> str:
 def render_chunked(doc: Any) -> str:
     """Chunked attention vs plain attention vs fused SDPA: milliseconds and peak memory."""
     rows = _rows(doc)
-    base = {r["context"]: r["seconds"] for r in rows if r.get("provider") == "torch"}
-
-    def speed(row: Row) -> Any:
-        ref = base.get(row.get("context"))
-        return None if not ref else f"{ref / row['seconds']:.3g}x"
-
+    speed = _speed_vs_torch(rows)
     columns: list[Column] = [
         ("provider", _key("provider"), False),
         ("context", _key("context"), True),
@@ -322,26 +326,19 @@ def render_chunked(doc: Any) -> str:
         ("peak MiB", _mib("peak_bytes"), True),
         ("speed vs torch SDPA", speed, True),
     ]
-    device = doc.get("machine", {}).get("device") if isinstance(doc, dict) else None
-    note = f"Card: {device}." if device else ""
-    return _join(_table(columns, rows), note, _machine(doc))
+    return _join(_table(columns, rows), _card(doc), _machine(doc))
 
 
 def render_named_configs(doc: Any) -> str:
     """Perplexity per named config (KV + activation compression) against the baseline."""
     rows = _rows(doc)
-
-    def delta(row: Row) -> Any:
-        ppl, base = row.get("ppl"), row.get("baseline_ppl")
-        return None if ppl is None or not base else f"{100 * (ppl / base - 1):+.2f}%"
-
     columns: list[Column] = [
         ("config", _key("config"), False),
         ("KV", _key("kv"), False),
         ("hidden bits", lambda r: r.get("hidden_bits") or "-", True),
         ("FFN bits", lambda r: r.get("ffn_bits") or "-", True),
         ("perplexity", _key("ppl"), True),
-        ("change", delta, True),
+        ("change", _change, True),
     ]
     models = {str(r.get("model")) for r in rows}
     note = f"Model: {models.pop()}." if len(models) == 1 and rows and rows[0].get("model") else ""

@@ -39,7 +39,7 @@ from types import ModuleType
 from typing import Any
 
 from tqai import _xp
-from tqai.attention import CodedPart
+from tqai.attention import CodedPart, _group
 from tqai.codebooks import MAX_BITS
 from tqai.container import ITEMSIZE, QuantizedTensor, dtype_name
 
@@ -190,11 +190,10 @@ def attention_weight_mass(query: Any, keys: Any, *, scale: float, xp: ModuleType
     matching token ``t`` of the other. Only the last 16 queries are used (memory
     ``O(B * Hq * 16 * T)``), as a sample of how later queries attend.
     """
-    b, hq, t, d = query.shape
+    _, hq, t, _ = query.shape
     h = keys.shape[1]
     n = min(_WEIGHT_QUERIES, t)
-    q = xp.astype(query[:, :, t - n :, :], xp.float32) * scale
-    q = xp.reshape(q, (b, h, (hq // h) * n, d))
+    q = _group(xp.astype(query[:, :, t - n :, :], xp.float32) * scale, h, xp)
     scores = q @ xp.matrix_transpose(xp.astype(keys, xp.float32))  # (B, H, G*n, T)
     rows = xp.arange(t - n, t, device=_xp.device_of(q))
     cols = xp.arange(t, device=_xp.device_of(q))

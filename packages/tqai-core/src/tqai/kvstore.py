@@ -40,7 +40,7 @@ from types import ModuleType
 from typing import Any
 
 from tqai import _xp
-from tqai.attention import CompressedHistory, compressed_attention_multi
+from tqai.attention import CompressedHistory, _group, compressed_attention_multi
 from tqai.codebooks import validate_dim
 from tqai.container import ITEMSIZE, NORM_DTYPES, QuantizedTensor, dtype_name
 from tqai.kvlayout import (
@@ -766,9 +766,7 @@ class KVStore:
     def _query_mean_square(self, query: Any) -> Any:
         """``(B, Hkv, 1, D)`` mean squares of ``query (B, Hq, Tq, D)`` per KV head's group."""
         xp = self.xp
-        b, hq, tq, d = query.shape
-        h = self.pending[0].shape[1]
-        q = xp.reshape(xp.astype(query, xp.float32), (b, h, (hq // h) * tq, d))
+        q = _group(xp.astype(query, xp.float32), self.pending[0].shape[1], xp)
         return xp.mean(q * q, axis=2, keepdims=True)
 
     def dequantize(self) -> tuple[Any, Any]:
