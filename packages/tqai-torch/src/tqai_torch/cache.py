@@ -34,12 +34,34 @@ from tqai.layer_bits import layer_configs
 __all__ = ["TqaiCache", "TqaiLayer"]
 
 
-def _use_fused_decode(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
-    """The Triton decode kernel serves: CUDA, one query token, nothing masked, MSE codes with
-    1/2/3/4/8 bits and fp16 norms, a history to read (and :func:`_fused_inputs` finds nothing
-    it cannot read). ``TQAI_KERNEL=reference`` turns it off."""
-    if os.environ.get("TQAI_KERNEL", "auto") == "reference":
+def _left_padding(mask: torch.Tensor) -> torch.Tensor | bool | None:
+    """What a one-query-token boolean mask ``(B|1, 1|H, 1, kv)`` asks of the fused kernel:
+    ``None`` if every position is visible, the ``(B,)`` first visible positions if each
+    sequence sees exactly the positions from one on (a left-padded batch), else ``False``
+    (another pattern: the reference serves it). One device-to-host read per call."""
+    rows = mask[:, :, -1, :]  # (B|1, 1|H, kv)
+    kv = rows.shape[-1]
+    visible = rows.sum(-1)  # (B|1, 1|H)
+    start = kv - visible[:, :1]
+    expected = torch.arange(kv, device=mask.device) >= start[:, :, None]
+    ok, everything = torch.stack(
+        [(rows == expected).all() & (visible > 0).all(), (visible == kv).all()]
+    ).tolist()
+    if not ok:
         return False
+    return None if everything else start[:, 0]
+
+
+def _use_fused_decode(
+    query: torch.Tensor, mask: torch.Tensor | None, store: KVStore
+) -> tuple[bool, torch.Tensor | None]:
+    """Whether the Triton decode kernel serves, and the left padding it must apply: CUDA, one
+    query token, every position visible or a left-padded batch, MSE codes with 1/2/3/4/8 bits
+    and fp16 norms, a history to read (and :func:`_fused_inputs` finds nothing it cannot read).
+    ``TQAI_KERNEL=reference`` turns it off."""
+    no = (False, None)
+    if os.environ.get("TQAI_KERNEL", "auto") == "reference":
+        return no
     if (
         not store.plain
         or store.quantize_staged
@@ -47,14 +69,19 @@ def _use_fused_decode(query: torch.Tensor, mask: torch.Tensor | None, store: KVS
         or query.shape[2] != 1
         or not store.history_length
     ):
-        return False
-    if mask is not None and not bool(mask.all()):
-        return False
+        return no
     try:
         from tqai_torch.kernels.triton.decode_attention import supports
     except ImportError:  # no triton on this machine
-        return False
-    return supports(store.key_quantizer, store.value_quantizer, query.shape[-1])
+        return no
+    if not supports(store.key_quantizer, store.value_quantizer, query.shape[-1]):
+        return no
+    valid_from = None if mask is None else _left_padding(mask)
+    if valid_from is False:
+        return no
+    if valid_from is not None and valid_from.shape[0] != query.shape[0]:
+        valid_from = valid_from.expand(query.shape[0])
+    return True, valid_from
 
 
 _FUSED_INPUTS = frozenset(
@@ -181,12 +208,14 @@ class TqaiLayer(DynamicLayer):
             self.store.commit()
             return out
         inputs = None
-        if softcap is None and _use_fused_decode(query, mask, self.store):
-            inputs = _fused_inputs(self.store, query.shape[1])
+        if softcap is None:
+            fused, valid_from = _use_fused_decode(query, mask, self.store)
+            if fused:
+                inputs = _fused_inputs(self.store, query.shape[1])
         if inputs is not None:
             from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
-            out = decode_attention_triton(query, scale=scale, **inputs)
+            out = decode_attention_triton(query, scale=scale, valid_from=valid_from, **inputs)
             self.store.commit()
             return out
         return self.store.attend(query, scale=scale, mask=mask, softcap=softcap)
