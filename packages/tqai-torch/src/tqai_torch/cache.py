@@ -84,6 +84,22 @@ def _use_fused_decode(
     return True, valid_from
 
 
+def _encode_with_triton(store: KVStore) -> None:
+    """Give a CUDA store the fused Triton encode (one launch per K/V commit) for its
+    TurboQuant_mse quantizers, unless ``TQAI_KERNEL=reference`` or triton is missing."""
+    if os.environ.get("TQAI_KERNEL", "auto") == "reference":
+        return
+    try:
+        from tqai_torch.kernels.triton.encode import TritonEncoder, supports
+    except ImportError:  # no triton on this machine
+        return
+    for name in ("key_quantizer", "value_quantizer"):
+        quantizer = getattr(store, name, None)
+        wrapped = isinstance(quantizer, TritonEncoder)
+        if quantizer is not None and not wrapped and supports(quantizer):
+            setattr(store, name, TritonEncoder(quantizer))
+
+
 _FUSED_INPUTS = frozenset(
     ("keys", "values", "prefix", "suffix", "key_quantizer", "value_quantizer")
 )
@@ -136,6 +152,7 @@ class TqaiLayer(DynamicLayer):
         self.store = KVStore(config, pipeline, layer)
         self.awaiting_attention = False
         self.storage_device = None if device is None else torch.device(device)
+        self._encoder_checked = False  # CUDA stores get the fused encode at their first update
 
     def __repr__(self) -> str:
         c = self.config
@@ -165,6 +182,10 @@ class TqaiLayer(DynamicLayer):
             )
         else:
             self.store.update(key_states, value_states)
+        if not self._encoder_checked:
+            self._encoder_checked = True
+            if (self.storage_device or here).type == "cuda":
+                _encode_with_triton(self.store)
         if self.config.strategy == "full":
             keys, values = self.store.dequantize()
             self.store.commit()
@@ -240,6 +261,7 @@ class TqaiLayer(DynamicLayer):
         self.store = KVStore(self.config, self.store.pipeline, self.layer)
         self.awaiting_attention = False
         self.is_initialized = False
+        self._encoder_checked = False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop tokens from the end: ``-n`` removes ``n`` (transformers >= 5.2x); a value >= 0 is
@@ -447,6 +469,7 @@ class TqaiCache(DynamicCache):
             layer_arrays = {n[len(prefix) :]: tensor(n) for n in names}
             if isinstance(layer, TqaiLayer):
                 layer.store = KVStore.from_state(layer.config, layer_meta, layer_arrays)
+                layer._encoder_checked = False
                 if layer_meta["head_dim"] is not None:
                     layer.lazy_initialization(*(2 * [next(iter(layer_arrays.values()))]))
                     layer.dtype = getattr(torch, layer_meta["dtype"])
