@@ -310,6 +310,7 @@ def render_video(doc: Any) -> str:
         ("reused", _key("reuse"), True),
     ]
     note = str(doc.get("note", "")) if isinstance(doc, dict) else ""
+    note = f"{note.rstrip('.')}." if note else ""
     device = doc.get("machine", {}).get("device") if isinstance(doc, dict) else None
     card = f"Device: {device}." if device else ""
     return _join(_table(columns, rows), " ".join(p for p in (note, card) if p), _machine(doc))
