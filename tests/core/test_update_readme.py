@@ -230,4 +230,4 @@ def test_vae_memory_and_video_renderers() -> None:
     }
     text = module.render("video_test-gpu", video)
     assert "| wan | delta K4/V4 | 2 | 0.5 | 1 | 0.001 | 4.5 |  |" in text
-    assert "tiny Device: Test GPU." in text
+    assert "tiny. Device: Test GPU." in text
