@@ -137,8 +137,8 @@ def fisher_options(options: Mapping[str, Any], calibration: Any) -> tuple[list, 
 
     The budgets are the mean widths ``options`` give (``bits_k`` / ``bits_v`` or the named
     ``config``'s, K4/V2 by default): :func:`tqai.layer_bits.fisher_layer_bits` spreads them over
-    the layers by their mean Fisher information, so the cache holds the same mean bits as the
-    uniform setting with more of them where the loss is sensitive.
+    the layers by their mean Fisher information, so the cache holds at most the uniform setting's
+    mean bits, with more of them where the loss is sensitive.
 
     Returns:
         ``(layer_bits, record)``: one ``[bits_k, bits_v]`` per layer, and
@@ -203,9 +203,11 @@ def pipeline_to_folder(pipeline: Any, calibration: Any = None) -> tuple[Any, Any
             f"convert stores pipeline= as JSON: plugin names, numbers, lists and dicts only ({ex})"
         ) from None
     kwargs = stored.get("scorer_kwargs")
-    if stored.get("scorer") != _FISHER_SCORER or not isinstance(kwargs, dict):
-        return stored, calibration
-    if "path" not in kwargs:
+    if (
+        stored.get("scorer") != _FISHER_SCORER
+        or not isinstance(kwargs, dict)
+        or "path" not in kwargs
+    ):
         return stored, calibration
     found = load_calibration(kwargs["path"])
     if calibration is not None and not _same_calibration(found, calibration):

@@ -87,8 +87,8 @@ def convert(
             on this model (``(num_hidden_layers, num_key_value_heads)``): stored in the folder.
         fisher_layer_bits: derive ``layer_bits`` from ``calibration`` with
             :func:`tqai.layer_bits.fisher_layer_bits`, the budgets being the mean widths
-            ``bits_k`` / ``bits_v`` (or the named config's): same mean bits as the uniform
-            setting, spread to the layers whose keys / values the loss is most sensitive to.
+            ``bits_k`` / ``bits_v`` (or the named config's): at most the uniform setting's mean
+            bits, moved to the layers whose keys / values the loss is most sensitive to.
         **options: :func:`tqai_torch.patch` options (``config="all8"``, ``bits_k=3``,
             ``layer_bits=...``, ``pipeline={...}`` as a plain JSON dict, ...).
 
@@ -147,10 +147,8 @@ def convert(
         ]
     finally:
         unpatch(model)
-    if per_layer is not None:
-        options["layer_bits"] = [
-            list(p) for p in per_layer
-        ]  # a dict's int keys do not survive JSON
+    if per_layer is not None:  # one pair per layer: a dict's int keys would not survive JSON
+        options["layer_bits"] = [list(p) for p in per_layer]
     if stored_pipeline is not None:
         options["pipeline"] = stored_pipeline
     return save_pretrained(
