@@ -88,3 +88,32 @@ def test_left_padded_batch_decodes_through_the_kernel_like_the_reference(monkeyp
     assert calls
     assert all(v.tolist() == [0, 13, 60] for v in calls)
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=3e-2, rtol=3e-2)
+
+
+def test_prompt_continuing_a_compressed_cache_uses_the_prefill_kernel(monkeypatch):
+    """A second prompt chunk on a cache that holds a history (a chat turn, chunked prefill) is
+    served by the fused prefill kernel and gives the reference's logits."""
+    from tqai_torch.kernels.triton import prefill_attention
+
+    model = build("llama").to("cuda", torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(3, 128, (1, 120), device="cuda", generator=gen)
+    calls = []
+    kernel = prefill_attention.prefill_attention_triton
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(prefill_attention, "prefill_attention_triton", spy)
+    logits = {}
+    for mode in ("triton", "reference"):
+        monkeypatch.setenv("TQAI_KERNEL", "auto" if mode == "triton" else "reference")
+        cache = tqai_torch.patch(model, bits_k=4, bits_v=2, residual_window=8)
+        with torch.no_grad():
+            model(ids[:, :80], **cache_kw(cache))
+            logits[mode] = model(ids[:, 80:], **cache_kw(cache)).logits.float()
+        tqai_torch.unpatch(model)
+    assert calls
+    assert all(shape[2] == 40 for shape in calls)
+    torch.testing.assert_close(logits["triton"], logits["reference"], atol=3e-2, rtol=3e-2)

@@ -61,3 +61,18 @@ def test_left_padding_of_a_decode_mask():
     heads = _mask([1, 1], 10).expand(2, 2, 1, 10).clone()
     heads[1, 1, 0, 1] = False  # heads of one sequence that disagree
     assert _left_padding(heads) is False
+
+
+def test_causal_chunk_mask():
+    from tqai_torch.cache import _is_causal_chunk
+
+    kv, tq = 12, 4
+    rows = torch.arange(kv - tq, kv)[:, None]
+    causal = (torch.arange(kv)[None, :] <= rows)[None, None]
+    assert _is_causal_chunk(causal, kv)
+    assert _is_causal_chunk(causal.expand(2, 3, tq, kv), kv)
+    padded = causal.expand(2, 1, tq, kv).clone()
+    padded[1, :, :, :3] = False  # left padding: not plain causal (the reference serves it)
+    assert not _is_causal_chunk(padded, kv)
+    assert not _is_causal_chunk(torch.ones(1, 1, tq, kv, dtype=torch.bool), kv)
+    assert not _is_causal_chunk(None, kv)

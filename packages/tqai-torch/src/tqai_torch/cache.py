@@ -52,6 +52,36 @@ def _left_padding(mask: torch.Tensor) -> torch.Tensor | bool | None:
     return None if everything else start[:, 0]
 
 
+def _is_causal_chunk(mask: torch.Tensor | None, kv: int) -> bool:
+    """Whether a ``(B|1, 1|H, Tq, kv)`` boolean mask is plain causal attention of the last
+    ``Tq`` positions over every earlier one (what the fused prefill kernel computes)."""
+    if mask is None:
+        return False
+    tq = mask.shape[-2]
+    rows = torch.arange(kv - tq, kv, device=mask.device)[:, None]
+    expected = torch.arange(kv, device=mask.device)[None, :] <= rows
+    return bool((mask == expected).all())
+
+
+def _use_fused_prefill(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
+    """The Triton prefill kernel serves a chunk of several query tokens continuing a CUDA
+    store that holds a history (chat turns, chunked prefill), when the mask is plain causal and
+    the decode kernel would serve one token of the same store."""
+    if os.environ.get("TQAI_KERNEL", "auto") == "reference":
+        return False
+    if not store.plain or store.quantize_staged or not query.is_cuda or query.shape[2] < 2:
+        return False
+    if not store.history_length:
+        return False
+    try:
+        from tqai_torch.kernels.triton.decode_attention import supports
+    except ImportError:  # no triton on this machine
+        return False
+    if not supports(store.key_quantizer, store.value_quantizer, query.shape[-1]):
+        return False
+    return _is_causal_chunk(mask, store.length)
+
+
 def _use_fused_decode(
     query: torch.Tensor, mask: torch.Tensor | None, store: KVStore
 ) -> tuple[bool, torch.Tensor | None]:
@@ -228,6 +258,14 @@ class TqaiLayer(DynamicLayer):
             )
             self.store.commit()
             return out
+        if softcap is None and _use_fused_prefill(query, mask, self.store):
+            inputs = _fused_inputs(self.store, query.shape[1])
+            if inputs is not None:
+                from tqai_torch.kernels.triton.prefill_attention import prefill_attention_triton
+
+                out = prefill_attention_triton(query, scale=scale, **inputs)
+                self.store.commit()
+                return out
         inputs = None
         if softcap is None:
             fused, valid_from = _use_fused_decode(query, mask, self.store)

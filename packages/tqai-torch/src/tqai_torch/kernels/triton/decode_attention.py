@@ -26,8 +26,9 @@ the rotations, softmax and merge run in fp32 (``tf32x3`` products in the combine
 tests bound the difference from the float32 reference accordingly.
 
 Supported here: TurboQuant_mse keys and values with 1, 2, 3, 4 or 8 bits, fp16 norms, head dims
-16..256, at most 16 query heads per KV head, every position visible or a left-padded batch
-(``valid_from``: per-sequence first visible position), no logit soft-capping. Everything else goes through the reference (see :func:`supports`).
+16..256, at most 16 query heads per KV head, every position visible or one visible range of
+positions per sequence (``valid_from`` / ``valid_until``: a left-padded batch, or the causal rows
+of a prefill chunk, :mod:`.prefill_attention`), no logit soft-capping. Everything else goes through the reference (see :func:`supports`).
 
 Host path: the rotation matrices (padded) and centroid tables are built once per quantizer pair
 and device and cached; the split partials live in one float32 workspace per device that is
@@ -230,7 +231,7 @@ def _decode_attention_kernel(
     T,
     split_len,  # tokens per program, a multiple of BLOCK_N
     n_kv,
-    start_ptr,  # (B,) int32: first visible position of each sequence (left padding)
+    bounds_ptr,  # (B, 2) int32: each sequence's visible positions [from, until)
     n_pre,  # prefix tokens before the history (positions of history token t: n_pre + t)
     kp_sb,
     kp_sh,
@@ -257,7 +258,7 @@ def _decode_attention_kernel(
     BLOCK_N: tl.constexpr,
     KPRMT: tl.constexpr,  # key lookups by byte permutes from registers (else gathers)
     VPRMT: tl.constexpr,
-    HAS_START: tl.constexpr,  # start_ptr is read (else every position is visible)
+    HAS_BOUNDS: tl.constexpr,  # bounds_ptr is read (else every position is visible)
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -290,9 +291,10 @@ def _decode_attention_kernel(
     vn_row = vn_ptr + b * vn_sb + h * vn_sh
     start = split * split_len
     stop = tl.minimum(start + split_len, T)
-    lo = 0  # first visible history token
-    if HAS_START:
-        lo = tl.load(start_ptr + b) - n_pre
+    lo = 0  # visible history tokens: [lo, stop)
+    if HAS_BOUNDS:
+        lo = tl.load(bounds_ptr + 2 * b) - n_pre
+        stop = tl.minimum(stop, tl.load(bounds_ptr + 2 * b + 1) - n_pre)
     m = tl.full((GP,), float("-inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, PDV), tl.float32)
@@ -340,8 +342,8 @@ def _segment_stats(
     q, k_base, stride_t, n, lo, m, l_sum,
     D: tl.constexpr, DP: tl.constexpr, SEG_N: tl.constexpr,
 ):  # fmt: skip
-    """Running max and normalizer of a full-precision segment of ``n`` tokens (original domain),
-    tokens before ``lo`` not visible."""
+    """Running max and normalizer of the visible tokens ``[lo, n)`` of a full-precision segment
+    (original domain)."""
     dims = tl.arange(0, DP)
     for t0 in range(0, n, SEG_N):
         toks = t0 + tl.arange(0, SEG_N)
@@ -362,8 +364,8 @@ def _segment_values(
     q, k_base, v_base, stride_kt, stride_vt, n, lo, m, acc, c0,
     D: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SEG_N: tl.constexpr,
 ):  # fmt: skip
-    """``acc += sum_t 2^(s_t - m) v_t[c0 : c0 + DC]`` over the visible tokens of a segment
-    (``t >= lo``; ``m`` its final max)."""
+    """``acc += sum_t 2^(s_t - m) v_t[c0 : c0 + DC]`` over the visible tokens ``[lo, n)`` of a
+    segment (``m`` its final max)."""
     dims = tl.arange(0, DP)
     cols = c0 + tl.arange(0, DC)
     for t0 in range(0, n, SEG_N):
@@ -417,7 +419,7 @@ def _combine_kernel(
     sv_st,
     out_ptr,  # (B, Hq, 1, D) contiguous, query dtype
     n_kv,
-    start_ptr,  # (B,) int32 first visible position (read when HAS_START)
+    bounds_ptr,  # (B, 2) int32 visible positions [from, until) (read when HAS_BOUNDS)
     T,  # history tokens (the suffix starts at position n_pre + T)
     G: tl.constexpr,
     GP: tl.constexpr,
@@ -426,7 +428,7 @@ def _combine_kernel(
     DC: tl.constexpr,  # output columns per chunk (bounds the shared memory of the unrotation)
     PDV: tl.constexpr,
     SEG_N: tl.constexpr,
-    HAS_START: tl.constexpr,
+    HAS_BOUNDS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // n_kv
@@ -474,15 +476,21 @@ def _combine_kernel(
     pv_base = pv_ptr + b * pv_sb + h * pv_sh
     sk_base = sk_ptr + b * sk_sb + h * sk_sh
     sv_base = sv_ptr + b * sv_sb + h * sv_sh
-    pre_lo = 0  # first visible token of the prefix and of the suffix
+    pre_lo = 0  # visible tokens of the prefix [pre_lo, pre_n) and of the suffix [suf_lo, suf_n)
+    pre_n = n_pre
     suf_lo = 0
-    if HAS_START:
-        pre_lo = tl.load(start_ptr + b)
-        suf_lo = pre_lo - n_pre - T
+    suf_n = n_suf
+    if HAS_BOUNDS:
+        first = tl.load(bounds_ptr + 2 * b)
+        until = tl.load(bounds_ptr + 2 * b + 1)
+        pre_lo = first
+        pre_n = tl.minimum(n_pre, until)
+        suf_lo = first - n_pre - T
+        suf_n = tl.minimum(n_suf, until - n_pre - T)
     m_g = tl.full((GP,), float("-inf"), tl.float32)
     l_g = tl.zeros((GP,), tl.float32)
-    m_g, l_g = _segment_stats(q, pk_base, pk_st, n_pre, pre_lo, m_g, l_g, D, DP, SEG_N)
-    m_g, l_g = _segment_stats(q, sk_base, sk_st, n_suf, suf_lo, m_g, l_g, D, DP, SEG_N)
+    m_g, l_g = _segment_stats(q, pk_base, pk_st, pre_n, pre_lo, m_g, l_g, D, DP, SEG_N)
+    m_g, l_g = _segment_stats(q, sk_base, sk_st, suf_n, suf_lo, m_g, l_g, D, DP, SEG_N)
     # 3. one softmax over both, written chunk by chunk of output columns
     m_all = tl.maximum(m_h, m_g)
     w_h = tl.where(m_h == float("-inf"), 0.0, tl.exp2(m_h - m_all))
@@ -494,10 +502,10 @@ def _combine_kernel(
     out_h = tl.dot(acc_h, unrot, input_precision="tf32x3")  # (GP, DC), original domain
     acc_g = tl.zeros((GP, DC), tl.float32)
     acc_g = _segment_values(
-        q, pk_base, pv_base, pk_st, pv_st, n_pre, pre_lo, m_g, acc_g, c * DC, D, DP, DC, SEG_N
+        q, pk_base, pv_base, pk_st, pv_st, pre_n, pre_lo, m_g, acc_g, c * DC, D, DP, DC, SEG_N
     )
     acc_g = _segment_values(
-        q, sk_base, sv_base, sk_st, sv_st, n_suf, suf_lo, m_g, acc_g, c * DC, D, DP, DC, SEG_N
+        q, sk_base, sv_base, sk_st, sv_st, suf_n, suf_lo, m_g, acc_g, c * DC, D, DP, DC, SEG_N
     )
     out = (out_h * w_h[:, None] + acc_g * w_g[:, None]) / total[:, None]
     tl.store(
@@ -645,6 +653,29 @@ def _segment_args(seg: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Ten
     return [k, v, k.shape[2], *k.stride()[:3], *v.stride()[:3]]
 
 
+def _bounds(
+    valid_from: torch.Tensor | None, valid_until: torch.Tensor | None, b: int, device
+) -> torch.Tensor | None:
+    """``(B, 2)`` int32 visible position ranges ``[from, until)``, or None (all visible)."""
+    if valid_from is None and valid_until is None:
+        return None
+    cols = []
+    for name, value, default in (
+        ("valid_from", valid_from, 0),
+        ("valid_until", valid_until, 2**31 - 1),
+    ):
+        if value is None:
+            cols.append(torch.full((b,), default, dtype=torch.int32, device=device))
+            continue
+        if tuple(value.shape) != (b,) or value.dtype.is_floating_point:
+            raise ValueError(
+                f"{name} must be a ({b},) integer tensor (a position per sequence), got "
+                f"{tuple(value.shape)} {value.dtype}"
+            )
+        cols.append(value.to(device=device, dtype=torch.int32))
+    return torch.stack(cols, dim=1).contiguous()
+
+
 def decode_attention_triton(
     query: torch.Tensor,
     keys: Any,
@@ -660,6 +691,7 @@ def decode_attention_triton(
     num_warps: int = 4,
     lookup: str = "auto",
     valid_from: torch.Tensor | None = None,
+    valid_until: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention ``query (B, Hq, 1, D)`` over packed history + full-precision segments.
 
@@ -672,7 +704,8 @@ def decode_attention_triton(
     ``valid_from`` (``(B,)`` integers, optional): each sequence sees only the positions from
     ``valid_from[b]`` on (positions count the prefix, then the history, then the suffix): the
     left padding of a batch of prompts of different lengths, as the reference's mask
-    ``position >= valid_from[b]`` (every sequence must see at least one position).
+    ``position >= valid_from[b]``; ``valid_until`` (``(B,)``, optional) likewise hides the
+    positions from ``valid_until[b]`` on (every sequence must see at least one position).
     """
     b, hq, tq, d = query.shape
     if tq != 1:
@@ -693,13 +726,7 @@ def decode_attention_triton(
     if query.stride(-1) != 1:
         query = query.contiguous()
     t = keys.shape[2]
-    if valid_from is not None:
-        if valid_from.shape != (b,) or valid_from.dtype.is_floating_point:
-            raise ValueError(
-                f"valid_from must be a ({b},) integer tensor (first visible position of each "
-                f"sequence), got {tuple(valid_from.shape)} {valid_from.dtype}"
-            )
-        valid_from = valid_from.to(device=query.device, dtype=torch.int32)
+    bounds = _bounds(valid_from, valid_until, b, query.device)
     _check_aligned(keys, "keys")
     _check_aligned(values, "values")
     device = query.device
@@ -729,18 +756,18 @@ def decode_attention_triton(
     qscale = scale * _LOG2E
     kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
     n_pre = 0 if prefix is None else prefix[0].shape[2]
-    start = query if valid_from is None else valid_from  # a dummy pointer when unused
+    bounds_arg = query if bounds is None else bounds  # a dummy pointer when unused
     _decode_attention_kernel[(bh, splits)](
         query, query.stride(0), query.stride(1), qscale, c.rot,
         ws, m_off, l_off, acc_off,
         kp, kn, vp, vn, c.k_table, c.v_table, *k_regs, *v_regs,
-        t, split_len, n_kv, start, n_pre,
+        t, split_len, n_kv, bounds_arg, n_pre,
         kp.stride(0), kp.stride(1), kp.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
         vp.stride(0), vp.stride(1), vp.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
         KB=key_quantizer.spec.n_bits, KWP=kwp, KWR=kwr,
         VB=value_quantizer.spec.n_bits, VWP=vwp, VWR=vwr,
         G=g, GP=_GP, D=d, DP=c.dp, BLOCK_N=block_n, KPRMT=kprmt, VPRMT=vprmt,
-        HAS_START=valid_from is not None, num_warps=num_warps,
+        HAS_BOUNDS=bounds is not None, num_warps=num_warps,
     )  # fmt: skip
     out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
     dc = min(c.dp, 64)
@@ -748,7 +775,7 @@ def decode_attention_triton(
         ws, m_off, l_off, acc_off, splits, c.unrot,
         query, query.stride(0), query.stride(1), qscale,
         *_segment_args(prefix, query), *_segment_args(suffix, query),
-        out, n_kv, start, t,
-        G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16, HAS_START=valid_from is not None,
+        out, n_kv, bounds_arg, t,
+        G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16, HAS_BOUNDS=bounds is not None,
     )  # fmt: skip
     return out
