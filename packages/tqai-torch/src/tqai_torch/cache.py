@@ -52,6 +52,12 @@ def _left_padding(mask: torch.Tensor) -> torch.Tensor | bool | None:
     return None if everything else start[:, 0]
 
 
+PREFILL_KERNEL_MAX_TOKENS = 16
+"""Longest chunk the fused prefill kernel takes: it re-reads the history for every query token,
+so beyond a few tokens the reference's blockwise pass is faster (``benchmarks/bench_prefill.py``
+measures the crossover)."""
+
+
 def _is_causal_chunk(mask: torch.Tensor | None, kv: int) -> bool:
     """Whether a ``(B|1, 1|H, Tq, kv)`` boolean mask is plain causal attention of the last
     ``Tq`` positions over every earlier one (what the fused prefill kernel computes)."""
@@ -64,12 +70,16 @@ def _is_causal_chunk(mask: torch.Tensor | None, kv: int) -> bool:
 
 
 def _use_fused_prefill(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
-    """The Triton prefill kernel serves a chunk of several query tokens continuing a CUDA
-    store that holds a history (chat turns, chunked prefill), when the mask is plain causal and
-    the decode kernel would serve one token of the same store."""
+    """The Triton prefill kernel serves a short chunk (2 to :data:`PREFILL_KERNEL_MAX_TOKENS`
+    query tokens: speculative-decoding checks, short turns) continuing a CUDA store that holds a
+    history, when the mask is plain causal and the decode kernel would serve one token of the
+    same store."""
     if os.environ.get("TQAI_KERNEL", "auto") == "reference":
         return False
-    if not store.plain or store.quantize_staged or not query.is_cuda or query.shape[2] < 2:
+    tq = query.shape[2]
+    if tq < 2 or tq > PREFILL_KERNEL_MAX_TOKENS:
+        return False
+    if not store.plain or store.quantize_staged or not query.is_cuda:
         return False
     if not store.history_length:
         return False
