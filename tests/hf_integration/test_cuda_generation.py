@@ -13,9 +13,9 @@ attention output. Random weights give near-Gaussian logits over 49152 tokens, wh
 difference can flip an argmax. Measured on the CPU (this model and prompt, bf16, reference path,
 64 greedy steps; ``initializer_range`` is SmolLM2's own 0.02):
 
-- larger inits (0.03-0.2) generate varied tokens, but their smallest top-1 margin over the 64
-  steps is 0.001-0.005 logit standard deviations: a flip somewhere is likely, so they are not
-  used;
+- larger inits (0.03-0.2; float32 runs) generate varied tokens, but their smallest top-1 margin
+  over the 64 steps is 0.001-0.005 logit standard deviations: a flip somewhere is likely, so
+  they are not used;
 - at 0.02 the greedy output is one token repeated (44388), decided by the attention over the
   history (nearly flat attention: the mean of the values dominates the residual stream): its
   smallest margin is 0.031 (median 0.0625; logit std 0.48); 3e-3 relative noise on every
