@@ -128,7 +128,12 @@ def cache_bytes(cache: Any) -> int:
     """Bytes the cache holds: ``TqaiCache.nbytes()``, or the K/V tensors of a ``DynamicCache``."""
     if isinstance(cache, tqai_torch.TqaiCache):
         return cache.nbytes()
-    held = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    held = [
+        t
+        for layer in cache.layers
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if t is not None
+    ]
     return sum(t.numel() * t.element_size() for t in held)
 
 
