@@ -13,13 +13,13 @@ Model: Llama-3-8B's architecture (:data:`LLAMA3_8B`, written here, nothing downl
 Per context (8K, 32K, 64K; 128K with ``--long``) and config, in this order:
 
 1. prefill: the prompt (random token ids, the same for every config) in chunks of
-   ``--prefill-chunk`` tokens (default 4096), each ``model(input_ids=chunk, cache, use_cache=True,
-   logits_to_keep=1)``. Both configs are chunked the same way. Why chunked: in one forward the
-   tqai path builds transformers' explicit boolean T x T mask (4 GiB at 64K, plus the float
-   bias SDPA makes of it), which would dominate the peak; the baseline fits unchunked, but is
-   chunked too so the two are measured alike. tqai's first chunk runs SDPA over the staged
-   full-precision tokens; later chunks attend to the compressed history through the core
-   reference (torch ops, float32): prefill is not what this benchmark times.
+   ``--prefill-chunk`` tokens (default 4096; tiny 128), each ``model(input_ids=chunk, cache,
+   use_cache=True, logits_to_keep=1)``. Both configs are chunked the same way. Why chunked: in
+   one forward the tqai path builds transformers' explicit boolean T x T mask (4 GiB at 64K,
+   plus the float bias SDPA makes of it), which would dominate the peak; the baseline fits
+   unchunked, but is chunked too so the two are measured alike. tqai's first chunk runs SDPA
+   over the staged full-precision tokens; later chunks attend to the compressed history
+   through the core reference (torch ops, float32): prefill is not what this benchmark times.
 2. ``--warmup`` (default 2) untimed greedy decode steps (Triton compiles on its first call);
 3. ``--steps`` (default 32) timed greedy decode steps: a manual loop of
    ``model(input_ids=next_token, cache, use_cache=True, logits_to_keep=1)`` and an argmax, not
