@@ -251,3 +251,20 @@ def test_generate_renderer() -> None:
     assert "| baseline | 8192 | 1 | 80 | 12.5 | 1.00x | 16.5 | 16.25 | 1024 |" in text
     assert "| K4/V2 | 8192 | 1 | 100 | 10 | 0.80x | 15.5 |  | 256 |" in text
     assert "Card: Test GPU. Model: Llama-3-8B shape, random weights. Baseline: DynamicCache" in text
+
+
+def test_prefill_renderer() -> None:
+    module = _script_module()
+    doc = {
+        "machine": {**MACHINE, "device": "Test GPU"},
+        "rows": [
+            {"provider": "torch", "context": 4096, "chunk": 4, "seconds": 1e-4},
+            {"provider": "triton", "context": 4096, "chunk": 4, "seconds": 2e-4},
+            {"provider": "torch", "context": 4096, "chunk": 16, "seconds": 4e-4},
+            {"provider": "triton", "context": 4096, "chunk": 16, "seconds": 2e-4},
+        ],
+    }
+    text = module.render("prefill_test-gpu", doc)
+    assert "| triton | 4096 | 4 | 200 | 0.5x |" in text
+    assert "| triton | 4096 | 16 | 200 | 2x |" in text
+    assert "Card: Test GPU." in text
