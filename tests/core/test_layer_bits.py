@@ -61,6 +61,13 @@ def test_fisher_layer_bits_spreads_both_budgets():
     assert pairs[0][1] > pairs[1][1]
     assert np.mean([p[0] for p in pairs]) <= 4
     assert np.mean([p[1] for p in pairs]) <= 2
+    # Only the compressed layers share the budget (Gemma-3's sliding layers stay exact).
+    some = fisher_layer_bits(cal, 4, 2, layers=[0, 2], step=1)
+    assert some[1] is None
+    assert np.mean([some[0][0], some[2][0]]) == 4  # equal weights: the budget split evenly
+    assert [c.bits_k for c in layer_configs(KVCacheConfig(bits_k=3), some, 3)] == [4, 3, 4]
+    with pytest.raises(ValueError, match=r"layer indices in 0\.\.2"):
+        fisher_layer_bits(cal, 4, 2, layers=[3])
 
 
 def test_layer_configs_list_mapping_and_errors():

@@ -66,12 +66,38 @@ def allocate_layer_bits(
     return [int(b) if float(b).is_integer() else float(b) for b in bits]
 
 
-def fisher_layer_bits(calibration, bits_k: float, bits_v: float, **grid) -> list[tuple]:
+def fisher_layer_bits(
+    calibration, bits_k: float, bits_v: float, *, layers: Sequence[int] | None = None, **grid
+) -> list[tuple | None]:
     """Per-layer ``(bits_k, bits_v)`` from a :class:`tqai.pipeline.FisherCalibration`: the
-    budgets spread by each layer's mean Fisher information of keys and of values."""
-    k = allocate_layer_bits(np.mean(calibration.k, axis=1), bits_k, **grid)
-    v = allocate_layer_bits(np.mean(calibration.v, axis=1), bits_v, **grid)
-    return list(zip(k, v, strict=True))
+    budgets spread by each layer's mean Fisher information of keys and of values.
+
+    Args:
+        calibration: the Fisher file's contents (``k``, ``v``: ``(num_layers, num_kv_heads)``).
+        bits_k, bits_v: the mean widths (the budgets).
+        layers: the layers the cache compresses (e.g. Gemma-3's global layers; its
+            sliding-window layers stay exact); the budgets are spread over these only and the
+            other entries are None (``layer_configs`` leaves them at the cache's widths).
+            None: every layer.
+        grid: ``low``, ``high``, ``step`` of :func:`allocate_layer_bits`.
+
+    Returns:
+        ``num_layers`` entries, a ``(bits_k, bits_v)`` pair or None; ready for
+        ``patch(layer_bits=...)``.
+
+    Raises:
+        ValueError: a layer index outside ``0..num_layers - 1`` or an empty ``layers``.
+    """
+    n = calibration.num_layers
+    chosen = list(range(n)) if layers is None else sorted({int(i) for i in layers})
+    if not chosen or not all(0 <= i < n for i in chosen):
+        raise ValueError(f"layers must be a non-empty list of layer indices in 0..{n - 1}")
+    k = allocate_layer_bits(np.mean(calibration.k[chosen], axis=1), bits_k, **grid)
+    v = allocate_layer_bits(np.mean(calibration.v[chosen], axis=1), bits_v, **grid)
+    pairs: list[tuple | None] = [None] * n
+    for i, pair in zip(chosen, zip(k, v, strict=True), strict=True):
+        pairs[i] = pair
+    return pairs
 
 
 def layer_configs(config: Any, layer_bits: Any, num_layers: int) -> list[Any]:
