@@ -16,13 +16,17 @@ from its format. Rows are merged into benchmarks/results/fidelity.json by (model
 context): {"model", "config", "context", "bits_per_coord", "ppl", "baseline_ppl", ...}.
 
 Per-layer widths: a config ending in ``fisher`` (half-bit grid) or ``fisher-int`` (whole bits)
-spreads its K and V widths over the compressed layers by the Fisher information of a
-``tqai calibrate`` file given with ``--fisher`` (:func:`tqai.layer_bits.fisher_layer_bits`), the
-mean width per stream staying at the config's; the row records the widths used.
+spreads its K and V widths over the compressed layers by each layer's Fisher information times
+its states' energy, from a ``tqai calibrate`` file given with ``--fisher``
+(:func:`tqai.layer_bits.fisher_layer_bits`); ``fisher-grad`` / ``fisher-grad-int`` by the Fisher
+information alone. The mean width per stream stays the config's; the row records the widths.
 
     python benchmarks/bench_fidelity.py --model smollm2-135m --context 4096 --prefix 3584
-    tqai calibrate --plays twelfth_night,as_you_like_it -o fisher.json  # not the scored text
-    python benchmarks/bench_fidelity.py --fisher fisher.json --configs "K4/V2 residual32 fisher"
+    # benchmarks/calibration/smollm2_fisher.json was made so (works the benchmark never scores):
+    tqai calibrate --model smollm2-135m --plays twelfth_night,as_you_like_it --samples 8 \
+        --max-tokens 512 -o benchmarks/calibration/smollm2_fisher.json
+    python benchmarks/bench_fidelity.py --fisher benchmarks/calibration/smollm2_fisher.json \
+        --configs "K4/V2 residual32 fisher"
 """
 
 from __future__ import annotations
@@ -64,7 +68,13 @@ ABLATION = [
 MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
 
 
-FISHER_GRIDS = {"fisher": 0.5, "fisher-int": 1}  # config suffix -> width step of the grid
+# config suffix -> (sensitivity weight, width step of the grid)
+FISHER_GRIDS = {
+    "fisher": ("fisher_energy", 0.5),
+    "fisher-int": ("fisher_energy", 1),
+    "fisher-grad": ("fisher", 0.5),
+    "fisher-grad-int": ("fisher", 1),
+}
 
 
 def _config(model, name: str, fisher: Path | None):
@@ -82,12 +92,14 @@ def _config(model, name: str, fisher: Path | None):
     text = model.config.get_text_config(decoder=True)
     types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
     full = [i for i, t in enumerate(types) if t == "full_attention"]
+    weight, step = FISHER_GRIDS[grids[-1]]
     pairs = fisher_layer_bits(
         FisherCalibration.load(fisher),
         base.bits_k,
         base.bits_v,
         layers=full,
-        step=FISHER_GRIDS[grids[-1]],
+        weight=weight,
+        step=step,
     )
     return replace(base, layer_bits=tuple(pairs), label=name)
 
