@@ -79,8 +79,8 @@ FISHER_GRIDS = {
 
 
 def _config(model, name: str, fisher: Path | None):
-    """The evaluated ``CacheConfig`` of a row name; a ``fisher``/``fisher-int`` suffix spreads
-    the widths over the compressed layers by the Fisher file (same mean width per stream)."""
+    """The evaluated ``CacheConfig`` of a row name; a ``FISHER_GRIDS`` suffix spreads the widths
+    over the compressed layers by the Fisher file (same mean width per stream)."""
     words = name.split()
     grids = [w for w in words if w in FISHER_GRIDS]
     if not grids:
@@ -139,7 +139,7 @@ def main() -> None:
         "--fisher",
         type=Path,
         default=None,
-        help="tqai calibrate file for configs ending in fisher / fisher-int (per-layer widths)",
+        help="tqai calibrate file for configs ending in fisher[-int] / fisher-grad[-int]",
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
