@@ -61,7 +61,7 @@ ABLATION = [
     "K4/V2 center residual32",
     "K4/V3 center residual32",
     "K4/V4 residual32",
-    "K4.25/V3.5 center-k residual32",
+    "K4.25/V3.25 center-k residual32",
     "kivi K3/V2",
     "kivi K4/V3",
     "kivi K4/V4",
