@@ -15,7 +15,18 @@ are not compressed (exact) and not counted. The KIVI-style peer (benchmarks/_kiv
 from its format. Rows are merged into benchmarks/results/fidelity.json by (model, config,
 context): {"model", "config", "context", "bits_per_coord", "ppl", "baseline_ppl", ...}.
 
+Per-layer widths: a config ending in ``fisher`` (half-bit grid) or ``fisher-int`` (whole bits)
+spreads its K and V widths over the compressed layers by each layer's Fisher information times
+its states' energy, from a ``tqai calibrate`` file given with ``--fisher``
+(:func:`tqai.layer_bits.fisher_layer_bits`); ``fisher-grad`` / ``fisher-grad-int`` by the Fisher
+information alone. The mean width per stream stays the config's; the row records the widths.
+
     python benchmarks/bench_fidelity.py --model smollm2-135m --context 4096 --prefix 3584
+    # benchmarks/calibration/smollm2_fisher.json was made so (works the benchmark never scores):
+    tqai calibrate --model smollm2-135m --plays twelfth_night,as_you_like_it --samples 8 \
+        --max-tokens 512 -o benchmarks/calibration/smollm2_fisher.json
+    python benchmarks/bench_fidelity.py --fisher benchmarks/calibration/smollm2_fisher.json \
+        --configs "K4/V2 residual32 fisher"
 """
 
 from __future__ import annotations
@@ -23,12 +34,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from _common import RESULTS, machine, print_table, write_json
 from _kivi import KiviCache
 
 from tqai.assets import shakespeare_text
+from tqai.layer_bits import fisher_layer_bits
 from tqai_torch.evaluate import parse_config, perplexity
 from tqai_torch.models import load_model
 
@@ -47,11 +61,48 @@ ABLATION = [
     "K4/V2 center residual32",
     "K4/V3 center residual32",
     "K4/V4 residual32",
+    "K4.25/V3.25 center-k residual32",
     "kivi K3/V2",
     "kivi K4/V3",
     "kivi K4/V4",
 ]
 MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
+
+
+# config suffix -> (sensitivity weight, width step of the grid)
+FISHER_GRIDS = {
+    "fisher": ("fisher_energy", 0.5),
+    "fisher-int": ("fisher_energy", 1),
+    "fisher-grad": ("fisher", 0.5),
+    "fisher-grad-int": ("fisher", 1),
+}
+
+
+def _config(model, name: str, fisher: Path | None):
+    """The evaluated ``CacheConfig`` of a row name; a ``FISHER_GRIDS`` suffix spreads the widths
+    over the compressed layers by the Fisher file (same mean width per stream)."""
+    words = name.split()
+    grids = [w for w in words if w in FISHER_GRIDS]
+    if not grids:
+        return parse_config(name)
+    if fisher is None:
+        raise SystemExit(f"config {name!r} spreads widths by Fisher information: give --fisher")
+    from tqai.pipeline.scorers.fisher_static import FisherCalibration
+
+    base = parse_config(" ".join(w for w in words if w not in FISHER_GRIDS))
+    text = model.config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    weight, step = FISHER_GRIDS[grids[-1]]
+    pairs = fisher_layer_bits(
+        FisherCalibration.load(fisher),
+        base.bits_k,
+        base.bits_v,
+        layers=full,
+        weight=weight,
+        step=step,
+    )
+    return replace(base, layer_bits=tuple(pairs), label=name)
 
 
 def _run(model, tokenizer, ids, name: str, args) -> dict:
@@ -73,7 +124,7 @@ def _run(model, tokenizer, ids, name: str, args) -> dict:
             make_cache=lambda: KiviCache(model.config, *bits),
             **common,
         )
-    return perplexity(model, ids, parse_config(name), **common)
+    return perplexity(model, ids, _config(model, name, args.fisher), **common)
 
 
 def main() -> None:
@@ -84,6 +135,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=ABLATION)
+    parser.add_argument(
+        "--fisher",
+        type=Path,
+        default=None,
+        help="tqai calibrate file for configs ending in fisher[-int] / fisher-grad[-int]",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model, tokenizer = load_model(args.model, dtype=torch.float32)
@@ -119,8 +176,13 @@ def main() -> None:
             "ppl": r["ppl"],
             "baseline_ppl": base,
             "tokens_scored": r["tokens"],
+            "windows": args.windows,
             "seconds": time.perf_counter() - start,
         }
+        if FISHER_GRIDS.keys() & set(name.split()):
+            layer_bits = _config(model, name, args.fisher).layer_bits
+            row["layer_bits"] = [None if p is None else list(p) for p in layer_bits]
+            row["fisher_file"] = args.fisher.name
         rows.append(row)
         print(
             f"{label} ctx {args.context} {name:28s} ppl {r['ppl']:.4f} "

@@ -168,9 +168,66 @@ def _change(row: Row) -> Any:
     return None if ppl is None or not base else f"{100 * (ppl / base - 1):+.2f}%"
 
 
+# The fidelity goal (issue 4): at this context, within +max_change% at <= bits per coordinate,
+# and ahead of the KIVI-style peer at the same budget.
+FIDELITY_GOALS = ((4096, 3.5, 2.0), (4096, 4.5, 0.5))
+
+
+def _pct(row: Row) -> float:
+    return 100 * (row["ppl"] / row["baseline_ppl"] - 1)
+
+
+def _described(row: Row | None) -> str:
+    if row is None:
+        return "not measured"
+    return f"{row['config']}: {_pct(row):+.2f}% at {row['bits_per_coord']:.2f} bits"
+
+
+def _goal_rows(rows: Sequence[Row]) -> list[Row]:
+    """Per model and goal: the best measured tqai config within the budget, the KIVI-style peer
+    at the budget, and whether the goal is met (within the change and ahead of the peer)."""
+    out = []
+    for model in sorted({r.get("model", "") for r in rows}):
+        for context, budget, limit in FIDELITY_GOALS:
+            fits = [
+                r
+                for r in rows
+                if (r.get("model"), r.get("context")) == (model, context)
+                and r.get("config") != "baseline"
+                and r.get("bits_per_coord", math.inf) <= budget + 1e-9
+            ]
+            ours = [r for r in fits if not r["config"].startswith("kivi ")]
+            peers = [r for r in fits if r["config"].startswith("kivi ")]
+            best = min(ours, key=_pct, default=None)
+            peer = max(peers, key=lambda r: r["bits_per_coord"], default=None)
+            met = best is not None and _pct(best) <= limit
+            ahead = best is not None and (peer is None or _pct(best) < _pct(peer))
+            out.append(
+                {
+                    "model": model,
+                    "goal": f"<= {budget:g} bits, <= +{limit:g}% at {context}",
+                    "best tqai": _described(best),
+                    "KIVI-style peer": _described(peer),
+                    "met": "yes" if met and ahead else "no",
+                }
+            )
+    return out
+
+
 def render_fidelity(doc: Any) -> str:
-    """Perplexity through the cache per model, context and configuration, against baseline."""
-    rows = sorted(_rows(doc), key=lambda r: (r.get("model", ""), r.get("context", 0)))
+    """Perplexity through the cache per model, context and configuration, against baseline;
+    then the goal status, derived from the same rows."""
+    rows = sorted(
+        _rows(doc),
+        key=lambda r: (
+            r.get("model", ""),
+            r.get("context", 0),
+            r.get("config") != "baseline",
+            r.get("config", "").startswith("kivi "),
+            r.get("bits_per_coord", 0),
+            r.get("config", ""),
+        ),
+    )
     columns: list[Column] = [
         ("model", _key("model"), False),
         ("context", _key("context"), True),
@@ -180,7 +237,10 @@ def render_fidelity(doc: Any) -> str:
         ("baseline", _key("baseline_ppl"), True),
         ("change", _change, True),
     ]
-    return _join(_table(columns, rows), _machine(doc))
+    goals = [(n, _key(n), False) for n in ("model", "goal", "best tqai", "KIVI-style peer", "met")]
+    status = "Goal status (best measured row within the budget; met = within the change and ahead "
+    status += "of the KIVI-style peer at that budget):"
+    return _join(_table(columns, rows), status, _table(goals, _goal_rows(rows)), _machine(doc))
 
 
 def render_qjl(doc: Any) -> str:

@@ -135,6 +135,51 @@ def test_balancing_reduces_score_error_when_query_and_key_energy_disagree():
     assert error(True) < 0.5 * error(False)
 
 
+def test_statistics_stay_fixed_as_generation_drifts_away_from_the_prompt():
+    """The long-generation update rule: none. Tokens decoded after the prompt are coded against
+    the prompt's mean, channels and scales; attention stays exact; drift costs accuracy only."""
+    rng = np.random.default_rng(6)
+    d = 32
+    config = KVCacheConfig(
+        bits_k=3.5,
+        bits_v=2.5,
+        sink_tokens=2,
+        residual_window=3,
+        center_keys=True,
+        center_values=True,
+        balance_keys=True,
+        norm_dtype="float32",
+    )
+    store = KVStore(config)
+    prompt = _offset_data(rng, (1, 2, 40, d))
+    store.update(prompt, prompt)
+    store.attend(rng.standard_normal((1, 4, 40, d)).astype(np.float32), scale=d**-0.5, mask=None)
+    fitted = copy.deepcopy((store.key_coding, store.value_coding))
+    drift = 6.0 * rng.standard_normal((1, 2, 1, d)).astype(np.float32)  # the text moves on
+    decoded = []
+    for _ in range(30):
+        token = _offset_data(rng, (1, 2, 1, d), offset=0.0) + prompt.mean(2, keepdims=True) + drift
+        decoded.append(token)
+        store.update(token, token)
+        k_hat, v_hat = store.dequantize()  # what this step's attention reads
+        q = rng.standard_normal((1, 4, 1, d)).astype(np.float32)
+        out = store.attend(q, scale=d**-0.5, mask=None)
+        np.testing.assert_allclose(
+            out, attention_reference(q, k_hat, v_hat, scale=d**-0.5, mask=None), atol=5e-5
+        )
+    for now, then in zip((store.key_coding, store.value_coding), fitted, strict=True):
+        for name in ("mean", "scale"):
+            a, b = getattr(now, name), getattr(then, name)
+            assert (a is None) == (b is None)
+            assert a is None or np.array_equal(a, b)
+        assert all(np.array_equal(a, b) for a, b in zip(now.channels, then.channels, strict=True))
+    # Coding error per token: the drifted tokens (far from the prompt's mean) are coded worse.
+    held = np.concatenate([prompt, *decoded], 2)
+    error = np.sum((v_hat - held) ** 2, axis=-1).mean(axis=(0, 1))  # (tokens,)
+    coded_prompt, coded_drifted = error[2:40], error[40:-3]  # sinks, window: exact
+    assert coded_drifted.mean() > 2 * coded_prompt.mean()
+
+
 def test_means_leave_the_sinks_out():
     rng = np.random.default_rng(4)
     k = rng.standard_normal((1, 1, 40, 16)).astype(np.float32)

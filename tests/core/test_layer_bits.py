@@ -56,11 +56,22 @@ def test_fisher_layer_bits_spreads_both_budgets():
             "v": [[5, 5], [1, 1], [1, 1]],
         }
     )
-    pairs = fisher_layer_bits(cal, 4, 2)
+    with pytest.raises(ValueError, match="k_energy"):  # this file records no energies
+        fisher_layer_bits(cal, 4, 2)
+    with pytest.raises(ValueError, match="weight must be one of"):
+        fisher_layer_bits(cal, 4, 2, weight="hessian")
+    pairs = fisher_layer_bits(cal, 4, 2, weight="fisher")
     assert pairs[1][0] > pairs[0][0]
     assert pairs[0][1] > pairs[1][1]
     assert np.mean([p[0] for p in pairs]) <= 4
     assert np.mean([p[1] for p in pairs]) <= 2
+    # Only the compressed layers share the budget (Gemma-3's sliding layers stay exact).
+    some = fisher_layer_bits(cal, 4, 2, layers=[0, 2], weight="fisher", step=1)
+    assert some[1] is None
+    assert np.mean([some[0][0], some[2][0]]) == 4  # equal weights: the budget split evenly
+    assert [c.bits_k for c in layer_configs(KVCacheConfig(bits_k=3), some, 3)] == [4, 3, 4]
+    with pytest.raises(ValueError, match=r"layer indices in 0\.\.2"):
+        fisher_layer_bits(cal, 4, 2, layers=[3], weight="fisher")
 
 
 def test_layer_configs_list_mapping_and_errors():
@@ -76,3 +87,20 @@ def test_layer_configs_list_mapping_and_errors():
         layer_configs(base, {5: (4, 2)}, 3)
     with pytest.raises(ValueError, match="bits_v"):
         layer_configs(base, {0: (4, 9)}, 3)
+
+
+def test_fisher_energy_weight_moves_bits_to_the_energetic_layer():
+    """Equal gradients, one layer's values 16x more energetic: it gets the bits under
+    ``fisher_energy`` and none extra under ``fisher``."""
+    from tqai.pipeline.scorers.fisher_static import FisherCalibration
+
+    cal = FisherCalibration(
+        k=np.ones((2, 1)),
+        v=np.ones((2, 1)),
+        meta={"k_energy": [[1.0], [1.0]], "v_energy": [[16.0], [1.0]]},
+    )
+    assert fisher_layer_bits(cal, 4, 3, weight="fisher", step=1) == [(4, 3), (4, 3)]
+    pairs = fisher_layer_bits(cal, 4, 3, step=1)
+    assert [p[0] for p in pairs] == [4, 4]
+    assert pairs[0][1] > pairs[1][1]
+    assert (pairs[0][1] + pairs[1][1]) / 2 <= 3

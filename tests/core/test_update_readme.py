@@ -268,3 +268,37 @@ def test_prefill_renderer() -> None:
     assert "| triton | 4096 | 4 | 200 | 0.5x |" in text
     assert "| triton | 4096 | 16 | 200 | 2x |" in text
     assert "Card: Test GPU." in text
+
+
+def test_fidelity_goal_status_is_derived_from_the_rows() -> None:
+    module = _script_module()
+
+    def row(config, bits, ppl, model="M", context=4096):
+        return {
+            "model": model,
+            "context": context,
+            "config": config,
+            "bits_per_coord": bits,
+            "ppl": ppl,
+            "baseline_ppl": 100.0,
+        }
+
+    rows = [
+        row("baseline", 16, 100.0),
+        row("K4/V2", 3.4, 101.5),  # +1.5% at 3.4 bits: the 3.5-bit goal, ahead of the peer
+        row("K4/V2 wide", 3.6, 100.1),  # over the 3.5-bit budget: not counted there
+        row("kivi K3/V2", 3.5, 103.0),
+        row("K4/V4", 4.4, 100.4),  # +0.4%, but the peer does better: not met
+        row("kivi K4/V3", 4.5, 100.3),
+        row("K8/V8", 4.4, 100.0, context=1024),  # another context: ignored
+    ]
+    status = {r["goal"].split(",")[0]: r for r in module._goal_rows(rows)}
+    assert status["<= 3.5 bits"]["best tqai"] == "K4/V2: +1.50% at 3.40 bits"
+    assert status["<= 3.5 bits"]["met"] == "yes"
+    assert status["<= 4.5 bits"]["best tqai"] == "K4/V2 wide: +0.10% at 3.60 bits"
+    assert status["<= 4.5 bits"]["met"] == "yes"
+    rows.remove(rows[2])
+    status = {r["goal"].split(",")[0]: r for r in module._goal_rows(rows)}
+    assert status["<= 4.5 bits"]["KIVI-style peer"] == "kivi K4/V3: +0.30% at 4.50 bits"
+    assert status["<= 4.5 bits"]["met"] == "no"
+    assert "| no |" in module.render("fidelity", {"rows": rows})

@@ -163,11 +163,13 @@ def test_misshaped_constants_are_refused(tmp_path, fresh_constants):
 
 
 def _calibration():
-    """Fisher weights (2 layers x 2 K/V heads): layer 1 is the sensitive one for keys, layer 0
-    for values."""
+    """Fisher weights (2 layers x 2 K/V heads) with unit state energies, as ``tqai calibrate``
+    writes them: layer 1 is the sensitive one for keys, layer 0 for values."""
     k = np.array([[1.0, 1.5], [12.0, 9.0]])
     v = np.array([[8.0, 10.0], [1.0, 0.5]])
-    return FisherCalibration(k=k, v=v, model="tiny-llama", meta={"prompts": 1})
+    ones = np.ones((2, 2)).tolist()
+    meta = {"prompts": 1, "k_energy": ones, "v_energy": ones}
+    return FisherCalibration(k=k, v=v, model="tiny-llama", meta=meta)
 
 
 def test_dict_layer_bits_are_stored_one_pair_per_layer(tmp_path, fresh_constants):

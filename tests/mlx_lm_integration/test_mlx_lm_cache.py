@@ -33,7 +33,7 @@ import tqai_mlx  # noqa: E402
 from tqai.container import TqaiFormatError  # noqa: E402
 from tqai.kvstore import KVCacheConfig  # noqa: E402
 from tqai_mlx.cache import TqaiKVCache  # noqa: E402
-from tqai_mlx.patching import patch_config  # noqa: E402
+from tqai_mlx.patching import patch_config, patch_layer_configs  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -295,6 +295,43 @@ def test_load_refuses_another_model_or_config(patched, tmp_path):
         tqai_mlx.load_cache(path)
 
 
+def test_layer_bits_set_each_layers_widths_and_travel_with_the_saved_cache(patched, tmp_path):
+    ref_tokens, _ = _baseline("llama")
+    model, cache = patched(
+        "llama", bits_k=3.5, bits_v=2.5, residual_window=0, layer_bits={0: (8, 4)}
+    )
+    assert [(c.config.bits_k, c.config.bits_v) for c in cache] == [(8, 4), (3.5, 2.5)]
+    assert [c.config for c in make_prompt_cache(model)] == list(patch_layer_configs(model))
+    model(_prompt(), cache=cache)
+    assert [len(c.store.key_parts) for c in cache] == [1, 2]  # layer 1 splits its channels
+    path = tmp_path / "prompt.tqai"
+    tqai_mlx.save_cache(path, cache, model=model)
+    loaded = tqai_mlx.load_cache(path, model)
+    assert [c.config for c in loaded] == [c.config for c in cache]
+    forced = ref_tokens[:, :4]
+    _, a = _decode(model, cache, forced[:, :1], forced=forced[:, 1:], n=3)
+    _, b = _decode(model, loaded, forced[:, :1], forced=forced[:, 1:], n=3)
+    assert mx.array_equal(a, b).item()
+    tqai_mlx.patch(model, bits_k=3.5, bits_v=2.5, residual_window=0)  # other layer-0 widths
+    with pytest.raises(ValueError, match=r"layer 0: .*bits_k=8 \(model: 3.5\)"):
+        tqai_mlx.load_cache(path, model)
+
+
+def test_layer_bits_list_of_pairs_equals_the_uniform_setting(patched):
+    """One pair per layer, all (8, 8): bit-identical to bits_k=bits_v=8; the widths are used."""
+    ref_tokens, _ = _baseline("llama")
+    runs = {}
+    for name, options in {
+        "uniform8": {"bits_k": 8, "bits_v": 8},
+        "layers8": {"layer_bits": [(8, 8), (8, 8)]},
+        "layers2": {"layer_bits": [(2, 2), (2, 2)]},
+    }.items():
+        model, cache = patched("llama", residual_window=0, **options)
+        runs[name] = _decode(model, cache, _prompt(), forced=ref_tokens)[1]
+    assert mx.array_equal(runs["uniform8"], runs["layers8"]).item()
+    assert not mx.allclose(runs["uniform8"], runs["layers2"], atol=1e-3).item()
+
+
 # ---- patch / unpatch -----------------------------------------------------------------------
 def test_unpatch_restores_everything_exactly():
     model = _model("llama")
@@ -364,6 +401,16 @@ class _Toy(nn.Module):
         ("llama", {"skip_layers": [2]}, ValueError, "skip_layers"),
         ("llama", {"skip_layers": [0, 1]}, ValueError, "nothing to compress"),
         ("llama", {"kernel": "cuda"}, ValueError, "kernel"),
+        ("llama", {"layer_bits": [(4, 2)]}, ValueError, "one .* pair per layer"),
+        ("llama", {"layer_bits": {0: (4, 0)}}, ValueError, "bits_v"),
+        ("llama", {"layer_bits": {2: (4, 2)}}, ValueError, "layer indices"),
+        ("llama", {"layer_bits": {1: (4.01, 2)}}, ValueError, "bits_k"),
+        (
+            "llama",
+            {"layer_bits": {0: (4, 2)}, "pipeline": {"monitor": "stability"}},
+            ValueError,
+            "layer_bits",
+        ),
         ("no-layers", {}, ValueError, "no `layers`"),
         ("no-attention", {}, ValueError, "no attention"),
         ("head-dim-1", {}, ValueError, "head_dim of layer 0"),

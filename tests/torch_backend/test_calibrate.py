@@ -238,6 +238,10 @@ def test_cli_on_a_tiny_local_folder(tmp_path) -> None:
     assert cal.model == str(folder)
     assert "K mean" in result.output
     assert "V mean" in result.output
+    both = ["--prompts", str(prompts), "--plays", "twelfth_night"]
+    result = CliRunner().invoke(app, ["calibrate", "--output", str(out), *both])
+    assert result.exit_code != 0
+    assert "--prompts or --plays" in result.output
 
 
 @pytest.mark.slow

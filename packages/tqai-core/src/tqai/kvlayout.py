@@ -25,6 +25,21 @@ the coded vectors smaller.
   ``s_c = (Q_c / K_c)^(1/4)``: the SmoothQuant migration (Xiao et al. 2022, arXiv:2211.10438)
   with the exponent this error model gives. Scales are normalized to geometric mean 1.
 
+Long generations (the update rule). The statistics are fitted once and never updated: at the first
+commit into the coded history (the prompt's tokens past the sinks, the recent window's included,
+weighted by the prompt's attention where the store saw it; with a prompt no longer than sinks +
+window, the tokens past the sinks when the window first overflows, unweighted). Every later token,
+however far into the generation, is coded against the same mean, the same loud-channel split and
+the same balancing scales. Why not refit: the codes of earlier tokens are relative to the
+statistics they were coded with, the originals are gone, and re-coding would compound the error; a
+refit would need per-segment statistics. What this costs: attention stays exact for any length (any
+fixed statistics are), but a token's coding error grows with what is coded, ``||k - mu_k||``: if
+the text drifts away from the prompt, later tokens sit farther from the fitted mean (at worst
+centering then codes them worse than no centering would), and a channel that becomes loud only
+later is coded at the narrower width. The recent window and the sinks are not affected (full
+precision). ``crop``, ``copy``, ``save``/``load`` keep the statistics as fitted (a cache cropped
+below the tokens it was fitted from keeps them too).
+
 Arrays: statistics are per batch row and KV head: means and scales ``(B, H, 1, D)`` float32,
 channel lists ``(B, H, d_p)`` int64, channel maps ``(B, H, D, d_p)`` float32 (0/1 selections,
 times ``s`` for coding keys and ``1 / s`` for reading them).

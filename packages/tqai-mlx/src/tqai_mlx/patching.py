@@ -38,6 +38,7 @@ from mlx_lm.models.cache import KVCache
 
 from tqai.codebooks import validate_dim
 from tqai.kvstore import KVCacheConfig, build_cache_pipeline
+from tqai.layer_bits import layer_configs
 from tqai.named_configs import resolve_patch_options
 from tqai_mlx import _model
 from tqai_mlx.activations import (
@@ -48,7 +49,7 @@ from tqai_mlx.activations import (
 from tqai_mlx.cache import KERNELS, TqaiKVCache
 from tqai_mlx.chunked_attention import CHUNK_ATTR, chunked_scaled_dot_product_attention, supports
 
-__all__ = ["is_patched", "patch", "patch_config", "unpatch"]
+__all__ = ["is_patched", "patch", "patch_config", "patch_layer_configs", "unpatch"]
 
 _SDPA = "scaled_dot_product_attention"
 _KERNEL_ENV = "TQAI_KERNEL"
@@ -57,6 +58,7 @@ _KERNEL_ENV = "TQAI_KERNEL"
 @dataclass(frozen=True, slots=True)
 class _Patched:
     config: KVCacheConfig
+    layer_configs: tuple[KVCacheConfig, ...]  # per layer: config with layer_bits applied
     kernel: str
     compress: tuple[bool, ...]
     pipeline: Any
@@ -213,6 +215,7 @@ def patch(
     center_keys: bool = False,
     center_values: bool = False,
     balance_keys: bool = False,
+    layer_bits: Any = None,
     from_pretrained: str | None = None,
 ) -> list[Any]:
     """Make an mlx-lm model generate with TurboQuant-compressed KV caches.
@@ -257,6 +260,12 @@ def patch(
             reference kernel only. Strategies storing one commit at several widths are refused.
         center_keys, center_values, balance_keys: coding options fitted to the prompt
             (:mod:`tqai.kvlayout`); reference kernel only.
+        layer_bits: per-layer ``(bits_k, bits_v)``: a list with one pair per layer (e.g.
+            :func:`tqai.layer_bits.fisher_layer_bits` of a ``tqai calibrate`` file) or a dict
+            ``{layer: (bits_k, bits_v)}`` of overrides; other layers use ``bits_k``/``bits_v``.
+            Pairs of layers that keep mlx-lm's own cache (sliding, skipped) are ignored. Each
+            layer's cache carries its widths, so :func:`tqai_mlx.save_cache` stores them and
+            :func:`tqai_mlx.load_cache` refuses a model patched with other widths.
         from_pretrained: a folder written by :func:`tqai_mlx.convert.convert` (``tqai convert
             --backend mlx``): its options (pipeline included) and prebuilt rotations/codebooks
             are used (no solving at start); no other option may be given with it.
@@ -308,6 +317,8 @@ def patch(
         balance_keys=balance_keys,
     )
     kernel = _resolve_kernel(kernel)
+    if pipeline is not None and layer_bits is not None:
+        raise ValueError("layer_bits cannot be combined with pipeline= (it sets its own widths)")
     if kernel == "metal" and not config.plain:
         raise ValueError(
             "kernel='metal' reads whole vectors at integer widths; center_keys, center_values, "
@@ -318,8 +329,16 @@ def patch(
     with _lock:
         layers = _model.model_layers(model)
         compress, head_dims = _plan(model, _skip_set(skip_layers, len(layers)))
-        for head_dim in head_dims:  # resolves the rotation now, not at the first token
-            config.part_quantizers(head_dim)
+        per_layer = tuple(layer_configs(config, layer_bits, len(layers)))
+        used = {c for c, on in zip(per_layer, compress, strict=True) if on}
+        if kernel == "metal" and not all(c.plain for c in used):
+            raise ValueError(
+                "kernel='metal' reads whole vectors at integer widths; fractional layer_bits "
+                "need kernel='reference'"
+            )
+        for layer_config in used:  # resolves the rotation and widths now, not at the first token
+            for head_dim in head_dims:
+                layer_config.part_quantizers(head_dim)
         pipe = build_cache_pipeline(
             pipeline, config, num_layers=len(layers), head_dims=sorted(head_dims)
         )
@@ -336,7 +355,15 @@ def patch(
         finalizer = weakref.finalize(model, _release, key)
         chunk = chunk_size if chunk_attention else None
         state = _Patched(
-            config, kernel, compress, pipe, chunk, "make_cache" in vars(model), own, finalizer
+            config,
+            per_layer,
+            kernel,
+            compress,
+            pipe,
+            chunk,
+            "make_cache" in vars(model),
+            own,
+            finalizer,
         )
         make_cache = _tqai_make_cache(model, state, original)
         _install()
@@ -353,7 +380,9 @@ def _tqai_make_cache(model: Any, state: _Patched, original: Any) -> Callable[[],
         m = ref()
         base = list(original()) if original is not None else [KVCache() for _ in m.layers]
         caches = [
-            TqaiKVCache(state.config, kernel=state.kernel, pipeline=state.pipeline, layer=i)
+            TqaiKVCache(
+                state.layer_configs[i], kernel=state.kernel, pipeline=state.pipeline, layer=i
+            )
             if compress
             else cache
             for i, (cache, compress) in enumerate(zip(base, state.compress, strict=True))
@@ -391,3 +420,11 @@ def patch_config(model: Any) -> KVCacheConfig | None:
     """The :class:`~tqai.kvstore.KVCacheConfig` ``model`` is patched with, or None."""
     state = _patched.get(id(model))
     return None if state is None else state.config
+
+
+def patch_layer_configs(model: Any) -> tuple[KVCacheConfig, ...] | None:
+    """Per layer, the config its tqai cache uses (``layer_bits`` applied), or None if unpatched.
+
+    Layers that keep mlx-lm's own cache get the model's config too (it is not used there)."""
+    state = _patched.get(id(model))
+    return None if state is None else state.layer_configs

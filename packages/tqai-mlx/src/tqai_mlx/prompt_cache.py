@@ -19,8 +19,8 @@ Header ``meta``: ``{"backend": "mlx", "format": "tqai-mlx-prompt-cache", "versio
 
 Loading checks the file (``TqaiFormatError``), and with ``model=`` also that the cache fits it:
 the same model fingerprint, the same per-layer cache classes, and for tqai layers the same
-:class:`~tqai.kvstore.KVCacheConfig` the model is patched with (``ValueError`` naming the
-difference).
+:class:`~tqai.kvstore.KVCacheConfig` the model is patched with for that layer (its
+``layer_bits`` widths included; ``ValueError`` naming the difference).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tqai.container import TqaiFormatError
 from tqai.kvstore import KVCacheConfig, KVStore
 from tqai_mlx import _model
 from tqai_mlx.cache import TqaiKVCache
-from tqai_mlx.patching import is_patched, patch_config
+from tqai_mlx.patching import is_patched, patch_layer_configs
 
 __all__ = ["PROMPT_CACHE_FORMAT", "PROMPT_CACHE_VERSION", "load_cache", "save_cache"]
 
@@ -151,7 +151,7 @@ def _check_fits(meta: dict[str, Any], cache: list[Any], model: Any) -> None:
         )
     layers = _model.model_layers(model)
     args = getattr(model, "args", None)
-    config = patch_config(model)
+    configs = patch_layer_configs(model)
     for i, (got, want) in enumerate(zip(cache, expected, strict=True)):
         if type(got) is not type(want):
             hint = ""
@@ -161,8 +161,8 @@ def _check_fits(meta: dict[str, Any], cache: list[Any], model: Any) -> None:
                 f"layer {i}: the cache holds a {type(got).__name__} but the model makes a "
                 f"{type(want).__name__}{hint}"
             )
-        if isinstance(got, TqaiKVCache) and got.config != config:
-            theirs, ours = got.config.to_dict(), config.to_dict()
+        if isinstance(got, TqaiKVCache) and got.config != configs[i]:
+            theirs, ours = got.config.to_dict(), configs[i].to_dict()
             diffs = [
                 f"{k}={theirs[k]!r} (model: {ours[k]!r})" for k in ours if theirs[k] != ours[k]
             ]

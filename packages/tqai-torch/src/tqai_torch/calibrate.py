@@ -277,13 +277,22 @@ def calibrate_fisher(
     return calibration
 
 
-def shakespeare_windows(tokenizer: Any, samples: int = 8, tokens: int = 512) -> list[torch.Tensor]:
-    """``samples`` fixed windows of ``tokens`` token ids, evenly spaced over the Shakespeare set."""
+def shakespeare_windows(
+    tokenizer: Any, samples: int = 8, tokens: int = 512, plays: Sequence[str] | None = None
+) -> list[torch.Tensor]:
+    """``samples`` fixed windows of ``tokens`` token ids, evenly spaced over Shakespeare works.
+
+    Args:
+        plays: the works to draw from (names as in :func:`tqai.assets.shakespeare_plays`);
+            None: :data:`tqai.assets.DEFAULT_PLAYS`, the text the benchmarks score. Calibrate on
+            other works to keep the calibration text apart from the scored text.
+    """
     import torch
 
-    from tqai.assets import shakespeare_text
+    from tqai.assets import DEFAULT_PLAYS, shakespeare_text
 
-    ids = tokenizer(shakespeare_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    text = shakespeare_text(DEFAULT_PLAYS if plays is None else tuple(plays))
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     if ids.numel() < tokens:
         return [ids]
     last = ids.numel() - tokens
@@ -296,6 +305,12 @@ def calibrate(
     model: str = typer.Option("smollm2-135m", help=_MODEL_HELP),
     prompts: Path = typer.Option(
         None, help="UTF-8 file, one prompt per line (default: fixed Shakespeare windows)"
+    ),
+    plays: str = typer.Option(
+        None,
+        help="comma-separated Shakespeare works for the default windows (default: the set the "
+        "benchmarks score; name others, e.g. twelfth_night,as_you_like_it, to calibrate apart "
+        "from the scored text)",
     ),
     max_tokens: int = typer.Option(512, min=2, help="tokens per prompt at most"),
     samples: int = typer.Option(8, min=1, help="prompts to use"),
@@ -314,9 +329,15 @@ def calibrate(
 
     from tqai_torch.cli import load_model_option
 
+    if prompts is not None and plays is not None:
+        raise typer.BadParameter("give --prompts or --plays, not both", param_hint="--plays")
     loaded, tokenizer = load_model_option(model, dtype)
     if prompts is None:
-        chosen: list[Any] = shakespeare_windows(tokenizer, samples, max_tokens)
+        works = None if plays is None else [p.strip() for p in plays.split(",") if p.strip()]
+        try:
+            chosen: list[Any] = shakespeare_windows(tokenizer, samples, max_tokens, works)
+        except ValueError as ex:  # an unknown work: the message lists the known ones
+            raise typer.BadParameter(str(ex), param_hint="--plays") from None
     else:
         lines = [ln for ln in prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not lines:

@@ -48,7 +48,8 @@ class CacheConfig:
     balance_keys: bool = False
     hidden_bits: int | None = None
     ffn_bits: int | None = None
-    label: str | None = None  # a named config's name (tqai.named_configs)
+    layer_bits: tuple[tuple[float, float], ...] | None = None  # per layer (bits_k, bits_v)
+    label: str | None = None  # a named config's name (tqai.named_configs), or a given row name
 
     @property
     def name(self) -> str:
@@ -67,6 +68,7 @@ class CacheConfig:
             "balance_keys": self.balance_keys,
             "hidden_bits": self.hidden_bits,
             "ffn_bits": self.ffn_bits,
+            "layer_bits": None if self.layer_bits is None else [list(p) for p in self.layer_bits],
         }
 
 
