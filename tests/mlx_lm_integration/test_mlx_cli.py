@@ -237,11 +237,8 @@ def test_convert_writes_a_folder_mlx_patch_starts_from(app, tiny_folder: Path, t
 
 
 def test_convert_refuses_what_the_mlx_backend_cannot_store(app, tiny_folder: Path, tmp_path):
-    import inspect
-
     import numpy as np
 
-    import tqai_mlx
     from tqai.pipeline.scorers.fisher_static import FisherCalibration
 
     out = tmp_path / "converted"
@@ -250,15 +247,18 @@ def test_convert_refuses_what_the_mlx_backend_cannot_store(app, tiny_folder: Pat
     )
     assert result.exit_code == 2
     assert "with --backend mlx run `tqai calibrate" in " ".join(result.output.split())
-    if "layer_bits" not in inspect.signature(tqai_mlx.patch).parameters:
-        fisher = FisherCalibration(k=np.ones((2, 2)), v=np.ones((2, 2))).save(tmp_path / "f.json")
-        result = _invoke(
-            app, "convert", "--model", str(tiny_folder), "--output", str(out),
-            "--calibration", str(fisher), "--fisher-layer-bits",
-        )  # fmt: skip
-        assert result.exit_code == 2
-        assert "tqai_mlx.patch has no layer_bits" in " ".join(result.output.split())
     assert not out.exists()
+    ones = np.ones((2, 2)).tolist()
+    meta = {"k_energy": ones, "v_energy": ones}
+    fisher = FisherCalibration(k=np.ones((2, 2)), v=np.ones((2, 2)), meta=meta)
+    fisher.save(tmp_path / "f.json")
+    result = _invoke(
+        app, "convert", "--model", str(tiny_folder), "--output", str(out),
+        "--calibration", str(tmp_path / "f.json"), "--fisher-layer-bits",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "tqai_config.json").read_text())
+    assert len(doc["options"]["layer_bits"]) == 2
 
 
 @pytest.mark.slow

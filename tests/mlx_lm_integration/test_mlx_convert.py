@@ -3,7 +3,6 @@ pipelines and calibrations stored; per-layer widths only as far as mlx patch tak
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import numpy as np
@@ -136,18 +135,9 @@ def test_calibration_is_stored_checked_and_verified(tmp_path, fresh):
     assert not tqai_mlx.is_patched(model)
 
 
-def test_per_layer_widths_follow_what_mlx_patch_takes(tmp_path, fresh):
+def test_per_layer_widths_are_stored_and_restored(tmp_path, fresh):
     model = _model()
     pairs = [(3, 2), (5, 3)]
-    if "layer_bits" not in inspect.signature(tqai_mlx.patch).parameters:
-        with pytest.raises(TypeError, match="layer_bits"):
-            tqai_mlx.patch(model, layer_bits=pairs)
-        with pytest.raises(ValueError, match=r"tqai_mlx\.patch has no layer_bits"):
-            convert(model, tmp_path, layer_bits=pairs)
-        with pytest.raises(ValueError, match=r"tqai_mlx\.patch has no layer_bits"):
-            convert(model, tmp_path, calibration=_calibration(), fisher_layer_bits=True)
-        assert not (tmp_path / "tqai_config.json").exists()
-        return
     want = _run(model, tqai_mlx.patch(model, layer_bits=pairs))
     tqai_mlx.unpatch(model)
     convert(model, tmp_path, layer_bits=pairs)

@@ -5,8 +5,8 @@ Why it is shaped like this: the same as :mod:`tqai_torch.convert`, with mlx-lm's
 cache config, the compressed layers and the activation config, unpatches and writes the folder
 with :func:`tqai.pretrained.save_pretrained` (backend ``"mlx"``). The fingerprint is mlx-lm's
 attention layout (:func:`tqai_mlx._model.describe`) plus the hidden and FFN widths. Calibration
-files and ``pipeline=`` dicts are stored as for torch. Per-layer widths (``layer_bits``) are
-refused while :func:`tqai_mlx.patch` has none: convert stores only what patch can take back.
+files, ``pipeline=`` dicts and per-layer widths (``layer_bits``, or derived from a calibration
+with ``fisher_layer_bits``) are stored as for torch.
 
 Example:
     >>> convert(model, "out/", config="all8")  # doctest: +SKIP
@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +59,15 @@ def convert(
         output: the folder (created if needed).
         calibration: a ``tqai calibrate`` Fisher file (path) or a ``FisherCalibration`` of this
             model's layers and K/V heads: stored in the folder (checksummed).
-        fisher_layer_bits: per-layer widths from ``calibration``; refused while
-            :func:`tqai_mlx.patch` has no ``layer_bits`` (as ``layer_bits=`` itself is).
+        fisher_layer_bits: per-layer widths from ``calibration`` (stored as ``layer_bits``).
         **options: :func:`tqai_mlx.patch` options (JSON-able; ``pipeline=`` as a plain dict).
 
     Returns:
         The path of the written ``tqai_config.json``.
 
     Raises:
-        ValueError / TypeError: whatever ``patch`` refuses, per-layer widths, a calibration of
-            another shape, a pipeline that is not plain JSON.
+        ValueError / TypeError: whatever ``patch`` refuses, a calibration of another shape, a
+            pipeline that is not plain JSON.
     """
     from tqai.layer_bits import layer_configs
     from tqai.pretrained import (
@@ -82,14 +80,6 @@ def convert(
     from tqai_mlx.activations import activation_config
     from tqai_mlx.patching import _patched, patch, unpatch
 
-    if "layer_bits" not in inspect.signature(patch).parameters and (
-        fisher_layer_bits or options.get("layer_bits") is not None
-    ):
-        raise ValueError(
-            "tqai_mlx.patch has no layer_bits (per-layer widths are tqai-torch only for now), "
-            "so convert --backend mlx cannot store them; convert without layer_bits / "
-            "--fisher-layer-bits"
-        )
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
     fingerprint = model_fingerprint(model)
     cal = None if calibration is None else load_calibration(calibration)
