@@ -48,7 +48,7 @@ from tqai_mlx.activations import (
 from tqai_mlx.cache import KERNELS, TqaiKVCache
 from tqai_mlx.chunked_attention import CHUNK_ATTR, chunked_scaled_dot_product_attention, supports
 
-__all__ = ["is_patched", "patch", "patch_config", "unpatch"]
+__all__ = ["is_patched", "patch", "patch_config", "patch_pipeline", "unpatch"]
 
 _SDPA = "scaled_dot_product_attention"
 _KERNEL_ENV = "TQAI_KERNEL"
@@ -254,7 +254,9 @@ def patch(
             (``{"monitor": "stability", "skip_layers": [0], ...}``, see :mod:`tqai.pipeline`)
             or a built ``CompressionPipeline``: built and validated once here
             (:func:`tqai.kvstore.build_cache_pipeline`), shared by every compressed layer;
-            reference kernel only. Strategies storing one commit at several widths are refused.
+            reference kernel only. Strategies: ``tiered`` (built with ``rank="token"``: each
+            token at one score-routed width) or none; the diffusion-step strategies (``delta``,
+            ``delta2``, ``window``, ``cfg_sharing``) are refused (they belong to tqai-diffusers).
         center_keys, center_values, balance_keys: coding options fitted to the prompt
             (:mod:`tqai.kvlayout`); reference kernel only.
         from_pretrained: a folder written by :func:`tqai_mlx.convert.convert`: its options and
@@ -391,3 +393,9 @@ def patch_config(model: Any) -> KVCacheConfig | None:
     """The :class:`~tqai.kvstore.KVCacheConfig` ``model`` is patched with, or None."""
     state = _patched.get(id(model))
     return None if state is None else state.config
+
+
+def patch_pipeline(model: Any) -> Any:
+    """The compression pipeline ``model``'s caches run (``patch(pipeline=...)``), or None."""
+    state = _patched.get(id(model))
+    return None if state is None else state.pipeline
