@@ -277,13 +277,26 @@ def calibrate_fisher(
     return calibration
 
 
-def shakespeare_windows(tokenizer: Any, samples: int = 8, tokens: int = 512) -> list[torch.Tensor]:
-    """``samples`` fixed windows of ``tokens`` token ids, evenly spaced over the Shakespeare set."""
+def shakespeare_windows(
+    tokenizer: Any, samples: int = 8, tokens: int = 512, *, skip_tokens: int = 0
+) -> list[torch.Tensor]:
+    """``samples`` fixed windows of ``tokens`` token ids, evenly spaced over the Shakespeare set.
+
+    ``skip_tokens`` leaves out the text's first tokens (e.g. the windows a perplexity benchmark
+    scores, so the calibration never sees them).
+    """
     import torch
 
     from tqai.assets import shakespeare_text
 
+    if skip_tokens < 0:
+        raise ValueError(f"skip_tokens must be >= 0, got {skip_tokens}")
     ids = tokenizer(shakespeare_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if skip_tokens >= ids.numel():
+        raise ValueError(
+            f"skip_tokens ({skip_tokens}) leaves nothing of the text's {ids.numel()} tokens"
+        )
+    ids = ids[skip_tokens:]
     if ids.numel() < tokens:
         return [ids]
     last = ids.numel() - tokens
@@ -299,6 +312,12 @@ def calibrate(
     ),
     max_tokens: int = typer.Option(512, min=2, help="tokens per prompt at most"),
     samples: int = typer.Option(8, min=1, help="prompts to use"),
+    skip_tokens: int = typer.Option(
+        0,
+        min=0,
+        help="leave out the first tokens of the default text (e.g. those a perplexity "
+        "benchmark scores)",
+    ),
     dtype: str = typer.Option("float32", help="compute dtype (float32 recommended)"),
 ) -> None:
     """Offline Fisher calibration for the fisher_static scorer (forward + backward passes)."""
@@ -316,8 +335,15 @@ def calibrate(
 
     loaded, tokenizer = load_model_option(model, dtype)
     if prompts is None:
-        chosen: list[Any] = shakespeare_windows(tokenizer, samples, max_tokens)
+        chosen: list[Any] = shakespeare_windows(
+            tokenizer, samples, max_tokens, skip_tokens=skip_tokens
+        )
     else:
+        if skip_tokens:
+            raise typer.BadParameter(
+                "--skip-tokens applies to the default Shakespeare windows, not to --prompts",
+                param_hint="--skip-tokens",
+            )
         lines = [ln for ln in prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not lines:
             raise typer.BadParameter(f"no prompt in {prompts}", param_hint="--prompts")
