@@ -183,6 +183,7 @@ def test_tiered_cache_save_load_gives_the_same_logits(model, tmp_path):
     path = tmp_path / "tiered.tqai"
     cache.save(path)
     loaded = tqai_torch.TqaiCache.load(path, model)
+    assert loaded.pipeline is cache.pipeline is cache.copy().pipeline  # the patched model's
     for a, b in zip(cache.layers, loaded.layers, strict=True):
         assert _widths(a.store, 1) == _widths(b.store, 1)
         assert len(b.store.tiers) > 1

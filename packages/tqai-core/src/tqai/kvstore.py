@@ -286,13 +286,17 @@ def pipeline_config(pipeline: Any) -> dict | None:
 
 
 def check_pipeline(path: Any, saved: dict | None, pipeline: Any) -> None:
-    """Refuse loading a cache file written with another pipeline config than ``pipeline``'s."""
-    current = None if pipeline is None else pipeline.config
-    if saved != current or (pipeline is not None and current is None):
+    """Refuse loading a cache file written with another pipeline config than ``pipeline``'s.
+
+    Raises:
+        ValueError: the configs differ (None: no pipeline), or ``pipeline`` was built from
+            plugin objects (see :func:`pipeline_config`).
+    """
+    current = pipeline_config(pipeline)
+    if saved != current:
         raise ValueError(
             f"{path} was saved with another compression pipeline: {saved}; this cache uses "
-            f"{current if pipeline is not None else None}: patch the model with the pipeline "
-            "config it was saved with"
+            f"{current}: patch the model with the pipeline config it was saved with"
         )
 
 

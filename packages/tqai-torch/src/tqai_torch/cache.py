@@ -349,7 +349,9 @@ class TqaiCache(DynamicCache):
 
     def copy(self) -> TqaiCache:
         """An independent copy (reuse a prompt cache for several continuations safely)."""
-        return copy.deepcopy(self)
+        # The pipeline is the patched model's, shared as the layers' stores share it.
+        memo = {} if self.pipeline is None else {id(self.pipeline): self.pipeline}
+        return copy.deepcopy(self, memo)
 
     def save(self, path: str | os.PathLike) -> None:
         """Save the cache (codes stay compressed) to ``path`` in tqai's cache-file format.
