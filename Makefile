@@ -10,7 +10,7 @@ TORCH_VERSION := 2.13.0
 PACKAGES := packages/tqai-core packages/tqai-torch packages/tqai-mlx packages/tqai-diffusers
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-gpu lint fmt bench lock readme report ci clean
+.PHONY: setup demo test test-gpu lint fmt bench bench-gpu lock readme report ci clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	cd benchmarks && ../$(PY) bench_distortion.py && ../$(PY) bench_codec.py \
 		&& ../$(PY) bench_pipeline.py && ../$(PY) bench_memory.py && ../$(PY) bench_fidelity.py && ../$(PY) bench_qjl.py
+	$(PY) scripts/update_readme.py
+
+# On a CUDA GPU: decode attention per layer-call and end-to-end decode (Llama-3-8B shape).
+bench-gpu: $(STAMP)
+	cd benchmarks && ../$(PY) bench_attention.py && ../$(PY) bench_generate.py
 	$(PY) scripts/update_readme.py
 
 readme: $(STAMP)

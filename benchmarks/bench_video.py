@@ -27,7 +27,7 @@ Writes benchmarks/results/video_<card>.json (``--tiny``: video_tiny_<cpu>.json, 
 checking the script end to end on a CPU) and prints a table.
 
     python benchmarks/bench_video.py                        # CUDA, real configs
-    python benchmarks/bench_video.py --models wan --frames 49 --height 704 --width 1280
+    python benchmarks/bench_video.py --models wan --frames 49   # a shorter clip
     python benchmarks/bench_video.py --tiny                 # CPU, tiny configs, seconds
     python benchmarks/bench_video.py --device cpu --layers 1 --steps 2 --frames 5 \
         --height 128 --width 128                            # real widths, 1 layer: a check
@@ -36,6 +36,7 @@ checking the script end to end on a CPU) and prints a table.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
 from pathlib import Path
@@ -93,8 +94,10 @@ TINY_LTX = {
     "num_layers": 2,
     "caption_channels": 32,
 }
-# Real runs: (frames, height, width, text tokens); tiny runs: small videos, short prompts.
-SHAPES = {"wan": (49, 704, 1280, 512), "ltx": (97, 512, 768, 128)}
+# Real runs: (frames, height, width, text tokens), each model's long-clip setting (Wan 2.2 TI2V
+# 5B: 121 frames at 1280x704, 27,280 video tokens; LTX-Video: 161 frames at 1216x704, 17,556
+# tokens); tiny runs: small videos, short prompts.
+SHAPES = {"wan": (121, 704, 1280, 512), "ltx": (161, 704, 1216, 128)}
 TINY_SHAPES = {"wan": (9, 64, 64, 16), "ltx": (17, 64, 64, 16)}
 
 
@@ -246,7 +249,7 @@ def main() -> None:
     )
     parser.add_argument("--no-json", action="store_true", help="print only")
     args = parser.parse_args()
-    from _common import machine, print_table, write_json
+    from _common import RESULTS, machine, print_table, write_json
 
     from tqai_diffusers import apply_tqai, get_stats, remove_tqai
 
@@ -323,8 +326,16 @@ def main() -> None:
     if args.no_json:
         return
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")[:40]
+    name = f"video_tiny_{slug}.json" if args.tiny else f"video_{slug}.json"
+    # a run of some models keeps the other models' rows of an earlier run
+    earlier = RESULTS / name
+    if earlier.exists():
+        old = json.loads(earlier.read_text())
+        if old.get("steps") == args.steps and old.get("dtype") == str(dtype):
+            rows = [r for r in old["rows"] if r["model"] not in models] + rows
+            models = {**{k: v for k, v in old["models"].items() if k not in models}, **models}
     write_json(
-        f"video_tiny_{slug}.json" if args.tiny else f"video_{slug}.json",
+        name,
         {
             "machine": info,
             "tiny": args.tiny,

@@ -333,6 +333,7 @@ def render_video(doc: Any) -> str:
         ("reused", _key("reuse"), True),
     ]
     note = str(doc.get("note", "")) if isinstance(doc, dict) else ""
+    note = f"{note.rstrip('.')}." if note else ""
     device = doc.get("machine", {}).get("device") if isinstance(doc, dict) else None
     card = f"Device: {device}." if device else ""
     return _join(_table(columns, rows), " ".join(p for p in (note, card) if p), _machine(doc))
@@ -395,6 +396,37 @@ def render_attention(doc: Any) -> str:
     return _join(_table(columns, rows), " ".join(notes), _machine(doc))
 
 
+def render_generate(doc: Any) -> str:
+    """End-to-end greedy decode (bench_generate): ms/token, speed and peak memory vs baseline."""
+    rows = _rows(doc)
+    base = {r["context"]: r["ms_per_token"] for r in rows if r.get("config") == "baseline"}
+
+    def speed(row: Row) -> Any:
+        ref = base.get(row.get("context"))
+        return None if not ref else f"{ref / row['ms_per_token']:.2f}x"
+
+    def gib(name: str) -> Callable[[Row], Any]:
+        return lambda r: None if r.get(name) is None else round(r[name], 2)
+
+    columns: list[Column] = [
+        ("config", _key("config"), False),
+        ("context", _key("context"), True),
+        ("batch", _key("batch"), True),
+        ("ms/token", _key("ms_per_token"), True),
+        ("tokens/s", _key("tokens_per_s"), True),
+        ("speed vs baseline", speed, True),
+        ("peak GiB", gib("peak_gib"), True),
+        ("decode peak GiB", gib("decode_peak_gib"), True),
+        ("cache MiB", _mib("cache_bytes"), True),
+    ]
+    notes = [_card(doc)]
+    if isinstance(doc, dict):
+        notes += [
+            f"{k.capitalize()}: {doc[k]}." for k in ("model", "baseline", "method") if doc.get(k)
+        ]
+    return _join(_table(columns, rows), " ".join(n for n in notes if n), _machine(doc))
+
+
 def render_generic(doc: Any) -> str:
     """Any other results file: one column per row key, in order of first appearance."""
     rows = _rows(doc)
@@ -434,6 +466,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "chunked_*": render_chunked,
     "named_configs": render_named_configs,
     "attention_*": render_attention,
+    "generate_*": render_generate,
 }
 """Renderer per results-file stem; a key ending in ``*`` matches stems with that prefix."""
 

@@ -230,7 +230,27 @@ def test_vae_memory_and_video_renderers() -> None:
     }
     text = module.render("video_test-gpu", video)
     assert "| wan | delta K4/V4 | 2 | 0.5 | 1 | 0.001 | 4.5 |  |" in text
-    assert "tiny Device: Test GPU." in text
+    assert "tiny. Device: Test GPU." in text
+
+
+def test_generate_renderer() -> None:
+    module = _script_module()
+    row = {"card": "Test GPU", "context": 8192, "batch": 1, "prefill_s": 1.0}
+    doc = {
+        "machine": {**MACHINE, "device": "Test GPU"},
+        "model": "Llama-3-8B shape, random weights",
+        "baseline": "DynamicCache, sdpa",
+        "rows": [
+            {**row, "config": "baseline", "ms_per_token": 80.0, "tokens_per_s": 12.5,
+             "peak_gib": 16.5, "decode_peak_gib": 16.25, "cache_bytes": 2**30},
+            {**row, "config": "K4/V2", "ms_per_token": 100.0, "tokens_per_s": 10.0,
+             "peak_gib": 15.5, "decode_peak_gib": None, "cache_bytes": 2**28},
+        ],
+    }  # fmt: skip
+    text = module.render("generate_test-gpu", doc)
+    assert "| baseline | 8192 | 1 | 80 | 12.5 | 1.00x | 16.5 | 16.25 | 1024 |" in text
+    assert "| K4/V2 | 8192 | 1 | 100 | 10 | 0.80x | 15.5 |  | 256 |" in text
+    assert "Card: Test GPU. Model: Llama-3-8B shape, random weights. Baseline: DynamicCache" in text
 
 
 def test_pipeline_perplexity_renderer() -> None:

@@ -1,4 +1,5 @@
-"""``tqai convert`` / ``patch(model, from_pretrained=DIR)``: no solving, bit-identical outputs."""
+"""``tqai convert`` / ``patch(model, from_pretrained=DIR)``: no solving, bit-identical outputs,
+per-layer widths, pipelines and Fisher calibrations stored and checked."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import torch
 from hf_tiny_models import build, cache_kw
 
 import tqai.codebooks
+import tqai.layer_bits
 import tqai.rotations
 import tqai_torch
 from tqai import prebuilt
+from tqai.layer_bits import fisher_layer_bits
+from tqai.pipeline.scorers.fisher_static import FisherCalibration
 from tqai.pretrained import PretrainedError
 from tqai_torch.convert import convert
 
@@ -48,6 +52,10 @@ def _forbid_solving(monkeypatch):
     monkeypatch.setattr(tqai.rotations, "_haar_matrix", refuse)
 
 
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -55,6 +63,18 @@ def _forbid_solving(monkeypatch):
         {"bits_k": 3, "bits_v": 2, "hidden_bits": 5, "rotation": "hadamard", "seed": 3},
         {"config": "kv+ffn8", "rotation": "rotor", "sink_tokens": 2, "chunk_attention": True},
         {"bits_k": 4, "bits_v": 4, "use_qjl": True, "skip_layers": [0]},
+        {"bits_k": 4, "bits_v": 2, "layer_bits": [(3, 2), (5, 3)], "residual_window": 0},
+        {
+            "bits_k": 3,
+            "bits_v": 2,
+            "residual_window": 0,  # the monitor sees codes at once; its low threshold adds bits
+            "pipeline": {
+                "monitor": "stability",
+                "monitor_kwargs": {"threshold": 1e-6},
+                "skip_layers": [0],
+            },
+        },
+        {"bits_k": 2, "bits_v": 2, "rotation": "hadamard", "pipeline": {"monitor": "lyapunov"}},
     ],
 )
 def test_patch_from_pretrained_is_bit_identical_without_solving(
@@ -65,9 +85,10 @@ def test_patch_from_pretrained_is_bit_identical_without_solving(
     tqai_torch.unpatch(model)
     convert(model, tmp_path, **options)
     doc = json.loads((tmp_path / "tqai_config.json").read_text())
-    assert doc["options"] == {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    assert doc["options"] == _jsonable(options)
     assert len(doc["layers"]) == 2
     assert doc["calibration"] is None
+    assert not (tmp_path / "tqai_calibration.json").exists()
     fresh = build("llama", **SHAPE)
     prebuilt.clear()
     tqai.codebooks.lloyd_max_codebook.cache_clear()
@@ -141,6 +162,131 @@ def test_misshaped_constants_are_refused(tmp_path, fresh_constants):
         tqai_torch.patch(model, from_pretrained=tmp_path)
 
 
-def test_convert_refuses_pipelines(tmp_path):
-    with pytest.raises(ValueError, match="does not store pipeline"):
-        convert(build("llama"), tmp_path, pipeline={"monitor": "stability"})
+def _calibration():
+    """Fisher weights (2 layers x 2 K/V heads): layer 1 is the sensitive one for keys, layer 0
+    for values."""
+    k = np.array([[1.0, 1.5], [12.0, 9.0]])
+    v = np.array([[8.0, 10.0], [1.0, 0.5]])
+    return FisherCalibration(k=k, v=v, model="tiny-llama", meta={"prompts": 1})
+
+
+def test_dict_layer_bits_are_stored_one_pair_per_layer(tmp_path, fresh_constants):
+    model = build("llama", **SHAPE)
+    want = _run(model, tqai_torch.patch(model, layer_bits={1: (3.5, 2)}))
+    tqai_torch.unpatch(model)
+    convert(model, tmp_path, layer_bits={1: (3.5, 2)})
+    doc = json.loads((tmp_path / "tqai_config.json").read_text())
+    assert doc["options"]["layer_bits"] == [[4, 2], [3.5, 2]]
+    assert [(la["bits_k"], la["bits_v"]) for la in doc["layers"]] == [(4, 2), (3.5, 2)]
+    got = _run(model, tqai_torch.patch(model, from_pretrained=tmp_path))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    tqai_torch.unpatch(model)
+
+
+def test_fisher_layer_bits_are_stored_and_used_without_the_calibration(
+    tmp_path, monkeypatch, fresh_constants
+):
+    cal = _calibration()
+    cal_file = cal.save(tmp_path / "fisher.json")
+    pairs = fisher_layer_bits(cal, 4, 2)
+    assert len(set(pairs)) == 2  # the two layers get different widths
+    model = build("llama", **SHAPE)
+    want = _run(model, tqai_torch.patch(model, bits_k=4, bits_v=2, layer_bits=pairs))
+    tqai_torch.unpatch(model)
+    out = tmp_path / "converted"
+    convert(model, out, calibration=cal_file, fisher_layer_bits=True, bits_k=4, bits_v=2)
+    doc = json.loads((out / "tqai_config.json").read_text())
+    assert doc["options"]["layer_bits"] == _jsonable(pairs)
+    assert [(la["bits_k"], la["bits_v"]) for la in doc["layers"]] == pairs
+    record = doc["calibration"]
+    assert record["file"] == "tqai_calibration.json"
+    assert record["layer_bits_from"] == {"method": "fisher_layer_bits", "bits_k": 4, "bits_v": 2}
+    assert (record["num_layers"], record["num_kv_heads"], record["model"]) == (2, 2, "tiny-llama")
+    stored = FisherCalibration.load(out / "tqai_calibration.json")
+    assert np.array_equal(stored.k, cal.k)
+    assert np.array_equal(stored.v, cal.v)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("from_pretrained read the calibration again")
+
+    monkeypatch.setattr(FisherCalibration, "load", no_reading)
+    monkeypatch.setattr(tqai.layer_bits, "fisher_layer_bits", no_reading)
+    prebuilt.clear()
+    tqai.codebooks.lloyd_max_codebook.cache_clear()
+    _forbid_solving(monkeypatch)
+    fresh = build("llama", **SHAPE)
+    cache = tqai_torch.patch(fresh, from_pretrained=out)
+    assert cache.layer_bits == pairs
+    got = _run(fresh, cache)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    tqai_torch.unpatch(fresh)
+
+
+def test_fisher_budget_follows_the_named_config(tmp_path):
+    cal = _calibration()
+    convert(build("llama"), tmp_path, calibration=cal, fisher_layer_bits=True, config="aggressive")
+    doc = json.loads((tmp_path / "tqai_config.json").read_text())
+    assert doc["calibration"]["layer_bits_from"]["bits_k"] == 3  # aggressive is K3/V2
+    assert doc["options"]["layer_bits"] == _jsonable(fisher_layer_bits(cal, 3, 2))
+
+
+def test_calibration_alone_is_stored_and_uniform_widths_kept(tmp_path):
+    convert(build("llama"), tmp_path, calibration=_calibration(), bits_k=3)
+    doc = json.loads((tmp_path / "tqai_config.json").read_text())
+    assert "layer_bits" not in doc["options"]
+    assert doc["calibration"]["layer_bits_from"] is None
+    assert tqai_torch.patch(build("llama"), from_pretrained=tmp_path).layer_bits is None
+
+
+def test_bad_calibration_options_are_refused(tmp_path):
+    model = build("llama")
+    with pytest.raises(
+        ValueError, match=r"calibration has 3 layers x 2 K/V heads, the model 2 x 2"
+    ):
+        convert(
+            model, tmp_path, calibration=FisherCalibration(k=np.ones((3, 2)), v=np.ones((3, 2)))
+        )
+    with pytest.raises(ValueError, match="fisher_layer_bits=True needs calibration="):
+        convert(model, tmp_path, fisher_layer_bits=True)
+    with pytest.raises(ValueError, match="either layer_bits= or fisher_layer_bits=True"):
+        convert(
+            model, tmp_path, calibration=_calibration(), fisher_layer_bits=True,
+            layer_bits=[(4, 2), (4, 2)],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="calibrate` JSON file path or a FisherCalibration"):
+        convert(model, tmp_path, calibration=42)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "tqai.fisher"}')
+    with pytest.raises(ValueError, match="missing required key"):
+        convert(model, tmp_path, calibration=bad)
+    assert not (tmp_path / "tqai_config.json").exists()
+
+
+def test_missing_or_edited_calibration_is_refused(tmp_path, fresh_constants):
+    model = build("llama")
+    convert(model, tmp_path, calibration=_calibration(), fisher_layer_bits=True)
+    stored = tmp_path / "tqai_calibration.json"
+    text = stored.read_text()
+    stored.write_text(text.replace("12.0", "13.0"))
+    with pytest.raises(PretrainedError, match=r"tqai_calibration\.json does not match the SHA-256"):
+        tqai_torch.patch(model, from_pretrained=tmp_path)
+    stored.unlink()
+    with pytest.raises(PretrainedError, match=r"tqai_calibration\.json is missing"):
+        tqai_torch.patch(model, from_pretrained=tmp_path)
+    assert model.config._attn_implementation != "tqai"
+
+
+def test_pipelines_that_cannot_be_stored_are_refused(tmp_path):
+    from tqai.pipeline import build_pipeline
+    from tqai.pipeline.monitors.stability import StabilityMonitor
+
+    model = build("llama")
+    with pytest.raises(ValueError, match="plugin names, numbers, lists and dicts only"):
+        convert(model, tmp_path, pipeline={"monitor": StabilityMonitor()})
+    with pytest.raises(ValueError, match="pass the dict it was built from"):
+        convert(model, tmp_path, pipeline=build_pipeline({"monitor": "stability"}))
+    with pytest.raises(ValueError, match="not supported by the LLM KV caches"):  # patch's own
+        convert(model, tmp_path, pipeline={"scorer": "palm", "strategy": "tiered"})
+    assert not (tmp_path / "tqai_config.json").exists()

@@ -50,3 +50,70 @@ def test_bfloat16_logits_stay_close_at_eight_bits_on_cuda():
     tqai_torch.unpatch(model)
     rel = (out - base[:, 16:]).norm() / base[:, 16:].norm()
     assert rel < 2e-2, rel.item()
+
+
+def test_left_padded_batch_decodes_through_the_kernel_like_the_reference(monkeypatch):
+    """A batch of prompts of different lengths (left padding): the fused kernel serves the
+    decode steps (with per-sequence first positions) and gives the reference's logits."""
+    from tqai_torch.kernels.triton import decode_attention
+
+    model = build("llama").to("cuda", torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(3, 128, (3, 80), device="cuda", generator=gen)
+    attention = torch.ones_like(ids)
+    attention[1, :13] = 0  # sequence 1 is 67 tokens long, sequence 2 is 20
+    attention[2, :60] = 0
+    steps = torch.randint(3, 128, (3, 6), device="cuda", generator=gen)
+    calls = []
+    kernel = decode_attention.decode_attention_triton
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("valid_from"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(decode_attention, "decode_attention_triton", spy)
+    logits = {}
+    for mode in ("triton", "reference"):
+        monkeypatch.setenv("TQAI_KERNEL", "auto" if mode == "triton" else "reference")
+        cache = tqai_torch.patch(model, bits_k=4, bits_v=2, residual_window=8)
+        mask, out = attention, []
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **cache_kw(cache))
+            for i in range(steps.shape[1]):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                step = model(steps[:, i : i + 1], attention_mask=mask, **cache_kw(cache))
+                out.append(step.logits.float())
+        tqai_torch.unpatch(model)
+        logits[mode] = torch.cat(out, dim=1)
+    assert calls
+    assert all(v.tolist() == [0, 13, 60] for v in calls)
+    torch.testing.assert_close(logits["triton"], logits["reference"], atol=3e-2, rtol=3e-2)
+
+
+def test_prompt_continuing_a_compressed_cache_uses_the_prefill_kernel(monkeypatch):
+    """A short chunk on a cache that holds a history (a speculative-decoding check, a short
+    turn) is served by the fused prefill kernel and gives the reference's logits."""
+    from tqai_torch.kernels.triton import prefill_attention
+
+    model = build("llama").to("cuda", torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(3, 128, (1, 120), device="cuda", generator=gen)
+    calls = []
+    kernel = prefill_attention.prefill_attention_triton
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(prefill_attention, "prefill_attention_triton", spy)
+    logits = {}
+    for mode in ("triton", "reference"):
+        monkeypatch.setenv("TQAI_KERNEL", "auto" if mode == "triton" else "reference")
+        cache = tqai_torch.patch(model, bits_k=4, bits_v=2, residual_window=8)
+        with torch.no_grad():
+            model(ids[:, :80], **cache_kw(cache))
+            logits[mode] = model(ids[:, 80:92], **cache_kw(cache)).logits.float()
+        tqai_torch.unpatch(model)
+    assert calls
+    assert all(shape[2] == 12 for shape in calls)
+    torch.testing.assert_close(logits["triton"], logits["reference"], atol=3e-2, rtol=3e-2)

@@ -174,3 +174,95 @@ def test_convert_writes_a_folder_patch_can_start_from(app, tiny_folder: Path, tm
     tqai_torch.unpatch(model)
     result = runner.invoke(app, ["convert", "--model", str(tiny_folder)])
     assert result.exit_code == 2  # --output is required
+
+
+def test_convert_calibrates_on_the_shipped_text_and_stores_fisher_widths(
+    app, tiny_folder: Path, tmp_path: Path
+):
+    import json
+
+    import tqai_torch
+    from tqai.layer_bits import fisher_layer_bits
+    from tqai.pipeline.scorers.fisher_static import FisherCalibration
+
+    out = tmp_path / "converted"
+    result = runner.invoke(
+        app,
+        ["convert", "--model", str(tiny_folder), "--output", str(out), "--calibrate",
+         "--calibration-samples", "2", "--calibration-tokens", "24", "--fisher-layer-bits",
+         "--bits-k", "4", "--bits-v", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "calibration: tqai_calibration.json (2 layers x 2 K/V heads)" in result.output
+    doc = json.loads((out / "tqai_config.json").read_text())
+    cal = FisherCalibration.load(out / "tqai_calibration.json")
+    assert cal.meta["prompts"] == 2
+    assert cal.meta["max_tokens"] == 24
+    pairs = fisher_layer_bits(cal, 4, 2)
+    assert doc["options"]["layer_bits"] == [list(p) for p in pairs]
+    assert f"per-layer K/V bits: {' '.join(f'{k}/{v}' for k, v in pairs)}" in result.output
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder)
+    assert tqai_torch.patch(model, from_pretrained=out).layer_bits == pairs
+    tqai_torch.unpatch(model)
+
+    again = tmp_path / "from-file"
+    result = runner.invoke(
+        app,
+        ["convert", "--model", str(tiny_folder), "--output", str(again), "--calibration",
+         str(out / "tqai_calibration.json"), "--fisher-layer-bits", "--config", "aggressive"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads((again / "tqai_config.json").read_text())
+    assert doc["options"]["layer_bits"] == [list(p) for p in fisher_layer_bits(cal, 3, 2)]
+
+
+def test_convert_stores_a_pipeline_given_inline_or_as_a_file(
+    app, tiny_folder: Path, tmp_path: Path
+):
+    import json
+
+    pipeline = {"monitor": "stability", "skip_layers": [1]}
+    path = tmp_path / "pipeline.json"
+    path.write_text(json.dumps(pipeline))
+    for value in (json.dumps(pipeline), str(path)):
+        out = tmp_path / "converted"
+        result = runner.invoke(
+            app,
+            ["convert", "--model", str(tiny_folder), "--output", str(out), "--pipeline", value],
+        )
+        assert result.exit_code == 0, result.output
+        doc = json.loads((out / "tqai_config.json").read_text())
+        assert doc["options"]["pipeline"] == pipeline
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fisher-layer-bits"], "needs a calibration: --calibration FILE or --calibrate"),
+        (["--calibrate", "--calibration", "{fisher}"], "--calibration FILE or --calibrate, not"),
+        (["--calibration", "{fisher}"], "calibration has 3 layers x 1 K/V heads, the model 2 x 2"),
+        (["--pipeline", "[1, 2]"], "must be a JSON object, got list"),
+        (["--pipeline", "no-such.json"], "not a JSON object and not a readable file"),
+        (["--pipeline", '{"monitor": "nope"}'], "is not a tqai.monitors plugin"),
+        (["--pipeline", '{"monitor": "stability"}', "--fisher-layer-bits", "--calibrate"],
+         "layer_bits cannot be combined with pipeline="),
+    ],
+)  # fmt: skip
+def test_convert_refuses_bad_calibration_and_pipeline_options(
+    app, tiny_folder: Path, tmp_path: Path, args: list[str], message: str
+):
+    import numpy as np
+
+    from tqai.pipeline.scorers.fisher_static import FisherCalibration
+
+    fisher = FisherCalibration(k=np.ones((3, 1)), v=np.ones((3, 1))).save(tmp_path / "f.json")
+    args = [a.replace("{fisher}", str(fisher)) for a in args]
+    out = tmp_path / "converted"
+    result = runner.invoke(
+        app,
+        ["convert", "--model", str(tiny_folder), "--output", str(out), "--calibration-tokens",
+         "8", "--calibration-samples", "1", *args],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not out.exists()

@@ -205,6 +205,62 @@ def test_missing_tqai_mlx_is_a_usage_error(app, monkeypatch: pytest.MonkeyPatch,
     assert "tqai-mlx" in result.output
 
 
+def test_convert_writes_a_folder_mlx_patch_starts_from(app, tiny_folder: Path, tmp_path: Path):
+    import numpy as np
+
+    import tqai_mlx
+    import tqai_mlx.cli as mlx_cli
+    from tqai.pipeline.scorers.fisher_static import FisherCalibration
+
+    fisher = FisherCalibration(k=np.ones((2, 2)), v=np.ones((2, 2))).save(tmp_path / "f.json")
+    out = tmp_path / "converted"
+    pipeline = '{"monitor": "stability", "skip_layers": [0]}'
+    result = _invoke(
+        app, "convert", "--model", str(tiny_folder), "--output", str(out), "--bits-k", "3",
+        "--residual-window", "0", "--calibration", str(fisher), "--pipeline", pipeline,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "2/2 layers compressed" in result.output
+    assert "calibration: tqai_calibration.json (2 layers x 2 K/V heads)" in result.output
+    doc = json.loads((out / "tqai_config.json").read_text())
+    assert doc["backend"] == "mlx"
+    assert doc["options"]["pipeline"] == json.loads(pipeline)
+    model, _ = mlx_cli.load(tiny_folder)
+    ids = mx.array([[5, 9, 17, 30, 41, 7, 12, 3, 60, 22]])
+    want = np.array(
+        model(ids, cache=tqai_mlx.patch(model, bits_k=3, pipeline=json.loads(pipeline)))
+    )
+    tqai_mlx.unpatch(model)
+    got = np.array(model(ids, cache=tqai_mlx.patch(model, from_pretrained=out)))
+    tqai_mlx.unpatch(model)
+    assert np.array_equal(got, want)
+
+
+def test_convert_refuses_what_the_mlx_backend_cannot_store(app, tiny_folder: Path, tmp_path):
+    import inspect
+
+    import numpy as np
+
+    import tqai_mlx
+    from tqai.pipeline.scorers.fisher_static import FisherCalibration
+
+    out = tmp_path / "converted"
+    result = _invoke(
+        app, "convert", "--model", str(tiny_folder), "--output", str(out), "--calibrate"
+    )
+    assert result.exit_code == 2
+    assert "with --backend mlx run `tqai calibrate" in " ".join(result.output.split())
+    if "layer_bits" not in inspect.signature(tqai_mlx.patch).parameters:
+        fisher = FisherCalibration(k=np.ones((2, 2)), v=np.ones((2, 2))).save(tmp_path / "f.json")
+        result = _invoke(
+            app, "convert", "--model", str(tiny_folder), "--output", str(out),
+            "--calibration", str(fisher), "--fisher-layer-bits",
+        )  # fmt: skip
+        assert result.exit_code == 2
+        assert "tqai_mlx.patch has no layer_bits" in " ".join(result.output.split())
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_run_on_the_real_smollm2_folder(app):
     models = pytest.importorskip("tqai_torch.models")

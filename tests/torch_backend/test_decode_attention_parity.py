@@ -83,6 +83,43 @@ def test_decode_attention_matches_reference(index, dtype):
     _check(out4, ref, dtype)
 
 
+LEFT_PADDED = [
+    # (B, Hq, Hkv, T, D, bits_k, bits_v, sinks, window), then each sequence's first position
+    ((3, 32, 8, 1500, 128, 4, 2, 4, 3), (0, 2, 700)),  # pads in the sinks / in the history
+    ((2, 9, 3, 400, 64, 4, 4, 0, 1), (5, 390)),  # a whole split hidden; most of the history
+    ((2, 8, 2, 300, 64, 3, 2, 4, 6), (298, 0)),  # only the window left to see
+]
+
+
+@pytest.mark.parametrize("index", range(len(LEFT_PADDED)))
+def test_decode_attention_left_padded_batch(index):
+    """``valid_from`` gives what the reference gives with the left-padding mask."""
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    case, starts = LEFT_PADDED[index]
+    case = _interpreted(case) if INTERPRET else case
+    q, keys, values, kq, vq, kwargs = _case_inputs(case, torch.bfloat16, seed=index + 11)
+    total = case[3]
+    starts = torch.tensor([min(s, total - 1) for s in starts], device=DEVICE)
+    mask = (torch.arange(total, device=DEVICE)[None, :] >= starts[:, None])[:, None, None, :]
+    ref = compressed_attention(q.float(), keys, values, kq, vq, mask=mask, **kwargs)
+    for split in (64, None):
+        out = decode_attention_triton(
+            q, keys, values, kq, vq, valid_from=starts, tokens_per_split=split, **kwargs
+        )
+        _check(out, ref, torch.bfloat16)
+
+
+def test_decode_attention_refuses_bad_valid_from():
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    q, keys, values, kq, vq, kwargs = _case_inputs((2, 8, 2, 100, 64, 4, 2, 0, 1), torch.float16, 1)
+    with pytest.raises(ValueError, match="valid_from must be a \\(2,\\) integer tensor"):
+        decode_attention_triton(
+            q, keys, values, kq, vq, valid_from=torch.zeros(3, device=DEVICE), **kwargs
+        )
+
+
 def test_decode_attention_reads_a_history_view():
     """A view into a larger (growable) buffer is read in place with its strides."""
     from tqai.attention import slice_tokens

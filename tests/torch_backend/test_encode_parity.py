@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tqai import TurboQuantMSE
+from tqai import TurboQuantMSE, TurboQuantProd
 
 triton = pytest.importorskip("triton")
 from triton_interpret import DEVICE, MARKS  # noqa: E402
@@ -91,3 +91,39 @@ def test_encode_refuses_bad_input():
     x[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         quantize_triton(x, q, check=True)
+
+
+def test_triton_encoder_wraps_a_quantizer():
+    """The wrapper the CUDA cache installs: fused encode on CUDA tensors, the wrapped quantizer
+    everywhere else, every other attribute the wrapped quantizer's."""
+    from tqai_torch.kernels.triton.encode import TritonEncoder
+
+    inner = TurboQuantMSE(64, 4, seed=3)
+    enc = TritonEncoder(inner)
+    assert enc.spec == inner.spec
+    assert enc.codebook is inner.codebook
+    x = torch.randn(2, 3, 10, 64, device=DEVICE)
+    qt = enc.quantize(x)
+    ref = inner.quantize(x)
+    assert qt.packed.shape == ref.packed.shape
+    agree = (qt.packed == ref.packed).float().mean().item()
+    assert agree > 0.99, agree
+    torch.testing.assert_close(enc.dequantize(qt), inner.dequantize(ref), atol=0.2, rtol=0.0)
+    with pytest.raises(ValueError, match="not served by the fused encode"):
+        TritonEncoder(TurboQuantProd(64, 4, seed=0))  # QJL keys: the reference encodes them
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the cache installs the fused encode on CUDA only")
+def test_cuda_cache_encodes_with_the_kernel(monkeypatch):
+    from tqai.kvstore import KVCacheConfig
+    from tqai_torch.cache import TqaiLayer
+    from tqai_torch.kernels.triton.encode import TritonEncoder
+
+    k = torch.randn(1, 2, 40, 64, device="cuda")
+    layer = TqaiLayer(KVCacheConfig(bits_k=4, bits_v=2))
+    layer.update(k, k)
+    assert isinstance(layer.store.key_quantizer, TritonEncoder)
+    monkeypatch.setenv("TQAI_KERNEL", "reference")
+    layer = TqaiLayer(KVCacheConfig(bits_k=4, bits_v=2))
+    layer.update(k, k)
+    assert not isinstance(layer.store.key_quantizer, TritonEncoder)

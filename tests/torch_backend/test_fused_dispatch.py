@@ -40,3 +40,39 @@ def test_no_fused_inputs_for_stores_with_pipeline_tiers():
     store.commit()
     assert store.tiers
     assert _fused_inputs(store, query_heads=4) is None
+
+
+def _mask(starts: list[int], kv: int) -> torch.Tensor:
+    return (torch.arange(kv)[None, :] >= torch.tensor(starts)[:, None])[:, None, None, :]
+
+
+def test_left_padding_of_a_decode_mask():
+    from tqai_torch.cache import _left_padding
+
+    assert _left_padding(_mask([0, 0], 10)) is None  # everything visible
+    assert _left_padding(_mask([0, 3, 9], 10)).tolist() == [0, 3, 9]
+    # a (1, 1, 1, kv) mask of a batch-broadcast step, and per-head copies of the same rows
+    assert _left_padding(_mask([2], 10)).tolist() == [2]
+    assert _left_padding(_mask([1, 4], 10).expand(2, 3, 1, 10)).tolist() == [1, 4]
+    holed = _mask([0, 2], 10).clone()
+    holed[0, 0, 0, 5] = False  # a hidden position after a visible one: not left padding
+    assert _left_padding(holed) is False
+    assert _left_padding(_mask([0, 10], 10)) is False  # a sequence that sees nothing
+    heads = _mask([1, 1], 10).expand(2, 2, 1, 10).clone()
+    heads[1, 1, 0, 1] = False  # heads of one sequence that disagree
+    assert _left_padding(heads) is False
+
+
+def test_causal_chunk_mask():
+    from tqai_torch.cache import _is_causal_chunk
+
+    kv, tq = 12, 4
+    rows = torch.arange(kv - tq, kv)[:, None]
+    causal = (torch.arange(kv)[None, :] <= rows)[None, None]
+    assert _is_causal_chunk(causal, kv)
+    assert _is_causal_chunk(causal.expand(2, 3, tq, kv), kv)
+    padded = causal.expand(2, 1, tq, kv).clone()
+    padded[1, :, :, :3] = False  # left padding: not plain causal (the reference serves it)
+    assert not _is_causal_chunk(padded, kv)
+    assert not _is_causal_chunk(torch.ones(1, 1, tq, kv, dtype=torch.bool), kv)
+    assert not _is_causal_chunk(None, kv)

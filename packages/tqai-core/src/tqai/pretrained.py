@@ -6,17 +6,24 @@ codebooks for sizes without a shipped table: activation widths such as 576 or 15
 and a solve each). ``tqai convert`` runs the backend's own ``patch`` once to validate the options
 and collect exactly the quantizers it builds, then writes:
 
-- ``tqai_config.json``: format name and version, the patch options, the model's fingerprint
-  (the fields the settings depend on), the per-layer settings (compressed or not, head dim,
-  cache layer type), the list of stored constants with their specs, the SHA-256 of the arrays
-  file, and ``calibration`` (none is written yet: ``pipeline=`` options are refused);
-- ``tqai_constants.npz``: the host arrays (float64 / int64 numpy), one entry per constant.
+- ``tqai_config.json``: format name and version, the patch options (``layer_bits`` as one
+  ``[bits_k, bits_v]`` pair per layer; ``pipeline`` as a plain JSON dict), the model's
+  fingerprint (the fields the settings depend on), the per-layer settings (compressed or not,
+  head dim, cache layer type, widths), the list of stored constants with their specs, the
+  SHA-256 of the arrays file, and ``calibration`` (``null``, or the calibration file's name,
+  SHA-256, shape, model name and, when the per-layer widths came from it, the budgets);
+- ``tqai_constants.npz``: the host arrays (float64 / int64 numpy), one entry per constant;
+- ``tqai_calibration.json`` (only with a calibration): the ``tqai calibrate`` Fisher file
+  (:class:`tqai.pipeline.scorers.fisher_static.FisherCalibration` format). A ``fisher_static``
+  scorer in ``pipeline`` names it relative to the folder (:func:`pipeline_to_folder`); reading
+  the folder turns that into the absolute path (:func:`pipeline_from_folder`).
 
-:func:`load_pretrained` checks the format, version, checksum and every array's shape, compares
-the fingerprint with the model's (each mismatching field is named), then records the constants in
-:mod:`tqai.prebuilt`, where rotations and codebooks look before computing anything. So
-``patch(model, from_pretrained=DIR)`` is ``patch(model, **options)`` with no solving, and gives
-bit-identical outputs (the constants are exactly the computed ones).
+:func:`load_pretrained` checks the format, version, both checksums and every array's shape,
+compares the fingerprint with the model's (each mismatching field is named), then records the
+constants in :mod:`tqai.prebuilt`, where rotations and codebooks look before computing anything.
+So ``patch(model, from_pretrained=DIR)`` is ``patch(model, **options)`` with no solving and no
+calibration work (per-layer widths are stored, not derived again), and gives bit-identical
+outputs (the constants are exactly the computed ones).
 
 Example:
     >>> # tqai convert --model smollm2-135m --output ./smollm2-tqai --config all8
@@ -40,21 +47,33 @@ from tqai import prebuilt
 
 __all__ = [
     "ARRAYS_FILE",
+    "CALIBRATION_FILE",
     "CONFIG_FILE",
     "FORMAT",
     "VERSION",
     "PretrainedConfig",
     "PretrainedError",
+    "check_calibration",
     "check_fingerprint",
     "explicit_options",
+    "fisher_options",
+    "load_calibration",
     "load_pretrained",
+    "pipeline_from_folder",
+    "pipeline_quantizers",
+    "pipeline_to_folder",
     "save_pretrained",
 ]
 
 FORMAT = "tqai-pretrained"
-VERSION = 1
+VERSION = 2
+"""Version 2 added the calibration file and stored ``pipeline`` / ``layer_bits`` options; a
+version-1 folder (no calibration, neither option) reads the same way."""
+_READABLE = (1, VERSION)
 CONFIG_FILE = "tqai_config.json"
 ARRAYS_FILE = "tqai_constants.npz"
+CALIBRATION_FILE = "tqai_calibration.json"
+_FISHER_SCORER = "fisher_static"
 
 
 class PretrainedError(ValueError):
@@ -71,6 +90,7 @@ class PretrainedConfig:
         model: the fingerprint of the model it was converted for.
         layers: per-layer settings (``{"index", "compressed", ...}``).
         path: the folder.
+        calibration: the folder's checked ``tqai_calibration.json``, or None.
     """
 
     backend: str
@@ -78,6 +98,163 @@ class PretrainedConfig:
     model: dict[str, Any]
     layers: list[dict[str, Any]]
     path: Path
+    calibration: Path | None = None
+
+
+def load_calibration(calibration: Any) -> Any:
+    """A :class:`~tqai.pipeline.scorers.fisher_static.FisherCalibration` from a path or itself.
+
+    Raises:
+        ValueError: ``calibration`` is neither, or the file is malformed (``CalibrationError``
+            names the file, the key and why).
+    """
+    from tqai.pipeline.scorers.fisher_static import FisherCalibration
+
+    if isinstance(calibration, FisherCalibration):
+        return calibration
+    if isinstance(calibration, str | Path):
+        return FisherCalibration.load(calibration)
+    raise ValueError(
+        "calibration must be a `tqai calibrate` JSON file path or a FisherCalibration, got "
+        f"{type(calibration).__name__}"
+    )
+
+
+def check_calibration(calibration: Any, *, num_layers: int, num_kv_heads: int) -> None:
+    """Raise ``ValueError`` unless ``calibration`` is ``(num_layers, num_kv_heads)``: it was
+    measured on this model's layers and K/V heads."""
+    have = (calibration.num_layers, calibration.num_kv_heads)
+    if have != (num_layers, num_kv_heads):
+        raise ValueError(
+            f"calibration has {have[0]} layers x {have[1]} K/V heads, the model "
+            f"{num_layers} x {num_kv_heads}: it was measured on another model (run `tqai "
+            "calibrate` on this one)"
+        )
+
+
+def fisher_options(options: Mapping[str, Any], calibration: Any) -> tuple[list, dict[str, Any]]:
+    """Per-layer widths for ``options`` from a Fisher calibration, and how they were derived.
+
+    The budgets are the mean widths ``options`` give (``bits_k`` / ``bits_v`` or the named
+    ``config``'s, K4/V2 by default): :func:`tqai.layer_bits.fisher_layer_bits` spreads them over
+    the layers by their mean Fisher information, so the cache holds at most the uniform setting's
+    mean bits, with more of them where the loss is sensitive.
+
+    Returns:
+        ``(layer_bits, record)``: one ``[bits_k, bits_v]`` per layer, and
+        ``{"method": "fisher_layer_bits", "bits_k": budget_k, "bits_v": budget_v}``.
+
+    Raises:
+        ValueError: no calibration, ``options`` also give ``layer_bits``, or options the named
+            config contradicts.
+    """
+    from tqai.layer_bits import fisher_layer_bits
+    from tqai.named_configs import resolve_patch_options
+
+    if calibration is None:
+        raise ValueError("fisher_layer_bits=True needs calibration= (a `tqai calibrate` file)")
+    if options.get("layer_bits") is not None:
+        raise ValueError("give either layer_bits= or fisher_layer_bits=True, not both")
+    budget_k, budget_v, _ = resolve_patch_options(
+        options.get("config"),
+        bits_k=options.get("bits_k"),
+        bits_v=options.get("bits_v"),
+        hidden_bits=options.get("hidden_bits"),
+        ffn_bits=options.get("ffn_bits"),
+    )
+    pairs = [list(p) for p in fisher_layer_bits(calibration, budget_k, budget_v)]
+    return pairs, {"method": "fisher_layer_bits", "bits_k": budget_k, "bits_v": budget_v}
+
+
+def _same_calibration(a: Any, b: Any) -> bool:
+    return bool(np.array_equal(a.k, b.k) and np.array_equal(a.v, b.v))
+
+
+def pipeline_to_folder(pipeline: Any, calibration: Any = None) -> tuple[Any, Any]:
+    """A pipeline config as a converted folder stores it, and the calibration the folder holds.
+
+    The config must be plain JSON (plugin names, numbers, lists, dicts): classes and instances
+    cannot be written. A ``fisher_static`` scorer's ``scorer_kwargs["path"]`` is read, becomes
+    the folder's calibration and is replaced by :data:`CALIBRATION_FILE` (relative to the folder).
+
+    Args:
+        pipeline: None or a pipeline config dict (``patch(model, pipeline=...)``).
+        calibration: the calibration given to ``convert`` besides it (a ``FisherCalibration``),
+            or None.
+
+    Returns:
+        ``(stored_pipeline, calibration)``: the JSON dict (or None) and the folder's calibration.
+
+    Raises:
+        ValueError: a pipeline that is not plain JSON, ``scorer_kwargs={"calibration": ...}``
+            (an object; pass ``path=``), or a scorer file that differs from ``calibration``.
+    """
+    if pipeline is None:
+        return None, calibration
+    if not isinstance(pipeline, Mapping):
+        raise ValueError(
+            "convert stores pipeline= as a config dict; got a "
+            f"{type(pipeline).__name__} (pass the dict it was built from)"
+        )
+    try:
+        stored = json.loads(json.dumps(pipeline))
+    except (TypeError, ValueError) as ex:
+        raise ValueError(
+            f"convert stores pipeline= as JSON: plugin names, numbers, lists and dicts only ({ex})"
+        ) from None
+    kwargs = stored.get("scorer_kwargs")
+    if (
+        stored.get("scorer") != _FISHER_SCORER
+        or not isinstance(kwargs, dict)
+        or "path" not in kwargs
+    ):
+        return stored, calibration
+    found = load_calibration(kwargs["path"])
+    if calibration is not None and not _same_calibration(found, calibration):
+        raise ValueError(
+            f"pipeline scorer_kwargs['path'] = {kwargs['path']!r} is another calibration than "
+            "calibration=; a converted folder holds one (pass the same file to both)"
+        )
+    stored["scorer_kwargs"] = {**kwargs, "path": CALIBRATION_FILE}
+    return stored, found
+
+
+def pipeline_from_folder(pipeline: Any, directory: Path, has_calibration: bool) -> Any:
+    """The stored pipeline dict with a ``fisher_static`` scorer's file made absolute.
+
+    Raises:
+        PretrainedError: the pipeline names the folder's calibration but the folder has none.
+    """
+    kwargs = pipeline.get("scorer_kwargs") if isinstance(pipeline, dict) else None
+    if not isinstance(kwargs, dict) or kwargs.get("path") != CALIBRATION_FILE:
+        return pipeline
+    if not has_calibration:
+        raise PretrainedError(
+            f"{directory / CONFIG_FILE}: the pipeline reads {CALIBRATION_FILE} but the folder "
+            "records no calibration (edited?); re-run `tqai convert`"
+        )
+    return {**pipeline, "scorer_kwargs": {**kwargs, "path": str(directory / CALIBRATION_FILE)}}
+
+
+def pipeline_quantizers(pipeline: Any, head_dims: Iterable[int]) -> list[Any]:
+    """Every quantizer a built cache pipeline can ask its bank for, for ``head_dims``.
+
+    Its base widths; with a monitor (which moves the width between steps), every width 1..8 the
+    bank's quantizer accepts. Stored so that no step solves a codebook mid-generation either.
+    """
+    if pipeline is None:
+        return []
+    widths = set(pipeline.bits.values())
+    if pipeline.monitor is not None:
+        widths |= set(range(1, 9))
+    out = []
+    for d in head_dims:
+        for bits in sorted(widths):
+            try:
+                out.append(pipeline.quantizers.get(d, bits))
+            except (TypeError, ValueError):  # a width this quantizer never serves
+                continue
+    return out
 
 
 def _quantizer_constants(quantizers: Iterable[Any]) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -120,8 +297,10 @@ def save_pretrained(
     model: Mapping[str, Any],
     layers: list[Mapping[str, Any]],
     quantizers: Iterable[Any],
+    calibration: Any = None,
+    layer_bits_from: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a converted folder (created if needed; the two files are replaced).
+    """Write a converted folder (created if needed; its files are replaced).
 
     Args:
         directory: the output folder.
@@ -130,6 +309,10 @@ def save_pretrained(
         model: the model fingerprint (JSON-able).
         layers: per-layer settings.
         quantizers: every quantizer the patch builds (their rotations and codebooks are stored).
+        calibration: a ``FisherCalibration`` to store as :data:`CALIBRATION_FILE`, or None (a
+            calibration file an earlier conversion left in the folder is then removed).
+        layer_bits_from: how ``options["layer_bits"]`` was derived from ``calibration``
+            (e.g. ``{"method": "fisher_layer_bits", "bits_k": 4, "bits_v": 2}``), or None.
 
     Returns:
         The path of ``tqai_config.json``.
@@ -158,6 +341,20 @@ def save_pretrained(
         },
         "calibration": None,
     }
+    calibration_path = directory / CALIBRATION_FILE
+    if calibration is None:
+        calibration_path.unlink(missing_ok=True)
+    else:
+        text = json.dumps(calibration.to_dict(), indent=1) + "\n"
+        calibration_path.write_text(text, encoding="utf-8")
+        doc["calibration"] = {
+            "file": CALIBRATION_FILE,
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "num_layers": calibration.num_layers,
+            "num_kv_heads": calibration.num_kv_heads,
+            "model": calibration.model,
+            "layer_bits_from": None if layer_bits_from is None else dict(layer_bits_from),
+        }
     path = directory / CONFIG_FILE
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return path
@@ -209,10 +406,10 @@ def load_pretrained(directory: str | Path, *, backend: str | None = None) -> Pre
         raise PretrainedError(f"{path} is not valid JSON ({ex}); re-run `tqai convert`") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise PretrainedError(f"{path} is not a {FORMAT!r} file (format={doc.get('format')!r})")
-    if doc.get("version") != VERSION:
+    if doc.get("version") not in _READABLE:
         raise PretrainedError(
-            f"{path} has version {doc.get('version')!r}; this tqai reads version {VERSION}: "
-            "re-run `tqai convert`"
+            f"{path} has version {doc.get('version')!r}; this tqai reads versions "
+            f"{', '.join(map(str, _READABLE))}: re-run `tqai convert`"
         )
     if backend is not None and doc.get("backend") != backend:
         raise PretrainedError(
@@ -247,17 +444,46 @@ def load_pretrained(directory: str | Path, *, backend: str | None = None) -> Pre
             if value is None or (want is not None and value.shape != want):
                 raise PretrainedError(f"{blob_path}: {prefix}/{n} is missing or misshaped")
         rotations.append((entry["kind"], int(entry["d"]), int(entry["seed"]), found))
+    calibration = _checked_calibration(directory, doc.get("calibration"))
+    options = dict(doc.get("options") or {})
+    if options.get("pipeline") is not None:
+        options["pipeline"] = pipeline_from_folder(
+            options["pipeline"], directory, calibration is not None
+        )
     for kind, d, seed, found in rotations:
         prebuilt.install_rotation(kind, d, seed, found)
     for d, n_bits, values in codebooks:
         prebuilt.install_codebook(d, n_bits, values)
     return PretrainedConfig(
         backend=doc.get("backend"),
-        options=dict(doc.get("options") or {}),
+        options=options,
         model=dict(doc.get("model") or {}),
         layers=list(doc.get("layers") or []),
         path=directory,
+        calibration=calibration,
     )
+
+
+def _checked_calibration(directory: Path, record: Any) -> Path | None:
+    """The folder's calibration file after its checksum check, or None if it records none."""
+    if record is None:
+        return None
+    if not isinstance(record, dict) or "sha256" not in record:
+        raise PretrainedError(
+            f"{directory / CONFIG_FILE}: 'calibration' must be null or a record with the file's "
+            f"sha256, got {record!r}; re-run `tqai convert`"
+        )
+    path = directory / record.get("file", CALIBRATION_FILE)
+    if not path.is_file():
+        raise PretrainedError(
+            f"{path} is missing (the folder records a calibration); re-run `tqai convert`"
+        )
+    if hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+        raise PretrainedError(
+            f"{path} does not match the SHA-256 recorded in {CONFIG_FILE} (corrupted or "
+            "edited); re-run `tqai convert`"
+        )
+    return path
 
 
 def check_fingerprint(saved: Mapping[str, Any], actual: Mapping[str, Any], where: Path) -> None:

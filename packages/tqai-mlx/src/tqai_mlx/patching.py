@@ -259,9 +259,9 @@ def patch(
             ``delta2``, ``window``, ``cfg_sharing``) are refused (they belong to tqai-diffusers).
         center_keys, center_values, balance_keys: coding options fitted to the prompt
             (:mod:`tqai.kvlayout`); reference kernel only.
-        from_pretrained: a folder written by :func:`tqai_mlx.convert.convert`: its options and
-            prebuilt rotations/codebooks are used (no solving at start); no other option may be
-            given with it.
+        from_pretrained: a folder written by :func:`tqai_mlx.convert.convert` (``tqai convert
+            --backend mlx``): its options (pipeline included) and prebuilt rotations/codebooks
+            are used (no solving at start); no other option may be given with it.
 
     Returns:
         A fresh prompt cache (one object per layer) for ``mlx_lm.generate(..., prompt_cache=)``

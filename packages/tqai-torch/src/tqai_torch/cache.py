@@ -34,12 +34,74 @@ from tqai.layer_bits import layer_configs
 __all__ = ["TqaiCache", "TqaiLayer"]
 
 
-def _use_fused_decode(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
-    """The Triton decode kernel serves: CUDA, one query token, nothing masked, MSE codes with
-    1/2/3/4/8 bits and fp16 norms, a history to read (and :func:`_fused_inputs` finds nothing
-    it cannot read). ``TQAI_KERNEL=reference`` turns it off."""
+def _left_padding(mask: torch.Tensor) -> torch.Tensor | bool | None:
+    """What a one-query-token boolean mask ``(B|1, 1|H, 1, kv)`` asks of the fused kernel:
+    ``None`` if every position is visible, the ``(B,)`` first visible positions if each
+    sequence sees exactly the positions from one on (a left-padded batch), else ``False``
+    (another pattern: the reference serves it). One device-to-host read per call."""
+    rows = mask[:, :, -1, :]  # (B|1, 1|H, kv)
+    kv = rows.shape[-1]
+    visible = rows.sum(-1)  # (B|1, 1|H)
+    start = kv - visible[:, :1]
+    expected = torch.arange(kv, device=mask.device) >= start[:, :, None]
+    ok, everything = torch.stack(
+        [(rows == expected).all() & (visible > 0).all(), (visible == kv).all()]
+    ).tolist()
+    if not ok:
+        return False
+    return None if everything else start[:, 0]
+
+
+PREFILL_KERNEL_MAX_TOKENS = 16
+"""Longest chunk the fused prefill kernel takes: it re-reads the history for every query token,
+so beyond a few tokens the reference's blockwise pass is faster (``benchmarks/bench_prefill.py``
+measures the crossover)."""
+
+
+def _is_causal_chunk(mask: torch.Tensor | None, kv: int) -> bool:
+    """Whether a ``(B|1, 1|H, Tq, kv)`` boolean mask is plain causal attention of the last
+    ``Tq`` positions over every earlier one (what the fused prefill kernel computes)."""
+    if mask is None:
+        return False
+    tq = mask.shape[-2]
+    rows = torch.arange(kv - tq, kv, device=mask.device)[:, None]
+    expected = torch.arange(kv, device=mask.device)[None, :] <= rows
+    return bool((mask == expected).all())
+
+
+def _use_fused_prefill(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
+    """The Triton prefill kernel serves a short chunk (2 to :data:`PREFILL_KERNEL_MAX_TOKENS`
+    query tokens: speculative-decoding checks, short turns) continuing a CUDA store that holds a
+    history, when the mask is plain causal and the decode kernel would serve one token of the
+    same store."""
     if os.environ.get("TQAI_KERNEL", "auto") == "reference":
         return False
+    tq = query.shape[2]
+    if tq < 2 or tq > PREFILL_KERNEL_MAX_TOKENS:
+        return False
+    if not store.plain or store.quantize_staged or not query.is_cuda:
+        return False
+    if not store.history_length:
+        return False
+    try:
+        from tqai_torch.kernels.triton.decode_attention import supports
+    except ImportError:  # no triton on this machine
+        return False
+    if not supports(store.key_quantizer, store.value_quantizer, query.shape[-1]):
+        return False
+    return _is_causal_chunk(mask, store.length)
+
+
+def _use_fused_decode(
+    query: torch.Tensor, mask: torch.Tensor | None, store: KVStore
+) -> tuple[bool, torch.Tensor | None]:
+    """Whether the Triton decode kernel serves, and the left padding it must apply: CUDA, one
+    query token, every position visible or a left-padded batch, MSE codes with 1/2/3/4/8 bits
+    and fp16 norms, a history to read (and :func:`_fused_inputs` finds nothing it cannot read).
+    ``TQAI_KERNEL=reference`` turns it off."""
+    no = (False, None)
+    if os.environ.get("TQAI_KERNEL", "auto") == "reference":
+        return no
     if (
         not store.plain
         or store.quantize_staged
@@ -47,14 +109,35 @@ def _use_fused_decode(query: torch.Tensor, mask: torch.Tensor | None, store: KVS
         or query.shape[2] != 1
         or not store.history_length
     ):
-        return False
-    if mask is not None and not bool(mask.all()):
-        return False
+        return no
     try:
         from tqai_torch.kernels.triton.decode_attention import supports
     except ImportError:  # no triton on this machine
-        return False
-    return supports(store.key_quantizer, store.value_quantizer, query.shape[-1])
+        return no
+    if not supports(store.key_quantizer, store.value_quantizer, query.shape[-1]):
+        return no
+    valid_from = None if mask is None else _left_padding(mask)
+    if valid_from is False:
+        return no
+    if valid_from is not None and valid_from.shape[0] != query.shape[0]:
+        valid_from = valid_from.expand(query.shape[0])
+    return True, valid_from
+
+
+def _encode_with_triton(store: KVStore) -> None:
+    """Give a CUDA store the fused Triton encode (one launch per K/V commit) for its
+    TurboQuant_mse quantizers, unless ``TQAI_KERNEL=reference`` or triton is missing."""
+    if os.environ.get("TQAI_KERNEL", "auto") == "reference":
+        return
+    try:
+        from tqai_torch.kernels.triton.encode import TritonEncoder, supports
+    except ImportError:  # no triton on this machine
+        return
+    for name in ("key_quantizer", "value_quantizer"):
+        quantizer = getattr(store, name, None)
+        wrapped = isinstance(quantizer, TritonEncoder)
+        if quantizer is not None and not wrapped and supports(quantizer):
+            setattr(store, name, TritonEncoder(quantizer))
 
 
 _FUSED_INPUTS = frozenset(
@@ -109,6 +192,7 @@ class TqaiLayer(DynamicLayer):
         self.store = KVStore(config, pipeline, layer)
         self.awaiting_attention = False
         self.storage_device = None if device is None else torch.device(device)
+        self._encoder_checked = False  # CUDA stores get the fused encode at their first update
 
     def __repr__(self) -> str:
         c = self.config
@@ -138,6 +222,10 @@ class TqaiLayer(DynamicLayer):
             )
         else:
             self.store.update(key_states, value_states)
+        if not self._encoder_checked:
+            self._encoder_checked = True
+            if (self.storage_device or here).type == "cuda":
+                _encode_with_triton(self.store)
         if self.config.strategy == "full":
             keys, values = self.store.dequantize()
             self.store.commit()
@@ -180,13 +268,23 @@ class TqaiLayer(DynamicLayer):
             )
             self.store.commit()
             return out
-        inputs = None
-        if softcap is None and _use_fused_decode(query, mask, self.store):
+        if softcap is None and _use_fused_prefill(query, mask, self.store):
             inputs = _fused_inputs(self.store, query.shape[1])
+            if inputs is not None:
+                from tqai_torch.kernels.triton.prefill_attention import prefill_attention_triton
+
+                out = prefill_attention_triton(query, scale=scale, **inputs)
+                self.store.commit()
+                return out
+        inputs = None
+        if softcap is None:
+            fused, valid_from = _use_fused_decode(query, mask, self.store)
+            if fused:
+                inputs = _fused_inputs(self.store, query.shape[1])
         if inputs is not None:
             from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
-            out = decode_attention_triton(query, scale=scale, **inputs)
+            out = decode_attention_triton(query, scale=scale, valid_from=valid_from, **inputs)
             self.store.commit()
             return out
         return self.store.attend(query, scale=scale, mask=mask, softcap=softcap)
@@ -211,6 +309,7 @@ class TqaiLayer(DynamicLayer):
         self.store = KVStore(self.config, self.store.pipeline, self.layer)
         self.awaiting_attention = False
         self.is_initialized = False
+        self._encoder_checked = False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop tokens from the end: ``-n`` removes ``n`` (transformers >= 5.2x); a value >= 0 is
@@ -427,6 +526,7 @@ class TqaiCache(DynamicCache):
                 layer.store = KVStore.from_state(
                     layer.config, layer_meta, layer_arrays, cache.pipeline, idx
                 )
+                layer._encoder_checked = False
                 if layer_meta["head_dim"] is not None:
                     layer.lazy_initialization(*(2 * [next(iter(layer_arrays.values()))]))
                     layer.dtype = getattr(torch, layer_meta["dtype"])

@@ -345,6 +345,34 @@ def eval_ppl(
     Console().print(table)
 
 
+def _pipeline_option(value: str | None) -> dict[str, Any] | None:
+    """``--pipeline``: a JSON object, inline or in a file."""
+    import json
+
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith(("{", "[")):  # JSON inline, else a file
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except OSError as ex:
+            raise typer.BadParameter(
+                f"not a JSON object and not a readable file: {ex}", param_hint="--pipeline"
+            ) from None
+    try:
+        parsed = json.loads(text)
+    except ValueError as ex:
+        raise typer.BadParameter(
+            f"must be a JSON object or a JSON file such as pipeline.json ({ex})",
+            param_hint="--pipeline",
+        ) from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter(
+            f"must be a JSON object, got {type(parsed).__name__}", param_hint="--pipeline"
+        )
+    return parsed
+
+
 def convert(
     model: str = typer.Option("smollm2-135m", help=_MODEL_HELP),
     output: Path = typer.Option(..., "--output", help="folder to write the tqai configuration to"),
@@ -362,14 +390,36 @@ def convert(
     sink_tokens: int = typer.Option(4, min=0),
     residual_window: int = typer.Option(32, min=0),
     chunk_attention: bool = typer.Option(False, "--chunk-attention"),
+    calibration: Path = typer.Option(
+        None,
+        exists=True,
+        dir_okay=False,
+        help="a `tqai calibrate` Fisher JSON file of this model, stored in the folder",
+    ),
+    calibrate: bool = typer.Option(
+        False,
+        "--calibrate",
+        help="measure the Fisher calibration here (torch; the shipped Shakespeare text)",
+    ),
+    calibration_samples: int = typer.Option(8, min=1, help="--calibrate: windows of text"),
+    calibration_tokens: int = typer.Option(512, min=2, help="--calibrate: tokens per window"),
+    fisher_layer_bits: bool = typer.Option(
+        False,
+        "--fisher-layer-bits",
+        help="per-layer widths from the calibration, mean = --bits-k/--bits-v (or the config's)",
+    ),
+    pipeline: str = typer.Option(
+        None, help="compression pipeline: a JSON object, inline or in a file (tqai.pipeline)"
+    ),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+    backend: Backend = _BACKEND,
 ) -> None:
-    """Write the model's tqai configuration (options, rotations, codebooks, per-layer settings)
-    into a folder, so that tqai.patch(model, from_pretrained=DIR) starts without solving."""
+    """Write the model's tqai configuration (options, per-layer widths, pipeline, rotations,
+    codebooks, calibration) into a folder, so that tqai.patch(model, from_pretrained=DIR) starts
+    without solving anything."""
     import json
 
     from tqai.named_configs import resolve_patch_options
-    from tqai_torch.convert import convert as convert_model
 
     try:
         resolve_patch_options(
@@ -377,6 +427,13 @@ def convert(
         )
     except ValueError as ex:
         raise typer.BadParameter(str(ex), param_hint="--config") from None
+    if calibrate and calibration is not None:
+        raise typer.BadParameter("give --calibration FILE or --calibrate, not both")
+    if fisher_layer_bits and not (calibrate or calibration is not None):
+        raise typer.BadParameter(
+            "needs a calibration: --calibration FILE or --calibrate",
+            param_hint="--fisher-layer-bits",
+        )
     options = {
         "config": config,
         "bits_k": bits_k,
@@ -388,18 +445,52 @@ def convert(
         "sink_tokens": sink_tokens,
         "residual_window": residual_window,
         "chunk_attention": chunk_attention,
+        "pipeline": _pipeline_option(pipeline),
     }
-    loaded, _ = load_model_option(model, dtype)
+    options = {k: v for k, v in options.items() if v is not None}
+    if backend is Backend.mlx:
+        if calibrate:
+            raise typer.BadParameter(
+                "calibration runs torch backward passes; with --backend mlx run `tqai calibrate "
+                "--model ... -o FILE` and pass --calibration FILE",
+                param_hint="--calibrate",
+            )
+        mlx_cli = _mlx()
+        loaded, _ = _load_mlx(mlx_cli, model, dtype)
+        from tqai_mlx.convert import convert as convert_model
+    else:
+        from tqai_torch.convert import convert as convert_model
+
+        loaded, tokenizer = load_model_option(model, dtype)
+    cal: Any = calibration
+    if calibrate:
+        from tqai_torch.calibrate import calibrate_fisher, shakespeare_windows
+
+        windows = shakespeare_windows(tokenizer, calibration_samples, calibration_tokens)
+        cal = calibrate_fisher(
+            loaded, tokenizer, windows, None, max_tokens=calibration_tokens, model_name=model
+        )
     try:
-        path = convert_model(loaded, output, **{k: v for k, v in options.items() if v is not None})
+        path = convert_model(
+            loaded, output, calibration=cal, fisher_layer_bits=fisher_layer_bits, **options
+        )
     except ValueError as ex:
         raise typer.BadParameter(str(ex)) from None
     doc = json.loads(path.read_text(encoding="utf-8"))
-    compressed = sum(layer["compressed"] for layer in doc["layers"])
+    compressed = [layer for layer in doc["layers"] if layer["compressed"]]
     typer.echo(
         f"wrote {path.parent}: {len(doc['constants']['entries'])} constants, "
-        f"{compressed}/{len(doc['layers'])} layers compressed"
+        f"{len(compressed)}/{len(doc['layers'])} layers compressed"
     )
+    if doc["calibration"] is not None:
+        record = doc["calibration"]
+        typer.echo(
+            f"calibration: {record['file']} ({record['num_layers']} layers x "
+            f"{record['num_kv_heads']} K/V heads)"
+        )
+    if "layer_bits" in doc["options"]:
+        widths = " ".join(f"{layer['bits_k']}/{layer['bits_v']}" for layer in compressed)
+        typer.echo(f"per-layer K/V bits: {widths}")
 
 
 def register(app: typer.Typer) -> None:

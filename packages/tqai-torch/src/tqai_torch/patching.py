@@ -128,8 +128,9 @@ def patch(
             :func:`tqai.layer_bits.fisher_layer_bits` of a ``tqai calibrate`` file) or a dict
             ``{layer: (bits_k, bits_v)}`` of overrides; other layers use ``bits_k``/``bits_v``.
         from_pretrained: a folder written by ``tqai convert`` (:mod:`tqai_torch.convert`): its
-            options and prebuilt rotations/codebooks are used (no solving at start); no other
-            option may be given with it.
+            options (per-layer widths and pipeline included) and prebuilt rotations/codebooks
+            are used (no solving at start, no calibration read); no other option may be given
+            with it.
 
     Returns:
         A :class:`TqaiCache`; pass it as ``cache=`` (``past_key_values=`` on transformers

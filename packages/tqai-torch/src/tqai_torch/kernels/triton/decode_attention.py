@@ -26,8 +26,9 @@ the rotations, softmax and merge run in fp32 (``tf32x3`` products in the combine
 tests bound the difference from the float32 reference accordingly.
 
 Supported here: TurboQuant_mse keys and values with 1, 2, 3, 4 or 8 bits, fp16 norms, head dims
-16..256, at most 16 query heads per KV head, no mask (every token visible), no logit
-soft-capping. Everything else goes through the reference (see :func:`supports`).
+16..256, at most 16 query heads per KV head, every position visible or one visible range of
+positions per sequence (``valid_from`` / ``valid_until``: a left-padded batch, or the causal rows
+of a prefill chunk, :mod:`.prefill_attention`), no logit soft-capping. Everything else goes through the reference (see :func:`supports`).
 
 Host path: the rotation matrices (padded) and centroid tables are built once per quantizer pair
 and device and cached; the split partials live in one float32 workspace per device that is
@@ -230,6 +231,8 @@ def _decode_attention_kernel(
     T,
     split_len,  # tokens per program, a multiple of BLOCK_N
     n_kv,
+    bounds_ptr,  # (B, 2) int32: each sequence's visible positions [from, until)
+    n_pre,  # prefix tokens before the history (positions of history token t: n_pre + t)
     kp_sb,
     kp_sh,
     kp_st,
@@ -255,6 +258,7 @@ def _decode_attention_kernel(
     BLOCK_N: tl.constexpr,
     KPRMT: tl.constexpr,  # key lookups by byte permutes from registers (else gathers)
     VPRMT: tl.constexpr,
+    HAS_BOUNDS: tl.constexpr,  # bounds_ptr is read (else every position is visible)
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -287,20 +291,24 @@ def _decode_attention_kernel(
     vn_row = vn_ptr + b * vn_sb + h * vn_sh
     start = split * split_len
     stop = tl.minimum(start + split_len, T)
+    lo = 0  # visible history tokens: [lo, stop)
+    if HAS_BOUNDS:
+        lo = tl.load(bounds_ptr + 2 * b) - n_pre
+        stop = tl.minimum(stop, tl.load(bounds_ptr + 2 * b + 1) - n_pre)
     m = tl.full((GP,), float("-inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, PDV), tl.float32)
     # Software pipelining by hand: the packed units and norms of block i + 1 are loaded before
     # block i is decoded, so their memory latency overlaps the lookups and dots.
     toks = start + tl.arange(0, BLOCK_N)
-    valid = toks < stop
+    valid = (toks < stop) & (toks >= lo)
     ku = _load_groups(kp_row + toks * kp_st, valid, KB, KWP, KWR)
     kn = tl.load(kn_row + toks * kn_st, mask=valid, other=0.0)
     vu = _load_groups(vp_row + toks * vp_st, valid, VB, VWP, VWR)
     vn = tl.load(vn_row + toks * vn_st, mask=valid, other=0.0)
     for _ in range(0, split_len, BLOCK_N):  # blocks past `stop` are fully masked (last split)
         toks_nx = toks + BLOCK_N
-        valid_nx = toks_nx < stop
+        valid_nx = (toks_nx < stop) & (toks_nx >= lo)
         ku_nx = _load_groups(kp_row + toks_nx * kp_st, valid_nx, KB, KWP, KWR)
         kn_nx = tl.load(kn_row + toks_nx * kn_st, mask=valid_nx, other=0.0)
         vu_nx = _load_groups(vp_row + toks_nx * vp_st, valid_nx, VB, VWP, VWR)
@@ -309,8 +317,9 @@ def _decode_attention_kernel(
         s = tl.dot(q, tl.trans(k)) * kn.to(tl.float32)[None, :]  # (GP, BLOCK_N), base 2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing visible
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
         v = _centroids(vu, vt_ptr, vt0, vt1, vt2, vt3, VB, VWP, BLOCK_N, VPRMT)
         pv = (p * vn.to(tl.float32)[None, :]).to(tl.float16)
@@ -330,34 +339,38 @@ def _decode_attention_kernel(
 
 @triton.jit
 def _segment_stats(
-    q, k_base, stride_t, n, m, l_sum, D: tl.constexpr, DP: tl.constexpr, SEG_N: tl.constexpr
-):
-    """Running max and normalizer of a full-precision segment of ``n`` tokens (original domain)."""
+    q, k_base, stride_t, n, lo, m, l_sum,
+    D: tl.constexpr, DP: tl.constexpr, SEG_N: tl.constexpr,
+):  # fmt: skip
+    """Running max and normalizer of the visible tokens ``[lo, n)`` of a full-precision segment
+    (original domain)."""
     dims = tl.arange(0, DP)
     for t0 in range(0, n, SEG_N):
         toks = t0 + tl.arange(0, SEG_N)
-        valid = toks < n
+        valid = (toks < n) & (toks >= lo)
         offs = toks[:, None] * stride_t + dims[None, :]
         k = tl.load(k_base + offs, mask=valid[:, None] & (dims < D)[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="tf32x3")
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        l_sum = l_sum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_sum = l_sum * tl.exp2(m - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
         m = m_new
     return m, l_sum
 
 
 @triton.jit
 def _segment_values(
-    q, k_base, v_base, stride_kt, stride_vt, n, m, acc, c0,
+    q, k_base, v_base, stride_kt, stride_vt, n, lo, m, acc, c0,
     D: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SEG_N: tl.constexpr,
 ):  # fmt: skip
-    """``acc += sum_t 2^(s_t - m) v_t[c0 : c0 + DC]`` over a segment (``m`` its final max)."""
+    """``acc += sum_t 2^(s_t - m) v_t[c0 : c0 + DC]`` over the visible tokens ``[lo, n)`` of a
+    segment (``m`` its final max)."""
     dims = tl.arange(0, DP)
     cols = c0 + tl.arange(0, DC)
     for t0 in range(0, n, SEG_N):
         toks = t0 + tl.arange(0, SEG_N)
-        valid = toks < n
+        valid = (toks < n) & (toks >= lo)
         k = tl.load(
             k_base + toks[:, None] * stride_kt + dims[None, :],
             mask=valid[:, None] & (dims < D)[None, :],
@@ -374,7 +387,7 @@ def _segment_values(
     return acc
 
 
-@triton.jit(do_not_specialize=["n_splits", "n_pre", "n_suf"])
+@triton.jit(do_not_specialize=["n_splits", "n_pre", "n_suf", "T"])
 def _combine_kernel(
     ws_ptr,
     m_off,
@@ -406,6 +419,8 @@ def _combine_kernel(
     sv_st,
     out_ptr,  # (B, Hq, 1, D) contiguous, query dtype
     n_kv,
+    bounds_ptr,  # (B, 2) int32 visible positions [from, until) (read when HAS_BOUNDS)
+    T,  # history tokens (the suffix starts at position n_pre + T)
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
@@ -413,6 +428,7 @@ def _combine_kernel(
     DC: tl.constexpr,  # output columns per chunk (bounds the shared memory of the unrotation)
     PDV: tl.constexpr,
     SEG_N: tl.constexpr,
+    HAS_BOUNDS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // n_kv
@@ -442,8 +458,9 @@ def _combine_kernel(
             other=0.0,
         )
         m_new = tl.maximum(m_h, m_s)
-        a_old = tl.exp2(m_h - m_new)
-        a_new = tl.exp2(m_s - m_new)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits with nothing visible
+        a_old = tl.exp2(m_h - m_use)
+        a_new = tl.exp2(m_s - m_use)
         l_h = l_h * a_old + l_s * a_new
         acc_h = acc_h * a_old[:, None] + acc_s * a_new[:, None]
         m_h = m_new
@@ -459,13 +476,24 @@ def _combine_kernel(
     pv_base = pv_ptr + b * pv_sb + h * pv_sh
     sk_base = sk_ptr + b * sk_sb + h * sk_sh
     sv_base = sv_ptr + b * sv_sb + h * sv_sh
+    pre_lo = 0  # visible tokens of the prefix [pre_lo, pre_n) and of the suffix [suf_lo, suf_n)
+    pre_n = n_pre
+    suf_lo = 0
+    suf_n = n_suf
+    if HAS_BOUNDS:
+        first = tl.load(bounds_ptr + 2 * b)
+        until = tl.load(bounds_ptr + 2 * b + 1)
+        pre_lo = first
+        pre_n = tl.minimum(n_pre, until)
+        suf_lo = first - n_pre - T
+        suf_n = tl.minimum(n_suf, until - n_pre - T)
     m_g = tl.full((GP,), float("-inf"), tl.float32)
     l_g = tl.zeros((GP,), tl.float32)
-    m_g, l_g = _segment_stats(q, pk_base, pk_st, n_pre, m_g, l_g, D, DP, SEG_N)
-    m_g, l_g = _segment_stats(q, sk_base, sk_st, n_suf, m_g, l_g, D, DP, SEG_N)
+    m_g, l_g = _segment_stats(q, pk_base, pk_st, pre_n, pre_lo, m_g, l_g, D, DP, SEG_N)
+    m_g, l_g = _segment_stats(q, sk_base, sk_st, suf_n, suf_lo, m_g, l_g, D, DP, SEG_N)
     # 3. one softmax over both, written chunk by chunk of output columns
     m_all = tl.maximum(m_h, m_g)
-    w_h = tl.exp2(m_h - m_all)
+    w_h = tl.where(m_h == float("-inf"), 0.0, tl.exp2(m_h - m_all))
     w_g = tl.where(m_g == float("-inf"), 0.0, tl.exp2(m_g - m_all))
     total = l_h * w_h + l_g * w_g
     c = tl.program_id(1)  # one chunk of DC output columns per program
@@ -474,10 +502,10 @@ def _combine_kernel(
     out_h = tl.dot(acc_h, unrot, input_precision="tf32x3")  # (GP, DC), original domain
     acc_g = tl.zeros((GP, DC), tl.float32)
     acc_g = _segment_values(
-        q, pk_base, pv_base, pk_st, pv_st, n_pre, m_g, acc_g, c * DC, D, DP, DC, SEG_N
+        q, pk_base, pv_base, pk_st, pv_st, pre_n, pre_lo, m_g, acc_g, c * DC, D, DP, DC, SEG_N
     )
     acc_g = _segment_values(
-        q, sk_base, sv_base, sk_st, sv_st, n_suf, m_g, acc_g, c * DC, D, DP, DC, SEG_N
+        q, sk_base, sv_base, sk_st, sv_st, suf_n, suf_lo, m_g, acc_g, c * DC, D, DP, DC, SEG_N
     )
     out = (out_h * w_h[:, None] + acc_g * w_g[:, None]) / total[:, None]
     tl.store(
@@ -625,6 +653,29 @@ def _segment_args(seg: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Ten
     return [k, v, k.shape[2], *k.stride()[:3], *v.stride()[:3]]
 
 
+def _bounds(
+    valid_from: torch.Tensor | None, valid_until: torch.Tensor | None, b: int, device
+) -> torch.Tensor | None:
+    """``(B, 2)`` int32 visible position ranges ``[from, until)``, or None (all visible)."""
+    if valid_from is None and valid_until is None:
+        return None
+    cols = []
+    for name, value, default in (
+        ("valid_from", valid_from, 0),
+        ("valid_until", valid_until, 2**31 - 1),
+    ):
+        if value is None:
+            cols.append(torch.full((b,), default, dtype=torch.int32, device=device))
+            continue
+        if tuple(value.shape) != (b,) or value.dtype.is_floating_point:
+            raise ValueError(
+                f"{name} must be a ({b},) integer tensor (a position per sequence), got "
+                f"{tuple(value.shape)} {value.dtype}"
+            )
+        cols.append(value.to(device=device, dtype=torch.int32))
+    return torch.stack(cols, dim=1).contiguous()
+
+
 def decode_attention_triton(
     query: torch.Tensor,
     keys: Any,
@@ -639,6 +690,8 @@ def decode_attention_triton(
     tokens_per_split: int | None = None,
     num_warps: int = 4,
     lookup: str = "auto",
+    valid_from: torch.Tensor | None = None,
+    valid_until: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention ``query (B, Hq, 1, D)`` over packed history + full-precision segments.
 
@@ -648,6 +701,11 @@ def decode_attention_triton(
     shared memory); ``tokens_per_split`` to splits that give the GPU at least two programs per
     SM and every KV head at least 8 splits (each at least ``4 * block_n`` tokens). ``lookup="gather"`` reads centroids from memory even where
     byte-permute lookups from registers serve (2 bits, symmetric 4-bit codebooks on CUDA).
+    ``valid_from`` (``(B,)`` integers, optional): each sequence sees only the positions from
+    ``valid_from[b]`` on (positions count the prefix, then the history, then the suffix): the
+    left padding of a batch of prompts of different lengths, as the reference's mask
+    ``position >= valid_from[b]``; ``valid_until`` (``(B,)``, optional) likewise hides the
+    positions from ``valid_until[b]`` on (every sequence must see at least one position).
     """
     b, hq, tq, d = query.shape
     if tq != 1:
@@ -668,6 +726,7 @@ def decode_attention_triton(
     if query.stride(-1) != 1:
         query = query.contiguous()
     t = keys.shape[2]
+    bounds = _bounds(valid_from, valid_until, b, query.device)
     _check_aligned(keys, "keys")
     _check_aligned(values, "values")
     device = query.device
@@ -696,17 +755,19 @@ def decode_attention_triton(
     ws = _workspace(device, acc_off + bh * splits * g * pdv)
     qscale = scale * _LOG2E
     kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
+    n_pre = 0 if prefix is None else prefix[0].shape[2]
+    bounds_arg = query if bounds is None else bounds  # a dummy pointer when unused
     _decode_attention_kernel[(bh, splits)](
         query, query.stride(0), query.stride(1), qscale, c.rot,
         ws, m_off, l_off, acc_off,
         kp, kn, vp, vn, c.k_table, c.v_table, *k_regs, *v_regs,
-        t, split_len, n_kv,
+        t, split_len, n_kv, bounds_arg, n_pre,
         kp.stride(0), kp.stride(1), kp.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
         vp.stride(0), vp.stride(1), vp.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
         KB=key_quantizer.spec.n_bits, KWP=kwp, KWR=kwr,
         VB=value_quantizer.spec.n_bits, VWP=vwp, VWR=vwr,
         G=g, GP=_GP, D=d, DP=c.dp, BLOCK_N=block_n, KPRMT=kprmt, VPRMT=vprmt,
-        num_warps=num_warps,
+        HAS_BOUNDS=bounds is not None, num_warps=num_warps,
     )  # fmt: skip
     out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
     dc = min(c.dp, 64)
@@ -714,7 +775,7 @@ def decode_attention_triton(
         ws, m_off, l_off, acc_off, splits, c.unrot,
         query, query.stride(0), query.stride(1), qscale,
         *_segment_args(prefix, query), *_segment_args(suffix, query),
-        out, n_kv,
-        G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16,
+        out, n_kv, bounds_arg, t,
+        G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16, HAS_BOUNDS=bounds is not None,
     )  # fmt: skip
     return out

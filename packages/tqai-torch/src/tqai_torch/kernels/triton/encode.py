@@ -21,6 +21,7 @@ fp16's range); :func:`quantize_triton` checks those only when ``check=True``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from tqai.container import QuantizedTensor, dtype_name
 
-__all__ = ["quantize_triton", "supports"]
+__all__ = ["TritonEncoder", "quantize_triton", "supports"]
 
 _BITS = (1, 2, 3, 4, 8)
 _FLOAT16_MAX = 65504.0
@@ -203,3 +204,37 @@ def quantize_triton(
     return QuantizedTensor(
         spec=quantizer.spec, shape=lead, dtype=dtype_name(x), packed=packed, norms=norms
     )
+
+
+class TritonEncoder:
+    """A TurboQuant_mse quantizer whose ``quantize`` runs :func:`quantize_triton` on CUDA tensors.
+
+    Every other attribute (spec, rotation, codebook, ``dequantize``, ...) is the wrapped
+    quantizer's, so a :class:`~tqai.kvstore.KVStore` holding it encodes new tokens with one
+    kernel launch and decodes and attends exactly as before. CPU tensors, and any call while
+    ``TQAI_KERNEL=reference`` is set, go to the wrapped quantizer (the reference). No NaN/Inf
+    check on the fused path (it would synchronize every step): a non-finite key or value gives
+    a non-finite norm, hence non-finite attention, as the uncompressed cache would.
+    """
+
+    def __init__(self, quantizer: Any) -> None:
+        if not supports(quantizer):
+            raise ValueError(f"quantizer {quantizer!r} is not served by the fused encode")
+        self.inner = quantizer
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not yet set (copy/pickle protocols probe before __init__)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __repr__(self) -> str:
+        return f"TritonEncoder({self.inner!r})"
+
+    def quantize(self, x: Any, *, xp: Any = None) -> QuantizedTensor:
+        if (
+            isinstance(x, torch.Tensor)
+            and x.is_cuda
+            and os.environ.get("TQAI_KERNEL") != "reference"
+        ):
+            return quantize_triton(x, self.inner)
+        return self.inner.quantize(x, xp=xp)
