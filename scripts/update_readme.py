@@ -267,12 +267,14 @@ def render_pipeline_perplexity(doc: Any) -> str:
     return _join(_table(columns, rows), note, _machine(doc))
 
 
-def _speed_vs_torch(rows: Sequence[Row]) -> Callable[[Row], Any]:
-    """A column: torch SDPA's seconds at the row's context over the row's seconds."""
-    base = {r["context"]: r["seconds"] for r in rows if r.get("provider") == "torch"}
+def _speed_vs_torch(rows: Sequence[Row], keys: tuple[str, ...] = ("context",)) -> Callable:
+    """A column: torch SDPA's seconds for the row's ``keys`` (its context, ...) over the row's."""
+    base = {
+        tuple(r.get(k) for k in keys): r["seconds"] for r in rows if r.get("provider") == "torch"
+    }
 
     def speed(row: Row) -> Any:
-        ref = base.get(row.get("context"))
+        ref = base.get(tuple(row.get(k) for k in keys))
         return None if not ref else f"{ref / row['seconds']:.3g}x"
 
     return speed
@@ -337,6 +339,19 @@ def render_video(doc: Any) -> str:
     device = doc.get("machine", {}).get("device") if isinstance(doc, dict) else None
     card = f"Device: {device}." if device else ""
     return _join(_table(columns, rows), " ".join(p for p in (note, card) if p), _machine(doc))
+
+
+def render_prefill(doc: Any) -> str:
+    """Chunk attention over a compressed history: microseconds and speed vs torch SDPA."""
+    rows = _rows(doc)
+    columns: list[Column] = [
+        ("provider", _key("provider"), False),
+        ("history", _key("context"), True),
+        ("chunk", _key("chunk"), True),
+        ("us", lambda r: r["seconds"] * 1e6, True),
+        ("speed vs torch SDPA", _speed_vs_torch(rows, ("context", "chunk")), True),
+    ]
+    return _join(_table(columns, rows), _card(doc), _machine(doc))
 
 
 def render_chunked(doc: Any) -> str:
@@ -464,6 +479,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "vae_memory_*": render_vae_memory,
     "video_*": render_video,
     "chunked_*": render_chunked,
+    "prefill_*": render_prefill,
     "named_configs": render_named_configs,
     "attention_*": render_attention,
     "generate_*": render_generate,

@@ -277,3 +277,20 @@ def test_pipeline_perplexity_renderer() -> None:
         in text
     )
     assert "Model: M." in text
+
+
+def test_prefill_renderer() -> None:
+    module = _script_module()
+    doc = {
+        "machine": {**MACHINE, "device": "Test GPU"},
+        "rows": [
+            {"provider": "torch", "context": 4096, "chunk": 4, "seconds": 1e-4},
+            {"provider": "triton", "context": 4096, "chunk": 4, "seconds": 2e-4},
+            {"provider": "torch", "context": 4096, "chunk": 16, "seconds": 4e-4},
+            {"provider": "triton", "context": 4096, "chunk": 16, "seconds": 2e-4},
+        ],
+    }
+    text = module.render("prefill_test-gpu", doc)
+    assert "| triton | 4096 | 4 | 200 | 0.5x |" in text
+    assert "| triton | 4096 | 16 | 200 | 2x |" in text
+    assert "Card: Test GPU." in text

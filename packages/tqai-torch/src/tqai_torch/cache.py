@@ -52,10 +52,11 @@ def _left_padding(mask: torch.Tensor) -> torch.Tensor | bool | None:
     return None if everything else start[:, 0]
 
 
-PREFILL_KERNEL_MAX_TOKENS = 16
-"""Longest chunk the fused prefill kernel takes: it re-reads the history for every query token,
-so beyond a few tokens the reference's blockwise pass is faster (``benchmarks/bench_prefill.py``
-measures the crossover)."""
+PREFILL_KERNEL_MAX_TOKENS = 256
+"""Longest chunk the fused prefill kernel takes. It re-reads the history for every query token,
+so its time grows with the chunk; ``benchmarks/bench_prefill.py`` measured it faster than the
+reference at every chunk up to 256 tokens (H100, 4K and 32K histories); longer chunks were not
+measured and go to the reference."""
 
 
 def _is_causal_chunk(mask: torch.Tensor | None, kv: int) -> bool:
@@ -70,10 +71,10 @@ def _is_causal_chunk(mask: torch.Tensor | None, kv: int) -> bool:
 
 
 def _use_fused_prefill(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
-    """The Triton prefill kernel serves a short chunk (2 to :data:`PREFILL_KERNEL_MAX_TOKENS`
-    query tokens: speculative-decoding checks, short turns) continuing a CUDA store that holds a
-    history, when the mask is plain causal and the decode kernel would serve one token of the
-    same store."""
+    """The Triton prefill kernel serves a chunk of 2 to :data:`PREFILL_KERNEL_MAX_TOKENS` query
+    tokens (speculative-decoding checks, chat turns, chunked prompts) continuing a CUDA store
+    that holds a history, when the mask is plain causal and the decode kernel would serve one
+    token of the same store."""
     if os.environ.get("TQAI_KERNEL", "auto") == "reference":
         return False
     tq = query.shape[2]

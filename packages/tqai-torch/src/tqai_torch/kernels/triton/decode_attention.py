@@ -231,6 +231,7 @@ def _decode_attention_kernel(
     T,
     split_len,  # tokens per program, a multiple of BLOCK_N
     n_kv,
+    rows_per_seq,  # query rows per sequence: history/segment index = row // rows_per_seq
     bounds_ptr,  # (B, 2) int32: each sequence's visible positions [from, until)
     n_pre,  # prefix tokens before the history (positions of history token t: n_pre + t)
     kp_sb,
@@ -263,8 +264,9 @@ def _decode_attention_kernel(
     bh = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    b = bh // n_kv
+    b = bh // n_kv  # the query row (a sequence, or one token of a prefill chunk)
     h = bh % n_kv
+    bs = b // rows_per_seq  # the sequence whose history it reads
     PDK: tl.constexpr = 8 * KWP
     PDV: tl.constexpr = 8 * VWP
     rows = tl.arange(0, GP)
@@ -281,14 +283,14 @@ def _decode_attention_kernel(
         rot = tl.load(rot_ptr + dims[:, None] * PDK + tl.arange(0, PDK)[None, :])
         q += tl.dot(q_c, rot, input_precision="ieee")
     q = (q * qscale).to(tl.float16)  # (GP, PDK)
-    kp_row = _group_rows(kp_ptr + b * kp_sb + h * kp_sh, KB)
-    vp_row = _group_rows(vp_ptr + b * vp_sb + h * vp_sh, VB)
+    kp_row = _group_rows(kp_ptr + bs * kp_sb + h * kp_sh, KB)
+    vp_row = _group_rows(vp_ptr + bs * vp_sb + h * vp_sh, VB)
     if KB != 3:
         kp_st = kp_st // KB  # in groups of KB bytes
     if VB != 3:
         vp_st = vp_st // VB
-    kn_row = kn_ptr + b * kn_sb + h * kn_sh
-    vn_row = vn_ptr + b * vn_sb + h * vn_sh
+    kn_row = kn_ptr + bs * kn_sb + h * kn_sh
+    vn_row = vn_ptr + bs * vn_sb + h * vn_sh
     start = split * split_len
     stop = tl.minimum(start + split_len, T)
     lo = 0  # visible history tokens: [lo, stop)
@@ -419,6 +421,7 @@ def _combine_kernel(
     sv_st,
     out_ptr,  # (B, Hq, 1, D) contiguous, query dtype
     n_kv,
+    rows_per_seq,
     bounds_ptr,  # (B, 2) int32 visible positions [from, until) (read when HAS_BOUNDS)
     T,  # history tokens (the suffix starts at position n_pre + T)
     G: tl.constexpr,
@@ -472,10 +475,11 @@ def _combine_kernel(
         other=0.0,
     ).to(tl.float32)
     q = q * qscale
-    pk_base = pk_ptr + b * pk_sb + h * pk_sh
-    pv_base = pv_ptr + b * pv_sb + h * pv_sh
-    sk_base = sk_ptr + b * sk_sb + h * sk_sh
-    sv_base = sv_ptr + b * sv_sb + h * sv_sh
+    bs = b // rows_per_seq
+    pk_base = pk_ptr + bs * pk_sb + h * pk_sh
+    pv_base = pv_ptr + bs * pv_sb + h * pv_sh
+    sk_base = sk_ptr + bs * sk_sb + h * sk_sh
+    sv_base = sv_ptr + bs * sv_sb + h * sv_sh
     pre_lo = 0  # visible tokens of the prefix [pre_lo, pre_n) and of the suffix [suf_lo, suf_n)
     pre_n = n_pre
     suf_lo = 0
@@ -692,6 +696,7 @@ def decode_attention_triton(
     lookup: str = "auto",
     valid_from: torch.Tensor | None = None,
     valid_until: torch.Tensor | None = None,
+    rows_per_seq: int = 1,
 ) -> torch.Tensor:
     """Decode attention ``query (B, Hq, 1, D)`` over packed history + full-precision segments.
 
@@ -706,12 +711,20 @@ def decode_attention_triton(
     left padding of a batch of prompts of different lengths, as the reference's mask
     ``position >= valid_from[b]``; ``valid_until`` (``(B,)``, optional) likewise hides the
     positions from ``valid_until[b]`` on (every sequence must see at least one position).
+    ``rows_per_seq``: query rows per sequence of ``keys`` / ``values`` / the segments (``query``
+    holds ``B * rows_per_seq`` rows; row ``r`` reads sequence ``r // rows_per_seq``): the tokens
+    of a prefill chunk as rows of their own (:mod:`.prefill_attention`).
     """
     b, hq, tq, d = query.shape
     if tq != 1:
         raise ValueError(f"query must hold one token per sequence (decode), got {tq}")
     if keys is None or keys.shape[2] == 0:
         raise ValueError("keys must hold a packed history of at least one token")
+    if rows_per_seq < 1 or b != keys.shape[0] * rows_per_seq:
+        raise ValueError(
+            f"query rows ({b}) must be rows_per_seq ({rows_per_seq}) x the history's sequences "
+            f"({keys.shape[0]})"
+        )
     if not supports(key_quantizer, value_quantizer, d):
         raise ValueError(
             f"key_quantizer / value_quantizer ({key_quantizer.spec}, {value_quantizer.spec}) "
@@ -761,7 +774,7 @@ def decode_attention_triton(
         query, query.stride(0), query.stride(1), qscale, c.rot,
         ws, m_off, l_off, acc_off,
         kp, kn, vp, vn, c.k_table, c.v_table, *k_regs, *v_regs,
-        t, split_len, n_kv, bounds_arg, n_pre,
+        t, split_len, n_kv, rows_per_seq, bounds_arg, n_pre,
         kp.stride(0), kp.stride(1), kp.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
         vp.stride(0), vp.stride(1), vp.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
         KB=key_quantizer.spec.n_bits, KWP=kwp, KWR=kwr,
@@ -775,7 +788,7 @@ def decode_attention_triton(
         ws, m_off, l_off, acc_off, splits, c.unrot,
         query, query.stride(0), query.stride(1), qscale,
         *_segment_args(prefix, query), *_segment_args(suffix, query),
-        out, n_kv, bounds_arg, t,
+        out, n_kv, rows_per_seq, bounds_arg, t,
         G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16, HAS_BOUNDS=bounds is not None,
     )  # fmt: skip
     return out

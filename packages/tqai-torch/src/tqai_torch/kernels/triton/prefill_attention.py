@@ -4,11 +4,11 @@ the compressed history, the full-precision segments and the chunk itself, causal
 Reference: :func:`tqai.attention.compressed_attention` with the causal mask of the chunk (the
 parity tests compare against it).
 
-How: every query token of the chunk is one "sequence" of the decode kernel
-(:mod:`.decode_attention`): the chunk's ``C`` tokens become a batch of ``C`` one-token queries
-that all read the same packed history (batch stride 0, nothing copied), and each row's visible
-range (``valid_until``) ends at its own position, which makes the suffix (window + the chunk's
-own staged tokens) causal. So a long prompt is processed chunk by chunk without ever holding
+How: every query token of the chunk is one row of the decode kernel (:mod:`.decode_attention`):
+the chunk's ``C`` tokens become ``C`` one-token query rows per sequence (``rows_per_seq=C``: row
+``r`` reads sequence ``r // C``'s history, nothing copied), and each row's visible range
+(``valid_until``) ends at its own position, which makes the suffix (window + the chunk's own
+staged tokens) causal. So a long prompt is processed chunk by chunk without ever holding
 its history in full precision: only the packed codes and one chunk are read.
 
 Cost: the history is read once per query token (from L2 for short histories) and each program
@@ -28,21 +28,6 @@ from tqai.container import QuantizedTensor
 from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
 __all__ = ["prefill_attention_triton"]
-
-
-def _broadcast(qt: QuantizedTensor, b: int, rows: int) -> QuantizedTensor:
-    """Sequence ``b`` of a packed history seen by ``rows`` query rows (batch stride 0)."""
-    packed = qt.packed[b : b + 1].expand(rows, *qt.packed.shape[1:])
-    norms = qt.norms[b : b + 1].expand(rows, *qt.norms.shape[1:])
-    return QuantizedTensor(
-        spec=qt.spec, shape=(rows, *qt.shape[1:]), dtype=qt.dtype, packed=packed, norms=norms
-    )
-
-
-def _segment(seg: tuple[torch.Tensor, torch.Tensor] | None, b: int, rows: int) -> Any:
-    if seg is None:
-        return None
-    return tuple(x[b : b + 1].expand(rows, *x.shape[1:]) for x in seg)
 
 
 def prefill_attention_triton(
@@ -79,19 +64,19 @@ def prefill_attention_triton(
     n_prefix = 0 if prefix is None else prefix[0].shape[2]
     first_own = n_prefix + keys.shape[2] + n_suffix - c  # position of the chunk's token 0
     until = torch.arange(first_own + 1, first_own + c + 1, device=query.device)
-    out = torch.empty_like(query)
-    for row in range(b):
-        rows = query[row].transpose(0, 1).unsqueeze(2)  # (C, Hq, 1, D), one token per row
-        out[row] = decode_attention_triton(
-            rows,
-            _broadcast(keys, row, c),
-            _broadcast(values, row, c),
-            key_quantizer,
-            value_quantizer,
-            scale=scale,
-            prefix=_segment(prefix, row, c),
-            suffix=_segment(suffix, row, c),
-            valid_until=until,
-            **kernel_options,
-        )[:, :, 0].transpose(0, 1)
-    return out
+    # (B, Hq, C, D) -> (B * C, Hq, 1, D): row b * C + i is token i of sequence b
+    rows = query.transpose(1, 2).reshape(b * c, query.shape[1], 1, query.shape[3])
+    out = decode_attention_triton(
+        rows,
+        keys,
+        values,
+        key_quantizer,
+        value_quantizer,
+        scale=scale,
+        prefix=prefix,
+        suffix=suffix,
+        valid_until=until.repeat(b),
+        rows_per_seq=c,
+        **kernel_options,
+    )
+    return out.reshape(b, c, query.shape[1], query.shape[3]).transpose(1, 2)
