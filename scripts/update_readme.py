@@ -304,6 +304,29 @@ def render_pipeline(doc: Any) -> str:
     return _join(_table(columns, summary), note, _machine(doc))
 
 
+def render_pipeline_perplexity(doc: Any) -> str:
+    """Real-model perplexity of pipeline (tiered) caches against plain widths, per budget."""
+    rows = sorted(_rows(doc), key=lambda r: (r.get("context", 0), r.get("residual_window", 0)))
+
+    def share(name: str) -> Callable[[Row], Any]:
+        return lambda r: "-" if r.get(name) is None else f"{r[name]:.3f}"
+
+    columns: list[Column] = [
+        ("context", _key("context"), True),
+        ("window", _key("residual_window"), True),
+        ("config", _key("config"), False),
+        ("bits/coord", _key("bits_per_coord"), True),
+        ("perplexity", _key("ppl"), True),
+        ("baseline", _key("baseline_ppl"), True),
+        ("change", _change, True),
+        ("high share K", share("high_share_k"), True),
+        ("high share V", share("high_share_v"), True),
+    ]
+    models = {str(r.get("model")) for r in rows}
+    note = f"Model: {models.pop()}." if len(models) == 1 and rows and rows[0].get("model") else ""
+    return _join(_table(columns, rows), note, _machine(doc))
+
+
 def _speed_vs_torch(rows: Sequence[Row], keys: tuple[str, ...] = ("context",)) -> Callable:
     """A column: torch SDPA's seconds for the row's ``keys`` (its context, ...) over the row's."""
     base = {
@@ -511,6 +534,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "qjl": render_qjl,
     "memory*": render_memory,
     "pipeline": render_pipeline,
+    "pipeline_perplexity": render_pipeline_perplexity,
     "decode_*": render_decode,
     "vae_memory_*": render_vae_memory,
     "video_*": render_video,

@@ -135,6 +135,67 @@ def test_tiered_with_one_tier_stores_no_mask():
     assert res.info["high_tokens"] == 6
 
 
+def test_tiered_token_rank_stores_one_width_per_token(xp):
+    """rank="token": every batch row and head of a token at one width; the payload is one
+    (B, H, T_w) tensor per width with the tokens it holds, and each token reconstructs as its
+    width's quantizer alone would."""
+    rng = np.random.default_rng(9)
+    x_host = rng.standard_normal((2, 3, 12, D)).astype(np.float32)
+    scores_host = rng.random((2, 3, 12)).astype(np.float32)
+    bank = _bank(xp)
+    strategy = TieredStrategy(fraction=0.25, high_bits=4, low_bits=2, rank="token")
+    res = strategy.compress(
+        make_array(xp, x_host, "float32"), make_array(xp, scores_host, "float32"), bank, n_bits=3
+    )
+    high, low = res.info["token_index"]
+    assert sorted(high + low) == list(range(12))
+    assert res.info["high_tokens"] == len(high)
+    assert [tuple(qt.shape) for qt in res.payload] == [(2, 3, len(high)), (2, 3, len(low))]
+    expected = TieredStrategy(fraction=0.25, rank="token").route(scores_host.mean(axis=(0, 1)))
+    assert list(np.flatnonzero(expected)) == list(high)
+    for width, idx in ((4, high), (2, low)):
+        q = bank.get(D, width)
+        part = make_array(xp, x_host[:, :, list(idx)], "float32")
+        got = namespace(res.reconstruction).take(
+            res.reconstruction, make_array(xp, np.array(idx), "int64"), axis=-2
+        )
+        xp_assert_equal(got, q.dequantize(q.quantize(part)))
+    norm_bits = 16 if hasattr(xp, "float16") else 32
+    assert res.bits == 6 * (len(high) * (4 * D + norm_bits) + len(low) * (2 * D + norm_bits)) + 12
+
+
+def test_tiered_token_rank_is_causal_and_keeps_the_fraction_when_scores_drift():
+    rng = np.random.default_rng(10)
+    scores = rng.random(3000) + np.linspace(0, 3, 3000)  # a rising trend: every token scores high
+    whole = TieredStrategy(fraction=0.25, rank="token").route(scores)
+    assert abs(whole.mean() - 0.25) < 0.01
+    stepwise = TieredStrategy(fraction=0.25, rank="token")
+    chunks = np.split(scores, [1, 2, 500, 501, 1700])
+    routed = np.concatenate([stepwise.route(c, ("layer", "k")) for c in chunks])
+    np.testing.assert_array_equal(routed, whole)  # the route of a token ignores later tokens
+    # Stationary uniform scores: once a horizon of scores is seen, the high tier holds the top
+    # quarter (scores > 0.75) up to the budget feedback's slack.
+    flat = rng.random(3000)
+    routed = TieredStrategy(fraction=0.25, rank="token").route(flat)
+    assert abs(routed.mean() - 0.25) < 0.01
+    high = flat[256:][routed[256:]]
+    assert high.min() > 0.6
+    assert np.mean(high > 0.75) > 0.9
+
+
+def test_tiered_token_rank_options_are_checked():
+    with pytest.raises(ValueError, match="rank must be one of 'joint', 'token'"):
+        TieredStrategy(rank="row")
+    with pytest.raises(ValueError, match="horizon must be an integer >= 1"):
+        TieredStrategy(rank="token", horizon=0)
+    with pytest.raises(ValueError, match="settle must be an integer >= 1"):
+        TieredStrategy(rank="token", settle=1.5)
+    strategy = TieredStrategy(rank="token")
+    strategy.route(np.ones(4), ("a", "k"))
+    strategy.reset()
+    assert not strategy._history
+
+
 # delta -----------------------------------------------------------------------------------------
 
 

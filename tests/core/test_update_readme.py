@@ -253,6 +253,32 @@ def test_generate_renderer() -> None:
     assert "Card: Test GPU. Model: Llama-3-8B shape, random weights. Baseline: DynamicCache" in text
 
 
+def test_pipeline_perplexity_renderer() -> None:
+    module = _script_module()
+    row = {"model": "M", "context": 1024, "residual_window": 0, "baseline_ppl": 10.0}
+    doc = {
+        "machine": MACHINE,
+        "rows": [
+            {**row, "config": "K4/V2", "bits_per_coord": 3.3, "ppl": 11.0},
+            {
+                **row,
+                "config": "palm+tiered 25% K5|3 V4|2",
+                "bits_per_coord": 3.32,
+                "ppl": 10.5,
+                "high_share_k": 0.25,
+                "high_share_v": 0.2512,
+            },
+        ],
+    }
+    text = module.render("pipeline_perplexity", doc)
+    assert "| 1024 | 0 | K4/V2 | 3.3 | 11 | 10 | +10.00% | - | - |" in text
+    assert (
+        "| 1024 | 0 | palm+tiered 25% K5\\|3 V4\\|2 | 3.32 | 10.5 | 10 | +5.00% | 0.250 | 0.251 |"
+        in text
+    )
+    assert "Model: M." in text
+
+
 def test_prefill_renderer() -> None:
     module = _script_module()
     doc = {

@@ -75,6 +75,12 @@ def _jsonable(value):
             },
         },
         {"bits_k": 2, "bits_v": 2, "rotation": "hadamard", "pipeline": {"monitor": "lyapunov"}},
+        {  # tiered: the high and low widths (keys 4|2, values 3|1) are stored too
+            "bits_k": 3,
+            "bits_v": 2,
+            "residual_window": 0,
+            "pipeline": {"scorer": "fisher", "strategy": "tiered"},
+        },
     ],
 )
 def test_patch_from_pretrained_is_bit_identical_without_solving(
@@ -289,6 +295,7 @@ def test_pipelines_that_cannot_be_stored_are_refused(tmp_path):
         convert(model, tmp_path, pipeline={"monitor": StabilityMonitor()})
     with pytest.raises(ValueError, match="pass the dict it was built from"):
         convert(model, tmp_path, pipeline=build_pipeline({"monitor": "stability"}))
+    joint = {"scorer": "palm", "strategy": "tiered", "strategy_kwargs": {"rank": "joint"}}
     with pytest.raises(ValueError, match="not supported by the LLM KV caches"):  # patch's own
-        convert(model, tmp_path, pipeline={"scorer": "palm", "strategy": "tiered"})
+        convert(model, tmp_path, pipeline=joint)
     assert not (tmp_path / "tqai_config.json").exists()

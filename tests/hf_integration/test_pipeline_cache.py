@@ -1,9 +1,10 @@
 """``tqai_torch.patch(model, pipeline=...)``: the compression pipeline inside the transformers cache.
 
-Tiny random Llama (2 layers, 2 KV heads of size 16). The LLM caches store one compressed tensor
-per commit, so the supported pipelines are "no strategy" (plain quantization at the pipeline's
-widths) with an optional monitor that moves the width between steps; such a cache keeps one
-packed history per width and attention reads them all in time order.
+Tiny random Llama (2 layers, 2 KV heads of size 16). The LLM caches store each token at one
+width shared by its batch rows and heads, so the supported pipelines are "no strategy" (plain
+quantization at the pipeline's widths) and ``tiered`` (built with ``rank="token"``: score-routed
+widths per token), each with an optional monitor that moves the width between steps; such a cache
+keeps one packed history per (key width, value width) and attention reads them all in time order.
 """
 
 from __future__ import annotations
@@ -138,18 +139,94 @@ def test_skip_layers_keeps_the_plain_widths(model):
     assert not piped.keys.length
 
 
-def test_save_refuses_a_pipeline_cache(model, tmp_path):
-    cache = tqai_torch.patch(model, pipeline={"monitor": "stability"})
+TIERED = {
+    "scorer": "palm",
+    "strategy": "tiered",
+    "strategy_kwargs": {"fraction": 0.25, "high_bits": 4, "low_bits": 2},
+}
+
+
+def _widths(store, stream: int) -> list[int]:
+    """Per history position, the width its key (0) or value (1) is stored at."""
+    widths = [0] * store.history_length
+    for spec, tier in store.tiers.items():
+        for p in tier.positions():
+            widths[p] = spec[stream].n_bits
+    return widths
+
+
+def test_tiered_routes_tokens_and_attends_like_the_dequantized_reference(model):
+    ids = _ids(length=200)
+    options = {"bits_k": 3, "bits_v": 3, "sink_tokens": 2, "residual_window": 3}
+    cache = tqai.patch(model, **options, pipeline=TIERED)
+    logits = _logits(model, cache, ids, steps=8)
+    for layer in cache.layers:
+        store = layer.store
+        assert store.pipeline.strategy.rank == "token"
+        assert not store.keys.length
+        for stream in (0, 1):
+            widths = _widths(store, stream)
+            assert set(widths) == {2, 4}
+            assert abs(widths.count(4) / len(widths) - 0.25) < 0.03
+    full = tqai_torch.patch(model, **options, cache_strategy="full", pipeline=TIERED)
+    reference = _logits(model, full, ids, steps=8)
+    for a, b in zip(cache.layers, full.layers, strict=True):
+        assert _widths(a.store, 0) == _widths(b.store, 0)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_tiered_cache_save_load_gives_the_same_logits(model, tmp_path):
+    ids = _ids(length=120)
+    cache = tqai.patch(model, bits_k=3, bits_v=3, sink_tokens=2, pipeline=TIERED)
+    with torch.no_grad():
+        model(ids[:, :100], **cache_kw(cache))
+    path = tmp_path / "tiered.tqai"
+    cache.save(path)
+    loaded = tqai_torch.TqaiCache.load(path, model)
+    assert loaded.pipeline is cache.pipeline is cache.copy().pipeline  # the patched model's
+    for a, b in zip(cache.layers, loaded.layers, strict=True):
+        assert _widths(a.store, 1) == _widths(b.store, 1)
+        assert len(b.store.tiers) > 1
+    with torch.no_grad():
+        after_load = model(ids[:, 100:], **cache_kw(loaded)).logits
+        original = model(ids[:, 100:], **cache_kw(cache)).logits
+    assert torch.equal(after_load, original)
+    assert loaded.get_seq_length() == cache.get_seq_length() == 120
+    # Another pipeline config, or none, refuses the file.
+    tqai.patch(model, bits_k=3, bits_v=3, sink_tokens=2, pipeline={**TIERED, "scorer": "fisher"})
+    with pytest.raises(ValueError, match="another compression pipeline"):
+        tqai_torch.TqaiCache.load(path, model)
+    tqai.patch(model, bits_k=3, bits_v=3, sink_tokens=2)
+    with pytest.raises(ValueError, match="another compression pipeline"):
+        tqai_torch.TqaiCache.load(path, model)
+
+
+def test_monitor_cache_save_load_and_objects_refused(model, tmp_path):
+    ids = _ids(length=60)
+    cache = tqai.patch(model, sink_tokens=2, residual_window=0, pipeline={"monitor": "stability"})
+    with torch.no_grad():
+        model(ids[:, :50], **cache_kw(cache))
+    cache.save(tmp_path / "m.tqai")
+    loaded = tqai_torch.TqaiCache.load(tmp_path / "m.tqai", model)
+    with torch.no_grad():
+        assert torch.equal(
+            model(ids[:, 50:], **cache_kw(loaded)).logits,
+            model(ids[:, 50:], **cache_kw(cache)).logits,
+        )
+    cache = tqai.patch(model, pipeline={"monitor": _Alternating()})
     _generate(model, _ids(), cache, n=2)
-    with pytest.raises(ValueError, match="pipeline"):
+    with pytest.raises(ValueError, match="built from plugin objects"):
         cache.save(tmp_path / "c.tqai")
 
 
 @pytest.mark.parametrize(
     ("pipeline", "match"),
     [
-        ({"scorer": "palm", "strategy": "tiered"}, "'tiered' is not supported"),
-        ({"strategy": "delta"}, "requires model features"),
+        (
+            {"scorer": "palm", "strategy": "tiered", "strategy_kwargs": {"rank": "joint"}},
+            "'tiered' is not supported",
+        ),
+        ({"strategy": "delta"}, "diffusion-step strategy"),
         ({"scorer": "nope", "strategy": "tiered"}, "allowed values"),
         ({"monitor": "stability", "skip_layers": [7]}, "skip_layers"),
         ({"bits": 3}, "unknown pipeline config key"),

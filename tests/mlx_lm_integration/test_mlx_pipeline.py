@@ -134,18 +134,70 @@ def test_skip_layers_keeps_the_plain_widths(model):
     assert not piped.keys.length
 
 
-def test_save_refuses_a_pipeline_cache(model):
-    cache = tqai_mlx.patch(model, pipeline={"monitor": "stability"})
-    _decode(model, cache, _prompt(), n=1)
-    with pytest.raises(ValueError, match="pipeline"):
-        cache[0].meta_state  # noqa: B018  (what save_prompt_cache reads)
+TIERED = {
+    "scorer": "palm",
+    "strategy": "tiered",
+    "strategy_kwargs": {"fraction": 0.25, "high_bits": 4, "low_bits": 2},
+}
+
+
+def _widths(store, stream: int) -> list[int]:
+    """Per history position, the width its key (0) or value (1) is stored at."""
+    widths = [0] * store.history_length
+    for spec, tier in store.tiers.items():
+        for p in tier.positions():
+            widths[p] = spec[stream].n_bits
+    return widths
+
+
+def test_tiered_routes_tokens_and_matches_the_full_strategy(model):
+    prompt = _prompt(length=160)
+    options = {"bits_k": 3, "bits_v": 3, "residual_window": 2}
+    cache = tqai_mlx.patch(model, **options, pipeline=TIERED)
+    logits = _decode(model, cache, prompt)
+    for c in cache:
+        assert c.store.pipeline.strategy.rank == "token"
+        for stream in (0, 1):
+            widths = _widths(c.store, stream)
+            assert set(widths) == {2, 4}
+            assert abs(widths.count(4) / len(widths) - 0.25) < 0.03
+    full = tqai_mlx.patch(model, **options, cache_strategy="full", pipeline=TIERED)
+    reference = _decode(model, full, prompt)
+    assert mx.allclose(logits, reference, rtol=1e-4, atol=1e-4).item()
+
+
+def test_tiered_cache_save_load_gives_the_same_logits(model, tmp_path):
+    prompt = _prompt(length=80)
+    cache = tqai_mlx.patch(model, bits_k=3, bits_v=3, pipeline=TIERED)
+    model(prompt[:, :70], cache=cache)
+    mx.eval([c.state for c in cache])
+    path = tmp_path / "tiered.tqai"
+    tqai_mlx.save_cache(path, cache, model=model)
+    with pytest.raises(ValueError, match="pass model="):
+        tqai_mlx.load_cache(path)
+    loaded = tqai_mlx.load_cache(path, model=model)
+    for a, b in zip(cache, loaded, strict=True):
+        assert _widths(a.store, 0) == _widths(b.store, 0)
+        assert len(b.store.tiers) > 1
+    after_load = model(prompt[:, 70:], cache=loaded)
+    original = model(prompt[:, 70:], cache=cache)
+    assert mx.array_equal(after_load, original).item()
+    tqai_mlx.patch(model, bits_k=3, bits_v=3, pipeline={**TIERED, "scorer": "fisher"})
+    with pytest.raises(ValueError, match="another compression pipeline"):
+        tqai_mlx.load_cache(path, model=model)
+    tqai_mlx.patch(model, bits_k=3, bits_v=3)
+    with pytest.raises(ValueError, match="another compression pipeline"):
+        tqai_mlx.load_cache(path, model=model)
 
 
 @pytest.mark.parametrize(
     ("pipeline", "match"),
     [
-        ({"scorer": "palm", "strategy": "tiered"}, "'tiered' is not supported"),
-        ({"strategy": "delta"}, "requires model features"),
+        (
+            {"scorer": "palm", "strategy": "tiered", "strategy_kwargs": {"rank": "joint"}},
+            "'tiered' is not supported",
+        ),
+        ({"strategy": "delta"}, "diffusion-step strategy"),
         ({"monitor": "nope"}, "allowed values"),
         ({"monitor": "stability", "skip_layers": [5]}, "skip_layers"),
         ({"bits": 3}, "unknown pipeline config key"),

@@ -202,6 +202,28 @@ def test_rejects_bad_prompts(model) -> None:
         calibrate_fisher(model, None, [torch.rand(8)], None)
 
 
+class _CountingTokenizer:
+    """Token ids 0, 1, 2, ... one per character: positions in the text are the ids."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        return SimpleNamespace(input_ids=torch.arange(len(text))[None])
+
+
+def test_shakespeare_windows_can_skip_the_scored_text() -> None:
+    from tqai_torch.calibrate import shakespeare_windows
+
+    tok = _CountingTokenizer()
+    windows = shakespeare_windows(tok, samples=4, tokens=64, skip_tokens=10_000)
+    assert len(windows) == 4
+    assert min(int(w[0]) for w in windows) == 10_000
+    assert all(len(w) == 64 for w in windows)
+    assert int(shakespeare_windows(tok, samples=4, tokens=64)[0][0]) == 0
+    with pytest.raises(ValueError, match="skip_tokens must be >= 0"):
+        shakespeare_windows(tok, skip_tokens=-1)
+    with pytest.raises(ValueError, match="leaves nothing"):
+        shakespeare_windows(tok, skip_tokens=10**9)
+
+
 def test_cli_on_a_tiny_local_folder(tmp_path) -> None:
     tokenizers = pytest.importorskip("tokenizers")
     import typer
@@ -242,6 +264,22 @@ def test_cli_on_a_tiny_local_folder(tmp_path) -> None:
     result = CliRunner().invoke(app, ["calibrate", "--output", str(out), *both])
     assert result.exit_code != 0
     assert "--prompts or --plays" in result.output
+    refused = CliRunner(env={"COLUMNS": "200"}).invoke(
+        app,
+        [
+            "calibrate",
+            "--model",
+            str(folder),
+            "--output",
+            str(out),
+            "--prompts",
+            str(prompts),
+            "--skip-tokens",
+            "5",
+        ],
+    )
+    assert refused.exit_code != 0
+    assert "skip-tokens" in refused.output
 
 
 @pytest.mark.slow

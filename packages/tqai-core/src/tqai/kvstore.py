@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from tqai import _xp
 from tqai.attention import CompressedHistory, _group, compressed_attention_multi
 from tqai.codebooks import validate_dim
@@ -52,7 +54,14 @@ from tqai.kvlayout import (
 )
 from tqai.quantizers import TurboQuantMSE, TurboQuantProd
 
-__all__ = ["STRATEGIES", "KVCacheConfig", "KVStore", "build_cache_pipeline"]
+__all__ = [
+    "STRATEGIES",
+    "KVCacheConfig",
+    "KVStore",
+    "build_cache_pipeline",
+    "check_pipeline",
+    "pipeline_config",
+]
 
 STRATEGIES = ("compressed", "residual", "full")
 _DEFAULT_RESIDUAL_WINDOW = 128
@@ -181,14 +190,17 @@ def build_cache_pipeline(
             built :class:`tqai.pipeline.CompressionPipeline`. A dict gets defaults from the cache
             config where it says nothing: ``adapter="llm"`` (so strategies an LLM cannot run are
             refused by the pipeline itself), ``bits_k``/``bits_v``, and for the ``"mse"``
-            quantizer the config's ``rotation``, ``seed`` and ``norm_dtype``.
+            quantizer the config's ``rotation``, ``seed`` and ``norm_dtype``; a named strategy
+            gets its class's ``cache_kwargs`` under the config's ``strategy_kwargs`` (``tiered``:
+            ``rank="token"``, one width per token).
         config: the cache's :class:`KVCacheConfig` (its widths serve ``skip_layers``).
         num_layers: the model's attention layers (``skip_layers`` must index them).
         head_dims: head dims the pipeline's quantizers must serve (built now, not mid-run).
 
     Raises:
         PipelineConfigError: a malformed config (the pipeline's own message), a strategy the
-            cache cannot store, or ``skip_layers`` out of range.
+            cache cannot store (diffusion-step strategies, or several widths inside one
+            ``(batch, head)`` row of a token), or ``skip_layers`` out of range.
     """
     if pipeline is None:
         return None
@@ -208,6 +220,13 @@ def build_cache_pipeline(
                 "seed": config.seed,
                 "norm_dtype": config.norm_dtype,
             }
+        strategy = _strategy_class(full.get("strategy"))
+        _refuse_diffusion_strategy(strategy)
+        defaults = getattr(strategy, "cache_kwargs", None)
+        given = full.get("strategy_kwargs")
+        named = isinstance(full.get("strategy"), str | type)
+        if defaults and named and (given is None or isinstance(given, Mapping)):
+            full["strategy_kwargs"] = {**defaults, **(given or {})}
         pipe = build_pipeline(full)
     elif isinstance(pipeline, CompressionPipeline):
         pipe = pipeline
@@ -217,22 +236,28 @@ def build_cache_pipeline(
             f"{type(pipeline).__name__}"
         )
     if pipe.strategy is not None:
-        name = getattr(pipe.strategy, "name", None) or type(pipe.strategy).__name__
-        raise PipelineConfigError(
-            f"config['strategy'] = {name!r} is not supported by the LLM KV caches: they store "
-            "one compressed tensor per commit at one width per layer, and this strategy stores "
-            "tokens of one commit at several widths (or predicts from earlier steps). "
-            f"Supported: {', '.join(repr(s) for s in CACHE_PIPELINE_STRATEGIES)} (no strategy: "
-            "plain quantization at the pipeline's widths), with an optional monitor "
-            "('stability', 'lyapunov', ...) that moves the width between steps, and skip_layers"
-        )
+        _refuse_diffusion_strategy(pipe.strategy)
+        if not getattr(pipe.strategy, "per_token", False):
+            name = getattr(pipe.strategy, "name", None) or type(pipe.strategy).__name__
+            raise PipelineConfigError(
+                f"config['strategy'] = {name!r} is not supported by the LLM KV caches: they "
+                "store each token at one width shared by every batch row and head (one packed "
+                "history per width), and this strategy codes the vectors of one token at "
+                "several widths (it does not set per_token = True). Supported: tiered (an LLM "
+                "cache builds it with rank='token'; an explicit rank='joint' is refused), or no "
+                "strategy (plain quantization at the pipeline's widths), each with an optional "
+                "monitor ('stability', 'lyapunov', ...) and skip_layers"
+            )
     bad = sorted(i for i in pipe.skip_layers if i >= num_layers)
     if bad:
         raise PipelineConfigError(
             f"config['skip_layers'] must be layer indices in 0..{num_layers - 1}, got {bad}"
         )
+    widths = set(pipe.bits.values())
+    if pipe.strategy is not None and hasattr(pipe.strategy, "widths"):
+        widths |= {w for b in pipe.bits.values() for w in pipe.strategy.widths(b)}
     for d in head_dims:
-        for bits in set(pipe.bits.values()):
+        for bits in sorted(widths):
             try:
                 pipe.quantizers.get(d, bits)
             except (TypeError, ValueError) as ex:
@@ -243,8 +268,78 @@ def build_cache_pipeline(
     return pipe
 
 
-CACHE_PIPELINE_STRATEGIES: tuple[None, ...] = (None,)
-"""Pipeline strategies the LLM caches can store (``None``: plain quantization)."""
+def pipeline_config(pipeline: Any) -> dict | None:
+    """What a saved cache records of its pipeline: its JSON config (None without a pipeline).
+
+    Raises:
+        ValueError: the pipeline was built from plugin objects, so no config describes it.
+    """
+    if pipeline is None:
+        return None
+    if pipeline.config is None:
+        raise ValueError(
+            "this cache's compression pipeline was built from plugin objects (instances or a "
+            "CompressionPipeline), so a saved file could not name it; patch with a pipeline "
+            "config dict of plugin names and JSON-able kwargs to save its caches"
+        )
+    return pipeline.config
+
+
+def check_pipeline(path: Any, saved: dict | None, pipeline: Any) -> None:
+    """Refuse loading a cache file written with another pipeline config than ``pipeline``'s.
+
+    Raises:
+        ValueError: the configs differ (None: no pipeline), or ``pipeline`` was built from
+            plugin objects (see :func:`pipeline_config`).
+    """
+    current = pipeline_config(pipeline)
+    if saved != current:
+        raise ValueError(
+            f"{path} was saved with another compression pipeline: {saved}; this cache uses "
+            f"{current}: patch the model with the pipeline config it was saved with"
+        )
+
+
+def _strategy_class(spec: Any) -> Any:
+    """The class a config's ``strategy`` names (None when unknown: the pipeline reports it)."""
+    if isinstance(spec, type) or spec is None:
+        return spec
+    if not isinstance(spec, str):
+        return type(spec)
+    from tqai.registry import PluginLoadError, registry
+
+    reg = registry("tqai.strategies")
+    if spec not in reg:
+        return None
+    try:
+        return reg.get(spec)
+    except PluginLoadError:
+        return None
+
+
+def _refuse_diffusion_strategy(strategy: Any) -> None:
+    """Refuse a strategy that needs model features an LLM cache lacks, saying why and where it
+    applies (the diffusion-step strategies: delta, delta2, window, cfg_sharing)."""
+    if strategy is None:
+        return
+    from tqai.pipeline import PipelineConfigError
+    from tqai.pipeline.adapters.llm import LlmAdapter
+    from tqai.pipeline.protocols import FEATURES
+
+    missing = sorted(frozenset(getattr(strategy, "requires", ())) - LlmAdapter.features)
+    if not missing:
+        return
+    name = getattr(strategy, "name", None) or getattr(strategy, "__name__", None)
+    name = name or type(strategy).__name__
+    needs = "; ".join(f"{f}: {FEATURES.get(f, 'a model feature')}" for f in missing)
+    raise PipelineConfigError(
+        f"config['strategy'] = {name!r} is a diffusion-step strategy and does not apply to LLM "
+        f"KV caches: it requires {needs}. An LLM cache appends each step's new tokens to its "
+        "history instead (appended_kv), so there is no earlier step of the same tokens to "
+        "predict from or reuse. Use it for diffusion transformers through tqai-diffusers "
+        f"(tqai_diffusers.apply_tqai(pipe, TqaiConfig(strategy={name!r}))). LLM caches support "
+        "tiered or no strategy"
+    )
 
 
 def _cat(xp: ModuleType, parts: list[Any], axis: int) -> Any:
@@ -330,6 +425,14 @@ class _Tier:
     def positions(self) -> list[int]:
         return [p for start, stop in self.runs for p in range(start, stop)]
 
+    def add_positions(self, positions: list[int]) -> None:
+        """Record that the tokens just appended sit at these (increasing) history positions."""
+        for p in positions:
+            if self.runs and self.runs[-1][1] == p:
+                self.runs[-1][1] = p + 1
+            else:
+                self.runs.append([p, p + 1])
+
     def crop(self, history: int) -> None:
         """Keep only the tokens at history positions ``< history``."""
         kept, runs = 0, []
@@ -349,26 +452,67 @@ class _Tier:
         return new
 
 
-def _single_payload(result: Any, x: Any, quantizers: Any, stream: str) -> tuple[Any, Any]:
-    """The one QuantizedTensor of ``result`` that stores ``x`` token by token, and the
-    quantizer that decodes it; anything else cannot be read by the cache's attention."""
+def _payload_parts(
+    result: Any, x: Any, quantizers: Any, stream: str
+) -> list[tuple[QuantizedTensor, Any, list[int]]]:
+    """The compressed tensors of ``result`` that store ``x (B, H, T, D)`` token by token, each
+    with the quantizer that decodes it and the tokens (indices into ``T``) it holds.
+
+    One payload of shape ``(B, H, T)`` holds every token; several (per-token routing, e.g.
+    ``tiered`` with ``rank="token"``) come with ``result.info["token_index"]``: one increasing
+    index list per payload, together a partition of ``range(T)``. Anything else cannot be read by
+    the cache's attention.
+    """
     payload = tuple(result.payload)
-    lead = tuple(x.shape[:-1])
-    if len(payload) != 1 or tuple(payload[0].shape) != lead:
+    lead, t = tuple(x.shape[:-2]), x.shape[-2]
+    index = result.info.get("token_index")
+    if index is None and len(payload) == 1:
+        index = (range(t),)
+    index = [list(i) for i in index] if index is not None else None
+    if (
+        index is None
+        or len(index) != len(payload)
+        or sorted(i for idx in index for i in idx) != list(range(t))
+        or any(tuple(qt.shape) != (*lead, len(i)) for qt, i in zip(payload, index, strict=True))
+    ):
         shapes = [tuple(qt.shape) for qt in payload]
         raise ValueError(
             f"the pipeline's {stream!r} result holds payload(s) of shape {shapes}; an LLM cache "
-            f"can only store one compressed tensor of shape {lead} per commit (plain "
-            "quantization, optionally with a monitor)"
+            f"can only store compressed tensors of shape {(*lead, 'T_i')} whose tokens "
+            "result.info['token_index'] lists (one width per token, e.g. tiered with "
+            f"rank='token'), or one of shape {(*lead, t)}"
         )
-    qt = payload[0]
-    quantizer = quantizers.get(qt.spec.d, qt.spec.n_bits)
-    if quantizer.spec != qt.spec:
-        raise ValueError(
-            f"the pipeline's {stream!r} payload was made by a quantizer ({qt.spec}) that its "
-            f"quantizer bank does not provide ({quantizer.spec}); the cache cannot decode it"
-        )
-    return qt, quantizer
+    parts = []
+    for qt, idx in zip(payload, index, strict=True):
+        quantizer = quantizers.get(qt.spec.d, qt.spec.n_bits)
+        if quantizer.spec != qt.spec:
+            raise ValueError(
+                f"the pipeline's {stream!r} payload was made by a quantizer ({qt.spec}) that its "
+                f"quantizer bank does not provide ({quantizer.spec}); the cache cannot decode it"
+            )
+        parts.append((qt, quantizer, idx))
+    return parts
+
+
+def _saved_tensor(arrays: dict[str, Any], prefix: str, quantizer: Any, dtype: str) -> Any:
+    """The compressed tensor saved under ``prefix`` (``norms``, ``packed``, ...), validated."""
+    named = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+    if "norms" not in named:
+        raise ValueError(f"the saved layer has no {prefix}norms array")
+    lead = tuple(named["norms"].shape)
+    qt = QuantizedTensor(spec=quantizer.spec, shape=lead, dtype=dtype, **named)
+    qt.validate()
+    return qt
+
+
+def _take_tokens(qt: QuantizedTensor, index: list[int], xp: ModuleType) -> QuantizedTensor:
+    """The tokens ``index`` (along the last leading axis) of a compressed tensor."""
+    if index == list(range(qt.shape[-1])):
+        return qt
+    at = xp.asarray(index, dtype=xp.int64, device=_xp.device_of(qt.norms))
+    arrays = {name: xp.take(a, at, axis=len(qt.shape) - 1) for name, a in qt.arrays().items()}
+    shape = (*qt.shape[:-1], len(index))
+    return QuantizedTensor(spec=qt.spec, shape=shape, dtype=qt.dtype, **arrays)
 
 
 class KVStore:
@@ -583,22 +727,33 @@ class KVStore:
         self._query_sq = None
 
     def _commit_pipeline(self, keys: Any, values: Any) -> None:
-        """Compress tokens leaving the window with the pipeline; file them by spec."""
+        """Compress tokens leaving the window with the pipeline; file them by (key, value) spec.
+
+        A token whose key and value went to widths ``(a, b)`` joins the tier of that pair, so
+        with per-token routing in both streams a layer holds up to four tiers per base width.
+        """
         xp, pipe = self.xp, self.pipeline
         res_k, res_v = pipe.compress_kv(keys, values, layer=self.layer)
-        qk, key_q = _single_payload(res_k, keys, pipe.quantizers, "k")
-        qv, value_q = _single_payload(res_v, values, pipe.quantizers, "v")
-        start = self.history_length
-        tier = self.tiers.get((qk.spec, qv.spec))
-        if tier is None:
-            tier = self.tiers[(qk.spec, qv.spec)] = _Tier(key_q, value_q)
-        tier.keys.append(qk, xp)
-        tier.values.append(qv, xp)
-        stop = start + keys.shape[2]
-        if tier.runs and tier.runs[-1][1] == start:
-            tier.runs[-1][1] = stop
-        else:
-            tier.runs.append([start, stop])
+        parts_k = _payload_parts(res_k, keys, pipe.quantizers, "k")
+        parts_v = _payload_parts(res_v, values, pipe.quantizers, "v")
+        start, n = self.history_length, keys.shape[2]
+        where_k, where_v = [(0, 0)] * n, [(0, 0)] * n
+        for where, parts in ((where_k, parts_k), (where_v, parts_v)):
+            for i, (_, _, idx) in enumerate(parts):
+                for local, t in enumerate(idx):
+                    where[t] = (i, local)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for t in range(n):
+            groups.setdefault((where_k[t][0], where_v[t][0]), []).append(t)
+        for (i, j), tokens in groups.items():
+            qk, key_q, _ = parts_k[i]
+            qv, value_q, _ = parts_v[j]
+            tier = self.tiers.get((qk.spec, qv.spec))
+            if tier is None:
+                tier = self.tiers[(qk.spec, qv.spec)] = _Tier(key_q, value_q)
+            tier.keys.append(_take_tokens(qk, [where_k[t][1] for t in tokens], xp), xp)
+            tier.values.append(_take_tokens(qv, [where_v[t][1] for t in tokens], xp), xp)
+            tier.add_positions([start + t for t in tokens])
 
     def _histories(self) -> list[CompressedHistory]:
         """What attention reads of the compressed tokens (pipeline tiers, or the one history)."""
@@ -676,7 +831,7 @@ class KVStore:
         """
         if self.xp is None:
             raise RuntimeError("attend() before any update(): the store holds no tokens")
-        if self.quantize_staged and self.pending is not None and not self.tiers:
+        if self.quantize_staged and self.pending is not None:
             return self._attend_as_decode(query, scale=scale, mask=mask, softcap=softcap)
         self.observe(query, scale=scale)
         out = compressed_attention_multi(
@@ -881,16 +1036,12 @@ class KVStore:
         """What a saved cache holds for this layer: ``(meta, arrays)`` (commits first).
 
         Only the used part of the history buffers is included, never the spare capacity; a
-        fitted coding's statistics (means, scales, channel sets) are included.
-
-        Raises:
-            ValueError: the store was built with a compression pipeline (not saveable yet).
+        fitted coding's statistics (means, scales, channel sets) are included. A store with a
+        compression pipeline saves each tier (one ``(key spec, value spec)`` pair: its packed
+        codes ``tier{i}.k.*`` / ``tier{i}.v.*`` and the specs in ``meta["tiers"]``) and
+        ``tier_of``, a uint8 ``(history,)`` array naming each history position's tier; the
+        pipeline's running state (scorer statistics, routing, monitor) is not part of it.
         """
-        if self.pipeline is not None or self.tiers:
-            raise ValueError(
-                "saving a cache built with a compression pipeline is not supported: its tokens "
-                "live in per-spec histories that the cache-file format does not describe"
-            )
         self.commit()
         meta = {
             "config": self.config.to_dict(),
@@ -900,34 +1051,72 @@ class KVStore:
             "history": self.history_length,
             "window": self.window_length,
         }
-        return meta, {**self._segment_arrays(), **self._history_arrays()}
-
-    def held_arrays(self) -> dict[str, Any]:
-        """Every array held, by name (commits first): for evaluation (``mx.eval``), not saving;
-        unlike :meth:`state` it also serves stores built with a pipeline."""
-        self.commit()
         arrays = {**self._segment_arrays(), **self._history_arrays()}
-        for i, t in enumerate(self.tiers.values()):
-            for stream, hist in (("k", t.keys), ("v", t.values)):
-                if hist.length:
-                    for name, a in hist.view().arrays().items():
-                        arrays[f"tier{i}.{stream}.{name}"] = a
-        return arrays
+        if self.pipeline is not None:
+            meta["tiers"], tier_arrays = self._tier_state()
+            arrays.update(tier_arrays)
+        return meta, arrays
+
+    def _tier_state(self) -> tuple[list[dict], dict[str, Any]]:
+        tiers = [t for t in self.tiers.values() if t.length]
+        if len(tiers) > 255:
+            raise ValueError(f"{len(tiers)} tiers do not fit the uint8 tier_of array (<= 255)")
+        meta, arrays = [], {}
+        tier_of = np.zeros(self.history_length, dtype=np.uint8)
+        for i, tier in enumerate(tiers):
+            meta.append(
+                {
+                    "k": asdict(tier.key_quantizer.spec),
+                    "v": asdict(tier.value_quantizer.spec),
+                    "length": tier.length,
+                }
+            )
+            for stream, hist in (("k", tier.keys), ("v", tier.values)):
+                for name, a in hist.view().arrays().items():
+                    arrays[f"tier{i}.{stream}.{name}"] = a
+            for start, stop in tier.runs:
+                tier_of[start:stop] = i
+        if tiers:
+            device = _xp.device_of(arrays["tier0.k.norms"])
+            arrays["tier_of"] = self.xp.asarray(tier_of, device=device)
+        return meta, arrays
 
     @classmethod
-    def from_state(cls, config: KVCacheConfig, meta: dict, arrays: dict[str, Any]) -> KVStore:
+    def from_state(
+        cls,
+        config: KVCacheConfig,
+        meta: dict,
+        arrays: dict[str, Any],
+        pipeline: Any = None,
+        layer: int | None = None,
+    ) -> KVStore:
         """Rebuild a store from :meth:`state` output (arrays in the namespace to use).
 
+        Args:
+            config: the cache config the layer was saved with.
+            meta, arrays: what :meth:`state` returned.
+            pipeline, layer: the compression pipeline and layer index of the store to build
+                (as for :class:`KVStore`); a layer saved with pipeline tiers needs one whose
+                quantizers make the same specs.
+
         Raises:
-            ValueError: the saved layer was made with another cache config, or its arrays do not
-                match what the config codes.
+            ValueError: the saved layer was made with another cache config, with (or without)
+                a pipeline this store does not (does) run, with quantizers the pipeline does not
+                provide, or its arrays do not match what the config codes.
         """
         if meta["config"] != config.to_dict():
             raise ValueError(
                 "the saved cache was made with another tqai config: "
                 f"saved {meta['config']}, requested {config.to_dict()}"
             )
-        store = cls(config)
+        store = cls(config, pipeline, layer)
+        if ("tiers" in meta) != (store.pipeline is not None):
+            saved = "with" if "tiers" in meta else "without"
+            now = "runs" if store.pipeline is not None else "does not run"
+            raise ValueError(
+                f"layer {layer} was saved {saved} a compression pipeline, but this cache {now} "
+                "one there: load it into a model patched with the pipeline it was saved with"
+            )
         if meta["head_dim"] is None or not arrays:  # nothing held (never filled, or cropped to 0)
             return store
         store.xp = _xp.namespace(*arrays.values())
@@ -940,6 +1129,9 @@ class KVStore:
         for part in ("sinks", "window"):
             if f"{part}.k" in arrays:
                 setattr(store, part, (arrays[f"{part}.k"], arrays[f"{part}.v"]))
+        if meta.get("tiers"):
+            store._load_tiers(meta, arrays)
+            return store
         if not meta["history"]:
             return store
         if not config.plain:
@@ -959,16 +1151,44 @@ class KVStore:
         ):
             for p, (hist, q) in enumerate(zip(parts, qs, strict=True)):
                 prefix = f"history.{stream}" + (str(p) if p else "") + "."
-                named = {
-                    k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)
-                }
-                if "norms" not in named:
-                    raise ValueError(f"the saved layer has no {prefix}norms array")
-                lead = tuple(named["norms"].shape)
-                qt = QuantizedTensor(spec=q.spec, shape=lead, dtype=meta["dtype"], **named)
-                qt.validate()
-                hist.append(qt, store.xp)
+                hist.append(_saved_tensor(arrays, prefix, q, meta["dtype"]), store.xp)
         return store
+
+    def _load_tiers(self, meta: dict, arrays: dict[str, Any]) -> None:
+        """Rebuild the pipeline tiers of :meth:`_tier_state` (quantizers from the pipeline)."""
+        if "tier_of" not in arrays:
+            raise ValueError("the saved layer has tiers but no tier_of array")
+        tier_of = _xp.to_host(arrays["tier_of"]).tolist()
+        if len(tier_of) != meta["history"]:
+            raise ValueError(
+                f"the saved tier_of array has {len(tier_of)} entries for {meta['history']} "
+                "history tokens"
+            )
+        bank = self.pipeline.quantizers
+        for i, saved in enumerate(meta["tiers"]):
+            quantizers = []
+            for stream in ("k", "v"):
+                q = bank.get(saved[stream]["d"], saved[stream]["n_bits"])
+                if asdict(q.spec) != saved[stream]:
+                    raise ValueError(
+                        f"tier {i} of the saved layer was coded by {saved[stream]} ({stream!r}), "
+                        f"but this pipeline's quantizer for that width is {asdict(q.spec)}"
+                    )
+                quantizers.append(q)
+            tier = _Tier(*quantizers)
+            tier.keys.append(
+                _saved_tensor(arrays, f"tier{i}.k.", quantizers[0], meta["dtype"]), self.xp
+            )
+            tier.values.append(
+                _saved_tensor(arrays, f"tier{i}.v.", quantizers[1], meta["dtype"]), self.xp
+            )
+            tier.add_positions([p for p, j in enumerate(tier_of) if j == i])
+            if len(tier.positions()) != tier.length:
+                raise ValueError(
+                    f"tier {i} of the saved layer holds {tier.length} tokens but tier_of "
+                    f"assigns it {len(tier.positions())}"
+                )
+            self.tiers[(quantizers[0].spec, quantizers[1].spec)] = tier
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (e.g. ``lambda a: a[indices]``) to the batch axis of every array."""

@@ -239,12 +239,15 @@ def pipeline_from_folder(pipeline: Any, directory: Path, has_calibration: bool) 
 def pipeline_quantizers(pipeline: Any, head_dims: Iterable[int]) -> list[Any]:
     """Every quantizer a built cache pipeline can ask its bank for, for ``head_dims``.
 
-    Its base widths; with a monitor (which moves the width between steps), every width 1..8 the
-    bank's quantizer accepts. Stored so that no step solves a codebook mid-generation either.
+    Its base widths and, for a strategy with ``widths(n_bits)`` (``tiered``), their high and low
+    widths; with a monitor (which moves the width between steps), every width 1..8 the bank's
+    quantizer accepts. Stored so that no step solves a codebook mid-generation either.
     """
     if pipeline is None:
         return []
     widths = set(pipeline.bits.values())
+    if pipeline.strategy is not None and hasattr(pipeline.strategy, "widths"):
+        widths |= {w for b in pipeline.bits.values() for w in pipeline.strategy.widths(b)}
     if pipeline.monitor is not None:
         widths |= set(range(1, 9))
     out = []

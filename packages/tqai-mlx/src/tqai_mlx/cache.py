@@ -275,19 +275,18 @@ class TqaiKVCache:
         """Every array held, by name: :meth:`tqai.kvstore.KVStore.state`'s arrays.
 
         Staged tokens are committed first (mlx-lm reads ``state`` only between forward passes,
-        when nothing is staged); the code buffers are cut to the tokens held. A cache built
-        with a compression pipeline gives its arrays for evaluation, but cannot be saved
-        (:attr:`meta_state` refuses).
+        when nothing is staged); the code buffers are cut to the tokens held. With a
+        compression pipeline: every width's codes and ``tier_of`` (which width holds each token).
         """
-        if self.store.pipeline is not None:
-            return self.store.held_arrays()
         return self.store.state()[1]
 
     @state.setter
     def state(self, arrays: dict[str, mx.array]) -> None:
         meta = self._restore_meta or self.store.state()[0]
         self._restore_meta = None
-        self.store = KVStore.from_state(self.config, meta, dict(arrays))
+        self.store = KVStore.from_state(
+            self.config, meta, dict(arrays), self.store.pipeline, self.store.layer
+        )
         self._awaiting_attention = False
 
     @classmethod

@@ -49,7 +49,14 @@ from tqai_mlx.activations import (
 from tqai_mlx.cache import KERNELS, TqaiKVCache
 from tqai_mlx.chunked_attention import CHUNK_ATTR, chunked_scaled_dot_product_attention, supports
 
-__all__ = ["is_patched", "patch", "patch_config", "patch_layer_configs", "unpatch"]
+__all__ = [
+    "is_patched",
+    "patch",
+    "patch_config",
+    "patch_layer_configs",
+    "patch_pipeline",
+    "unpatch",
+]
 
 _SDPA = "scaled_dot_product_attention"
 _KERNEL_ENV = "TQAI_KERNEL"
@@ -257,7 +264,9 @@ def patch(
             (``{"monitor": "stability", "skip_layers": [0], ...}``, see :mod:`tqai.pipeline`)
             or a built ``CompressionPipeline``: built and validated once here
             (:func:`tqai.kvstore.build_cache_pipeline`), shared by every compressed layer;
-            reference kernel only. Strategies storing one commit at several widths are refused.
+            reference kernel only. Strategies: ``tiered`` (built with ``rank="token"``: each
+            token at one score-routed width) or none; the diffusion-step strategies (``delta``,
+            ``delta2``, ``window``, ``cfg_sharing``) are refused (they belong to tqai-diffusers).
         center_keys, center_values, balance_keys: coding options fitted to the prompt
             (:mod:`tqai.kvlayout`); reference kernel only.
         layer_bits: per-layer ``(bits_k, bits_v)``: a list with one pair per layer (e.g.
@@ -428,3 +437,9 @@ def patch_layer_configs(model: Any) -> tuple[KVCacheConfig, ...] | None:
     Layers that keep mlx-lm's own cache get the model's config too (it is not used there)."""
     state = _patched.get(id(model))
     return None if state is None else state.layer_configs
+
+
+def patch_pipeline(model: Any) -> Any:
+    """The compression pipeline ``model``'s caches run (``patch(pipeline=...)``), or None."""
+    state = _patched.get(id(model))
+    return None if state is None else state.pipeline

@@ -10,10 +10,14 @@ atomically, the same bytes on every backend), holding:
   the sinks, packed codes, norms and window, codes still packed;
 - per mlx-lm layer (``RotatingKVCache`` of a sliding-window layer, a skipped ``KVCache``, ...),
   its ``state`` leaves: arrays as arrays, the rest (offsets, sizes) in the header;
-- a fingerprint of the model (:func:`tqai_mlx._model.describe`) when ``model=`` is given.
+- a fingerprint of the model (:func:`tqai_mlx._model.describe`) when ``model=`` is given;
+- with a compression pipeline, each tqai layer's tiers (codes per width and ``tier_of``, see
+  :meth:`tqai.kvstore.KVStore.state`) and the pipeline's config in ``meta["pipeline"]``; such a
+  file loads only with ``model=`` patched with the same pipeline config (the pipeline's running
+  state, e.g. scorer statistics, is not saved: it stays with the patched model).
 
 Header ``meta``: ``{"backend": "mlx", "format": "tqai-mlx-prompt-cache", "version": 1,
-"model": {...} | null, "metadata": {str: str}, "layers": [{"kind": "tqai", "kernel": ...,
+"model": {...} | null, "metadata": {str: str}, "pipeline": {...} | null, "layers": [{"kind": "tqai", "kernel": ...,
 **KVStore meta} | {"kind": <mlx-lm class>, "scalars": {...}, "arrays": [...], "empty":
 "dict" | "list", "meta_state": [...]}]}``; arrays are named ``layer<i>.<name>``.
 
@@ -34,10 +38,10 @@ from mlx_lm.models import cache as _mlx_cache
 
 from tqai.cachefile import read_cache_file, write_cache_file
 from tqai.container import TqaiFormatError
-from tqai.kvstore import KVCacheConfig, KVStore
+from tqai.kvstore import KVCacheConfig, KVStore, check_pipeline, pipeline_config
 from tqai_mlx import _model
 from tqai_mlx.cache import TqaiKVCache
-from tqai_mlx.patching import is_patched, patch_layer_configs
+from tqai_mlx.patching import is_patched, patch_layer_configs, patch_pipeline
 
 __all__ = ["PROMPT_CACHE_FORMAT", "PROMPT_CACHE_VERSION", "load_cache", "save_cache"]
 
@@ -93,6 +97,10 @@ def save_cache(
         >>> cache = load_cache("prompt.tqai", model=model)  # doctest: +SKIP
     """
     layers, tensors = [], {}
+    pipelines = [c.store.pipeline for c in cache if isinstance(c, TqaiKVCache)]
+    pipeline = next((p for p in pipelines if p is not None), None)
+    if model is not None and patch_pipeline(model) is not None:
+        pipeline = patch_pipeline(model)
     for i, c in enumerate(cache):
         entry, arrays = _layer_entry(i, c)
         layers.append(entry)
@@ -103,6 +111,7 @@ def save_cache(
         "version": PROMPT_CACHE_VERSION,
         "model": None if model is None else _model.describe(model),
         "metadata": {str(k): str(v) for k, v in (metadata or {}).items()},
+        "pipeline": pipeline_config(pipeline),
         "layers": layers,
     }
     return write_cache_file(path, meta, tensors)
@@ -112,12 +121,12 @@ def _to_mlx(host: Any, dtype: str) -> mx.array:
     return mx.array(host).astype(mx.bool_ if dtype == "bool" else getattr(mx, dtype))
 
 
-def _rebuild(i: int, entry: dict[str, Any], arrays: dict[str, mx.array]) -> Any:
+def _rebuild(i: int, entry: dict[str, Any], arrays: dict[str, mx.array], pipeline: Any) -> Any:
     kind = entry["kind"]
     if kind == _TQAI:
         config = KVCacheConfig(**entry["config"])
-        c = TqaiKVCache(config, kernel=entry.get("kernel", "reference"))
-        c.store = KVStore.from_state(config, entry, arrays)
+        c = TqaiKVCache(config, kernel=entry.get("kernel", "reference"), pipeline=pipeline, layer=i)
+        c.store = KVStore.from_state(config, entry, arrays, pipeline, i)
         return c
     leaves = [(k, arrays[k]) for k in entry["arrays"]] + list(entry["scalars"].items())
     # tree_unflatten wants the leaves in their original order: numeric keys sort as numbers.
@@ -209,7 +218,9 @@ def load_cache(
 
     Raises:
         TqaiFormatError: not a tqai mlx prompt cache, another version, truncated or corrupted.
-        ValueError: the cache does not fit ``model`` (another model, layer layout or settings).
+        ValueError: the cache does not fit ``model`` (another model, layer layout or settings,
+            or another compression pipeline config), or it was saved with a pipeline and no
+            ``model`` is given to take the pipeline from.
     """
     meta, stored = read_cache_file(path)
     if meta.get("format") != PROMPT_CACHE_FORMAT or meta.get("backend") != "mlx":
@@ -222,6 +233,15 @@ def load_cache(
             f"{path}: prompt-cache version {meta.get('version')}; this tqai-mlx reads "
             f"{PROMPT_CACHE_VERSION}"
         )
+    saved = meta.get("pipeline")
+    if saved is not None and model is None:
+        raise ValueError(
+            f"{path} was saved with a compression pipeline ({saved}): pass model=, patched with "
+            "that pipeline, to load it (the pipeline codes the tokens that follow)"
+        )
+    pipeline = None if model is None else patch_pipeline(model)
+    if model is not None:
+        check_pipeline(path, saved, pipeline)
     cache = []
     for i, entry in enumerate(meta["layers"]):
         prefix = f"layer{i}."
@@ -230,7 +250,7 @@ def load_cache(
             for name, (host, dtype) in stored.items()
             if name.startswith(prefix)
         }
-        cache.append(_rebuild(i, entry, arrays))
+        cache.append(_rebuild(i, entry, arrays, pipeline))
     if model is not None:
         _check_fits(meta, cache, model)
     return (cache, dict(meta["metadata"])) if return_metadata else cache

@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from tqai.cachefile import read_cache_file, write_cache_file
-from tqai.kvstore import KVCacheConfig, KVStore
+from tqai.kvstore import KVCacheConfig, KVStore, check_pipeline, pipeline_config
 from tqai.layer_bits import layer_configs
 
 __all__ = ["TqaiCache", "TqaiLayer"]
@@ -355,7 +355,8 @@ class TqaiCache(DynamicCache):
         device: where the compressed layers keep their codes (and compute attention), e.g.
             ``"cpu"`` to hold the cache off a GPU; None keeps them where the model's keys are.
         pipeline: optional compression pipeline shared by every compressed layer (built by
-            :func:`tqai.kvstore.build_cache_pipeline`); caches with one cannot be saved.
+            :func:`tqai.kvstore.build_cache_pipeline`); a cache with one saves its tiers and
+            the pipeline's config (:meth:`save`), when that was built from a config dict.
         layer_bits: per-layer ``(bits_k, bits_v)`` (a list for every layer or a dict of
             overrides, see :func:`tqai.layer_bits.layer_configs`); None: ``config``'s everywhere.
     """
@@ -371,6 +372,7 @@ class TqaiCache(DynamicCache):
     ) -> None:
         super().__init__(config=model_config)
         self.uses_pipeline = pipeline is not None
+        self.pipeline = pipeline
         self.tqai_config = config
         self.skip_layers = tuple(skip_layers)
         self.device = device
@@ -447,24 +449,28 @@ class TqaiCache(DynamicCache):
 
     def copy(self) -> TqaiCache:
         """An independent copy (reuse a prompt cache for several continuations safely)."""
-        return copy.deepcopy(self)
+        # The pipeline is the patched model's, shared as the layers' stores share it.
+        memo = {} if self.pipeline is None else {id(self.pipeline): self.pipeline}
+        return copy.deepcopy(self, memo)
 
     def save(self, path: str | os.PathLike) -> None:
         """Save the cache (codes stay compressed) to ``path`` in tqai's cache-file format.
 
+        A cache with a compression pipeline saves every width's codes, which width holds each
+        token, and the pipeline's config (what :meth:`load` checks); not the pipeline's running
+        state (scorer statistics, routing, monitor), which stays with the patched model.
+
         Raises:
-            ValueError: the cache was built with a compression pipeline (not supported).
+            ValueError: the pipeline was given as objects rather than a config dict of plugin
+                names, so the file could not say which pipeline wrote it.
         """
-        if self.uses_pipeline:
-            raise ValueError(
-                "saving a tqai cache built with a compression pipeline is not supported"
-            )
         meta = {
             "backend": "torch",
             "model": self.model_signature,
             "config": self.tqai_config.to_dict(),
             "skip_layers": list(self.skip_layers),
             "layer_bits": None if self.layer_bits is None else [list(p) for p in self.layer_bits],
+            "pipeline": pipeline_config(self.pipeline),
             "layers": [],
         }
         arrays: dict[str, torch.Tensor] = {}
@@ -506,6 +512,7 @@ class TqaiCache(DynamicCache):
                 f"(skip_layers {meta.get('skip_layers')}); this cache uses "
                 f"{cache.tqai_config.to_dict()} (skip_layers {list(cache.skip_layers)})"
             )
+        check_pipeline(path, meta.get("pipeline"), cache.pipeline)
         device = device if device is not None else next(model.parameters()).device
 
         def tensor(name: str) -> torch.Tensor:
@@ -517,7 +524,9 @@ class TqaiCache(DynamicCache):
             names = [n for n in arrays if n.startswith(prefix)]
             layer_arrays = {n[len(prefix) :]: tensor(n) for n in names}
             if isinstance(layer, TqaiLayer):
-                layer.store = KVStore.from_state(layer.config, layer_meta, layer_arrays)
+                layer.store = KVStore.from_state(
+                    layer.config, layer_meta, layer_arrays, cache.pipeline, idx
+                )
                 layer._encoder_checked = False
                 if layer_meta["head_dim"] is not None:
                     layer.lazy_initialization(*(2 * [next(iter(layer_arrays.values()))]))

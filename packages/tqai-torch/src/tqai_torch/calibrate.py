@@ -278,7 +278,12 @@ def calibrate_fisher(
 
 
 def shakespeare_windows(
-    tokenizer: Any, samples: int = 8, tokens: int = 512, plays: Sequence[str] | None = None
+    tokenizer: Any,
+    samples: int = 8,
+    tokens: int = 512,
+    plays: Sequence[str] | None = None,
+    *,
+    skip_tokens: int = 0,
 ) -> list[torch.Tensor]:
     """``samples`` fixed windows of ``tokens`` token ids, evenly spaced over Shakespeare works.
 
@@ -286,13 +291,22 @@ def shakespeare_windows(
         plays: the works to draw from (names as in :func:`tqai.assets.shakespeare_plays`);
             None: :data:`tqai.assets.DEFAULT_PLAYS`, the text the benchmarks score. Calibrate on
             other works to keep the calibration text apart from the scored text.
+        skip_tokens: leave out the text's first tokens (e.g. the windows a perplexity benchmark
+            scores, so the calibration never sees them).
     """
     import torch
 
     from tqai.assets import DEFAULT_PLAYS, shakespeare_text
 
+    if skip_tokens < 0:
+        raise ValueError(f"skip_tokens must be >= 0, got {skip_tokens}")
     text = shakespeare_text(DEFAULT_PLAYS if plays is None else tuple(plays))
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if skip_tokens >= ids.numel():
+        raise ValueError(
+            f"skip_tokens ({skip_tokens}) leaves nothing of the text's {ids.numel()} tokens"
+        )
+    ids = ids[skip_tokens:]
     if ids.numel() < tokens:
         return [ids]
     last = ids.numel() - tokens
@@ -314,6 +328,12 @@ def calibrate(
     ),
     max_tokens: int = typer.Option(512, min=2, help="tokens per prompt at most"),
     samples: int = typer.Option(8, min=1, help="prompts to use"),
+    skip_tokens: int = typer.Option(
+        0,
+        min=0,
+        help="leave out the first tokens of the default text (e.g. those a perplexity "
+        "benchmark scores)",
+    ),
     dtype: str = typer.Option("float32", help="compute dtype (float32 recommended)"),
 ) -> None:
     """Offline Fisher calibration for the fisher_static scorer (forward + backward passes)."""
@@ -335,10 +355,17 @@ def calibrate(
     if prompts is None:
         works = None if plays is None else [p.strip() for p in plays.split(",") if p.strip()]
         try:
-            chosen: list[Any] = shakespeare_windows(tokenizer, samples, max_tokens, works)
+            chosen: list[Any] = shakespeare_windows(
+                tokenizer, samples, max_tokens, works, skip_tokens=skip_tokens
+            )
         except ValueError as ex:  # an unknown work: the message lists the known ones
             raise typer.BadParameter(str(ex), param_hint="--plays") from None
     else:
+        if skip_tokens:
+            raise typer.BadParameter(
+                "--skip-tokens applies to the default Shakespeare windows, not to --prompts",
+                param_hint="--skip-tokens",
+            )
         lines = [ln for ln in prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not lines:
             raise typer.BadParameter(f"no prompt in {prompts}", param_hint="--prompts")

@@ -118,7 +118,9 @@ def patch(
             (``{"monitor": "stability", "skip_layers": [0], ...}``, see :mod:`tqai.pipeline`)
             or a built ``CompressionPipeline``: built and validated once here
             (:func:`tqai.kvstore.build_cache_pipeline`), shared by every compressed layer.
-            Strategies that store one commit at several widths (``tiered``) are refused.
+            Strategies: ``tiered`` (built with ``rank="token"``: each token at one score-routed
+            width) or none; the diffusion-step strategies (``delta``, ``delta2``, ``window``,
+            ``cfg_sharing``) are refused (they belong to tqai-diffusers).
         center_keys, center_values: code keys/values minus their per-head mean over the prompt
             (exact; see :mod:`tqai.kvlayout`).
         balance_keys: move per-channel scales from keys to queries, fitted to the prompt.

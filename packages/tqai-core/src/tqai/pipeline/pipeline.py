@@ -31,6 +31,7 @@ Config keys (:data:`CONFIG_KEYS`)::
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -226,6 +227,9 @@ class CompressionPipeline:
         self.bits = {"k": _check_bits("bits_k", bits_k), "v": _check_bits("bits_v", bits_v)}
         self.quantizers = QuantizerBank() if quantizers is None else quantizers
         self._check_combination()
+        #: The JSON form of the config dict it was built from (plugin names and kwargs, with
+        #: defaults filled in), or None when built from objects: what a saved cache records.
+        self.config: dict[str, Any] | None = None
         self._steps: dict[tuple[int | None, str], int] = {}
         self._spent: dict[str, list[int]] = {s: [0, 0] for s in STREAMS}
 
@@ -289,13 +293,15 @@ class CompressionPipeline:
             bank = QuantizerBank(quantizer, options=_check_kwargs(full, "quantizer_kwargs"))
         except PluginLoadError as ex:
             raise PipelineConfigError(f"config['quantizer'] = {quantizer!r}: {ex}") from ex
-        return cls(
+        pipe = cls(
             **{key: _resolve(full, key) for key in _PLUGINS},
             skip_layers=full["skip_layers"],
             bits_k=full["bits_k"],
             bits_v=full["bits_v"],
             quantizers=bank,
         )
+        pipe.config = _json_config(full)
+        return pipe
 
     def __repr__(self) -> str:
         parts = [
@@ -423,6 +429,17 @@ class CompressionPipeline:
                 plugin.reset()
         self._steps.clear()
         self._spent = {s: [0, 0] for s in STREAMS}
+
+
+def _json_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``config`` as plain JSON values (sorted skip_layers), or None if it holds plugin objects."""
+    plain = {k: v for k, v in config.items() if v is not None}
+    if "skip_layers" in plain and isinstance(plain["skip_layers"], Iterable):
+        plain["skip_layers"] = sorted(plain["skip_layers"])
+    try:
+        return json.loads(json.dumps(plain, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError):
+        return None
 
 
 def build_pipeline(

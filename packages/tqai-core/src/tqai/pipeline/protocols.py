@@ -164,6 +164,12 @@ class Strategy(Protocol):
     - ``requires: ClassVar[frozenset[str]]`` (default empty): :data:`FEATURES` the model must
       have, e.g. ``{"recomputed_kv"}`` for strategies that predict step ``s`` from ``s - 1``;
       the pipeline refuses an adapter that lacks them.
+    - ``per_token: bool`` (default False): every batch row and head of a token is stored at one
+      width, and a result with several payloads lists the tokens each holds in
+      ``info["token_index"]`` (payload ``i`` has shape ``(..., len(token_index[i]))``). The LLM
+      KV caches store only such strategies (``tiered`` with ``rank="token"``).
+    - ``cache_kwargs: ClassVar[Mapping[str, Any]]`` (default none): keyword arguments an LLM
+      cache passes when it builds the strategy from a name (``tiered``: ``{"rank": "token"}``).
     """
 
     def compress(
