@@ -34,12 +34,10 @@ after the last step (baseline: its K/V tensors; tqai: ``TqaiCache.nbytes()``: co
 sinks and window). The model is built once; configs run one after another in the same process
 with their cache deleted, ``gc.collect`` and ``torch.cuda.empty_cache`` in between.
 
-Run time of the default run on one H100 (estimated, not yet measured): building the model
-~0.5 min; baseline prefill ~10 s over the three contexts; tqai prefill, whose later chunks run
-the reference attention (~3 ms per 4096 queries x 1024 history tokens per layer, memory-bound
-float32 passes over the scores), ~1 min at 64K and ~15 s at 32K per config, ~2.5 min for the
-two; decode (9 runs x 34 eager steps at ~0.05-0.2 s) ~1 min. About 4-5 minutes in all; 128K
-(``--long``) adds ~8 minutes (tqai prefill ~3.5 min per config).
+Run time on one H100 (measured, baseline and K4/V2 at 8K/32K/64K with 16 timed steps): 131 s,
+of which tqai's prefill took 105 s (its chunks after the first run the reference attention:
+6.5 / 20.7 / 78.3 s); the default run adds K4/V4 (about as long again as K4/V2), ``--long``
+adds 128K (not measured).
 
 Writes ``benchmarks/results/generate_<card>.json`` (``--tiny``: ``generate_tiny_<cpu>.json``)
 and prints a table.
