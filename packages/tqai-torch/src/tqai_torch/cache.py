@@ -70,25 +70,27 @@ def _is_causal_chunk(mask: torch.Tensor | None, kv: int) -> bool:
     return bool((mask == expected).all())
 
 
-def _use_fused_prefill(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
-    """The Triton prefill kernel serves a chunk of 2 to :data:`PREFILL_KERNEL_MAX_TOKENS` query
-    tokens (speculative-decoding checks, chat turns, chunked prompts) continuing a CUDA store
-    that holds a history, when the mask is plain causal and the decode kernel would serve one
-    token of the same store."""
+def _kernels_read(query: torch.Tensor, store: KVStore) -> bool:
+    """Whether the Triton attention kernels can read this store for ``query``: CUDA, a history
+    of plain MSE codes (1/2/3/4/8 bits, fp16 norms) that is not scored decode-exact, triton
+    installed, and ``TQAI_KERNEL`` not ``reference``."""
     if os.environ.get("TQAI_KERNEL", "auto") == "reference":
         return False
-    tq = query.shape[2]
-    if tq < 2 or tq > PREFILL_KERNEL_MAX_TOKENS:
-        return False
-    if not store.plain or store.quantize_staged or not query.is_cuda:
-        return False
-    if not store.history_length:
+    if not store.plain or store.quantize_staged or not query.is_cuda or not store.history_length:
         return False
     try:
         from tqai_torch.kernels.triton.decode_attention import supports
     except ImportError:  # no triton on this machine
         return False
-    if not supports(store.key_quantizer, store.value_quantizer, query.shape[-1]):
+    return supports(store.key_quantizer, store.value_quantizer, query.shape[-1])
+
+
+def _use_fused_prefill(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
+    """The Triton prefill kernel serves a chunk of 2 to :data:`PREFILL_KERNEL_MAX_TOKENS` query
+    tokens (speculative-decoding checks, chat turns, chunked prompts) continuing a store the
+    kernels read (:func:`_kernels_read`), when the mask is plain causal."""
+    tq = query.shape[2]
+    if tq < 2 or tq > PREFILL_KERNEL_MAX_TOKENS or not _kernels_read(query, store):
         return False
     return _is_causal_chunk(mask, store.length)
 
@@ -96,26 +98,11 @@ def _use_fused_prefill(query: torch.Tensor, mask: torch.Tensor | None, store: KV
 def _use_fused_decode(
     query: torch.Tensor, mask: torch.Tensor | None, store: KVStore
 ) -> tuple[bool, torch.Tensor | None]:
-    """Whether the Triton decode kernel serves, and the left padding it must apply: CUDA, one
-    query token, every position visible or a left-padded batch, MSE codes with 1/2/3/4/8 bits
-    and fp16 norms, a history to read (and :func:`_fused_inputs` finds nothing it cannot read).
-    ``TQAI_KERNEL=reference`` turns it off."""
+    """Whether the Triton decode kernel serves, and the left padding it must apply: one query
+    token over a store the kernels read (:func:`_kernels_read`), every position visible or a
+    left-padded batch (and :func:`_fused_inputs` finds nothing it cannot read)."""
     no = (False, None)
-    if os.environ.get("TQAI_KERNEL", "auto") == "reference":
-        return no
-    if (
-        not store.plain
-        or store.quantize_staged
-        or not query.is_cuda
-        or query.shape[2] != 1
-        or not store.history_length
-    ):
-        return no
-    try:
-        from tqai_torch.kernels.triton.decode_attention import supports
-    except ImportError:  # no triton on this machine
-        return no
-    if not supports(store.key_quantizer, store.value_quantizer, query.shape[-1]):
+    if query.shape[2] != 1 or not _kernels_read(query, store):
         return no
     valid_from = None if mask is None else _left_padding(mask)
     if valid_from is False:
