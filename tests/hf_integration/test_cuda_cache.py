@@ -90,30 +90,46 @@ def test_left_padded_batch_decodes_through_the_kernel_like_the_reference(monkeyp
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=3e-2, rtol=3e-2)
 
 
-def test_prompt_continuing_a_compressed_cache_uses_the_prefill_kernel(monkeypatch):
-    """A short chunk on a cache that holds a history (a speculative-decoding check, a short
-    turn) is served by the fused prefill kernel and gives the reference's logits."""
+@pytest.mark.parametrize(
+    ("method", "chunk"), [("rows", 12), ("tiled", 12), ("tiled", 300)], ids=lambda x: str(x)
+)
+def test_prompt_continuing_a_compressed_cache_uses_the_prefill_kernel(monkeypatch, method, chunk):
+    """A chunk on a cache that holds a history (a speculative-decoding check, a short turn, a
+    long prompt fed in chunks) is served by the fused prefill kernel and gives the reference's
+    logits, through either of its methods (``method="auto"`` is steered by its program
+    threshold: the tiny model's grid is small, so ``auto`` alone would pick ``rows``)."""
     from tqai_torch.kernels.triton import prefill_attention
 
+    monkeypatch.setattr(
+        prefill_attention, "TILED_MIN_PROGRAMS", 1 if method == "tiled" else 1 << 30
+    )
     model = build("llama").to("cuda", torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(1)
-    ids = torch.randint(3, 128, (1, 120), device="cuda", generator=gen)
+    ids = torch.randint(3, 128, (1, 80 + chunk), device="cuda", generator=gen)
     calls = []
     kernel = prefill_attention.prefill_attention_triton
+    rows = prefill_attention._prefill_by_rows
+    by_rows = []
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return kernel(*args, **kwargs)
 
+    def spy_rows(*args, **kwargs):
+        by_rows.append(args[0].shape)
+        return rows(*args, **kwargs)
+
     monkeypatch.setattr(prefill_attention, "prefill_attention_triton", spy)
+    monkeypatch.setattr(prefill_attention, "_prefill_by_rows", spy_rows)
     logits = {}
     for mode in ("triton", "reference"):
         monkeypatch.setenv("TQAI_KERNEL", "auto" if mode == "triton" else "reference")
         cache = tqai_torch.patch(model, bits_k=4, bits_v=2, residual_window=8)
         with torch.no_grad():
             model(ids[:, :80], **cache_kw(cache))
-            logits[mode] = model(ids[:, 80:92], **cache_kw(cache)).logits.float()
+            logits[mode] = model(ids[:, 80:], **cache_kw(cache)).logits.float()
         tqai_torch.unpatch(model)
     assert calls
-    assert all(shape[2] == 12 for shape in calls)
+    assert all(shape[2] == chunk for shape in calls)
+    assert len(by_rows) == (len(calls) if method == "rows" else 0)
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=3e-2, rtol=3e-2)

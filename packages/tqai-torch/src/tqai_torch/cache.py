@@ -52,11 +52,14 @@ def _left_padding(mask: torch.Tensor) -> torch.Tensor | bool | None:
     return None if everything else start[:, 0]
 
 
-PREFILL_KERNEL_MAX_TOKENS = 256
-"""Longest chunk the fused prefill kernel takes. It re-reads the history for every query token,
-so its time grows with the chunk; ``benchmarks/bench_prefill.py`` measured it faster than the
-reference at every chunk up to 256 tokens (H100, 4K and 32K histories); longer chunks were not
-measured and go to the reference."""
+PREFILL_KERNEL_MAX_TOKENS: int | None = None
+"""Longest chunk the fused prefill kernel takes (None: no cap). Its tiled kernel
+(``method="tiled"``) reads each history block once per tile of query rows and holds no
+per-chunk temporaries, so long prompt chunks (4096 tokens) use it too; short chunks go to the
+per-row decode path inside it (``method="auto"``). Parity was checked under the Triton
+interpreter (CPU); its speed against SDPA and the reference (``benchmarks/bench_prefill.py``,
+chunks up to 4096 tokens) is for a GPU run. The previous kernel (the per-row path alone) was
+capped at 256 tokens, measured faster than the reference up to there."""
 
 
 def _is_causal_chunk(mask: torch.Tensor | None, kv: int) -> bool:
@@ -86,11 +89,13 @@ def _kernels_read(query: torch.Tensor, store: KVStore) -> bool:
 
 
 def _use_fused_prefill(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
-    """The Triton prefill kernel serves a chunk of 2 to :data:`PREFILL_KERNEL_MAX_TOKENS` query
-    tokens (speculative-decoding checks, chat turns, chunked prompts) continuing a store the
-    kernels read (:func:`_kernels_read`), when the mask is plain causal."""
+    """The Triton prefill kernel serves a chunk of 2 or more query tokens (at most
+    :data:`PREFILL_KERNEL_MAX_TOKENS` if set: speculative-decoding checks, chat turns, chunked
+    prompts) continuing a store the kernels read (:func:`_kernels_read`), when the mask is plain
+    causal."""
     tq = query.shape[2]
-    if tq < 2 or tq > PREFILL_KERNEL_MAX_TOKENS or not _kernels_read(query, store):
+    cap = PREFILL_KERNEL_MAX_TOKENS
+    if tq < 2 or (cap is not None and tq > cap) or not _kernels_read(query, store):
         return False
     return _is_causal_chunk(mask, store.length)
 
