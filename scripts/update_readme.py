@@ -411,6 +411,8 @@ def render_prefill(doc: Any) -> str:
         ("us", lambda r: r["seconds"] * 1e6, True),
         ("speed vs torch SDPA", _speed_vs_torch(rows, ("context", "chunk")), True),
     ]
+    if any("rel_err" in row for row in rows):  # runs since the tiled kernel check their output
+        columns.append(("rel. error vs reference", _key("rel_err"), True))
     return _join(_table(columns, rows), _card(doc), _machine(doc))
 
 

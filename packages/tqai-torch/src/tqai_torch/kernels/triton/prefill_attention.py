@@ -82,6 +82,7 @@ _BLOCK_NS = (16, 32, 64, 128)
 _WARPS = (1, 2, 4, 8)
 _METHODS = ("auto", "tiled", "rows")
 _OPTIONS = ("method", "block_m", "block_n", "num_warps", "lookup")
+_ROWS_MAX_GROUP = 16  # query heads per KV head the decode kernel (the per-row path) takes
 TILED_MIN_PROGRAMS = 64
 """``method="auto"`` runs the tiled kernel when its grid has at least this many programs, else
 the per-row decode path. A guess (half an H100's SMs), not measured: with fewer programs the
@@ -394,13 +395,14 @@ def prefill_attention_triton(
       row per query token, :func:`_prefill_by_rows`: splits the history over programs, so it
       keeps the GPU busy when the chunk has few rows, but reads the history once per token) or
       ``"auto"`` (default): ``"tiled"`` when its grid has at least :data:`TILED_MIN_PROGRAMS`
-      programs (or not on CUDA), else ``"rows"``. The switch point is a guess, not a
-      measurement: ``benchmarks/bench_prefill.py`` times both;
+      programs (or not on CUDA, or more than 16 query heads per KV head), else ``"rows"``.
+      The switch point is a guess, not a measurement: ``benchmarks/bench_prefill.py`` times
+      both;
     - ``block_m`` (query rows per program: 16/32/64/128; default 128, 32 for rows of more than
       128 kernel columns, i.e. head dims above 128), ``block_n`` (history and segment tokens
       per step: 16/32/64/128; default 64, 32 above 128 columns), ``num_warps`` (1/2/4/8;
-      default 8): the defaults compile for sm_90 without spills (d = 64/128: 240-252 registers;
-      d = 256: 8 bytes of stack), their speed was not tuned;
+      default 8): chosen from register counts of sm_90 compiles (``benchmarks/NOTES.md``,
+      session 4: no spills at d <= 128, 8 bytes of stack at d = 256), not from timings;
     - ``lookup``: ``"auto"`` (byte-permute lookups where they serve, on CUDA) or ``"gather"``
       (centroids always read from memory).
 
@@ -466,7 +468,7 @@ def prefill_attention_triton(
     grid = (math.ceil(c * g / block_m), b * n_kv)
     if method == "auto":
         few = device.type == "cuda" and grid[0] * grid[1] < TILED_MIN_PROGRAMS
-        method = "rows" if few else "tiled"
+        method = "rows" if few and g <= _ROWS_MAX_GROUP else "tiled"
     if method == "rows":
         options = {k: kernel_options[k] for k in ("block_n", "num_warps") if k in kernel_options}
         return _prefill_by_rows(
