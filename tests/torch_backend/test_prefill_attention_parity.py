@@ -127,6 +127,27 @@ def test_auto_method_serves_both_sizes():
     _check(*_inputs(TILED_CASES[1], seed=9, interpret_caps=(150, 40, False)))
 
 
+def test_tiled_prefill_reads_views():
+    """A history view into a larger (growable) buffer and a transposed query are read in place
+    with their strides."""
+    from tqai.attention import slice_tokens
+
+    q, keys, values, kq, vq, kwargs, mask = _inputs(
+        (2, 8, 2, 200, 64, 4, 2, 2, 4, 30), seed=12, interpret_caps=(200, 30, False)
+    )
+    keys, values = slice_tokens(keys, 0, 150), slice_tokens(values, 0, 150)
+    assert not keys.packed.is_contiguous()
+    n_suffix = kwargs["suffix"][0].shape[2]
+    kwargs["prefix"] = tuple(t[:, :, :0] for t in kwargs["prefix"])  # empty sinks: absent
+    total = 150 + n_suffix
+    c = q.shape[2]
+    rows = torch.arange(c, device=DEVICE)[:, None] + (total - c)
+    mask = (torch.arange(total, device=DEVICE)[None, :] <= rows)[None, None]
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Hq, C, D) with C outermost
+    assert not q.is_contiguous()
+    _check(q, keys, values, kq, vq, kwargs, mask, method="tiled")
+
+
 def test_prefill_attention_refuses_a_suffix_without_the_chunk():
     from tqai_torch.kernels.triton.prefill_attention import prefill_attention_triton
 
