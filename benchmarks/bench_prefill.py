@@ -8,7 +8,7 @@ chunks) attends to a packed K4/V2 history of ``T`` tokens plus itself, causally.
 - ``reference``: tqai's core attention from the packed codes (``compressed_attention``, what
   ``KVStore.attend`` runs: the history dequantized block by block, online softmax, torch ops);
 - ``triton``: ``tqai_torch.kernels.triton.prefill_attention`` as the cache calls it
-  (``method="auto"``: the tiled kernel, or the per-row path for grids of few programs);
+  (``method="auto"``: the tiled kernel, or the per-row path for chunks of few query rows);
 - ``tiled``: the tiled kernel forced (each history block read once per tile of query rows);
 - ``rows``: the per-row path forced (the decode kernel with one row per query token: the
   history read once per token, split over programs).

@@ -96,13 +96,11 @@ def test_left_padded_batch_decodes_through_the_kernel_like_the_reference(monkeyp
 def test_prompt_continuing_a_compressed_cache_uses_the_prefill_kernel(monkeypatch, method, chunk):
     """A chunk on a cache that holds a history (a speculative-decoding check, a short turn, a
     long prompt fed in chunks) is served by the fused prefill kernel and gives the reference's
-    logits, through either of its methods (``method="auto"`` is steered by its program
-    threshold: the tiny model's grid is small, so ``auto`` alone would pick ``rows``)."""
+    logits, through either of its methods (``method="auto"`` is steered through its row
+    threshold)."""
     from tqai_torch.kernels.triton import prefill_attention
 
-    monkeypatch.setattr(
-        prefill_attention, "TILED_MIN_PROGRAMS", 1 if method == "tiled" else 1 << 30
-    )
+    monkeypatch.setattr(prefill_attention, "TILED_MIN_ROWS", 1 if method == "tiled" else 1 << 30)
     model = build("llama").to("cuda", torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(3, 128, (1, 80 + chunk), device="cuda", generator=gen)

@@ -30,9 +30,10 @@ of one KV head launch together and share its history in L2). The ``C * G`` query
 5. divides by the softmax sum and stores the rows in the query's dtype.
 
 The history is not split over programs (no combine step): parallelism comes from the row
-tiles, so a chunk of few rows leaves most of the GPU idle. ``method="auto"`` sends such chunks
-to the decode kernel with one row per query token (:func:`_prefill_by_rows`, the previous
-implementation of this function), see :func:`prefill_attention_triton`.
+tiles, so a program walks the whole history whatever the chunk, and a chunk of few rows leaves
+most of the GPU idle. ``method="auto"`` sends chunks of few rows to the decode kernel with one
+row per query token (:func:`_prefill_by_rows`, the previous implementation of this function,
+whose time grows with the chunk instead), see :func:`prefill_attention_triton`.
 
 Numerics: history scores and value sums use fp16 operands on the tensor cores with fp32
 accumulation (query rounded to fp16 after rotation and scaling, centroids in fp16,
@@ -83,10 +84,14 @@ _WARPS = (1, 2, 4, 8)
 _METHODS = ("auto", "tiled", "rows")
 _OPTIONS = ("method", "block_m", "block_n", "num_warps", "lookup")
 _ROWS_MAX_GROUP = 16  # query heads per KV head the decode kernel (the per-row path) takes
-TILED_MIN_PROGRAMS = 64
-"""``method="auto"`` runs the tiled kernel when its grid has at least this many programs, else
-the per-row decode path. A guess (half an H100's SMs), not measured: with fewer programs the
-tiled kernel walks the whole history in too few programs to fill the GPU."""
+TILED_MIN_ROWS = 64
+"""``method="auto"`` runs the tiled kernel when the chunk has at least this many query rows per
+KV head (``C * G``: 16 tokens at 4 query heads per KV head), else the per-row decode path.
+Reasoning, not a measurement: while the grid fits the GPU, the tiled kernel takes about the
+time of one program's walk over the history whatever the chunk, while the per-row path's time
+grows with the chunk (measured on the H100: 0.54 / 1.0 / 2.6 / 9.6 ms for 4 / 16 / 64 /
+256-token chunks over 32K), so they cross at a number of rows; where is for
+``benchmarks/bench_prefill.py`` to say."""
 
 
 @triton.jit
@@ -394,10 +399,10 @@ def prefill_attention_triton(
     - ``method``: ``"tiled"`` (this module's kernel), ``"rows"`` (the decode kernel with one
       row per query token, :func:`_prefill_by_rows`: splits the history over programs, so it
       keeps the GPU busy when the chunk has few rows, but reads the history once per token) or
-      ``"auto"`` (default): ``"tiled"`` when its grid has at least :data:`TILED_MIN_PROGRAMS`
-      programs (or not on CUDA, or more than 16 query heads per KV head), else ``"rows"``.
-      The switch point is a guess, not a measurement: ``benchmarks/bench_prefill.py`` times
-      both;
+      ``"auto"`` (default): ``"tiled"`` when the chunk has at least :data:`TILED_MIN_ROWS`
+      query rows per KV head (or not on CUDA, or more than 16 query heads per KV head), else
+      ``"rows"``. The switch point is reasoned, not measured: ``benchmarks/bench_prefill.py``
+      times both;
     - ``block_m`` (query rows per program: 16/32/64/128; default 128, 32 for rows of more than
       128 kernel columns, i.e. head dims above 128), ``block_n`` (history and segment tokens
       per step: 16/32/64/128; default 64, 32 above 128 columns), ``num_warps`` (1/2/4/8;
@@ -467,7 +472,7 @@ def prefill_attention_triton(
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     grid = (math.ceil(c * g / block_m), b * n_kv)
     if method == "auto":
-        few = device.type == "cuda" and grid[0] * grid[1] < TILED_MIN_PROGRAMS
+        few = device.type == "cuda" and c * g < TILED_MIN_ROWS
         method = "rows" if few and g <= _ROWS_MAX_GROUP else "tiled"
     if method == "rows":
         options = {k: kernel_options[k] for k in ("block_n", "num_warps") if k in kernel_options}
