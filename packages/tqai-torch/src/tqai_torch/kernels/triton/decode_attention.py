@@ -328,7 +328,11 @@ def _decode_attention_kernel(
             mask=(rows < G)[:, None] & (d_c < D)[None, :],
             other=0.0,
         ).to(tl.float32)
-        rot = tl.load(rot_ptr + d_c[:, None] * PDK + tl.arange(0, PDK)[None, :])
+        rot = tl.load(
+            rot_ptr + d_c[:, None] * PDK + tl.arange(0, PDK)[None, :],
+            mask=(d_c < D)[:, None],
+            other=0.0,
+        )
         q += tl.dot(q_c, rot, input_precision="tf32x3")
     q = (q * qscale).to(tl.float16)
     # column 8 j + i of q is [row, j, i // 4, i // 2 % 2, i % 2] here; split peels the last axis
@@ -491,6 +495,7 @@ def _combine_kernel(
     DC: tl.constexpr,  # output columns per chunk (bounds the shared memory of the unrotation)
     PDV: tl.constexpr,
     SEG_N: tl.constexpr,
+    SC: tl.constexpr,  # splits whose maxima are read at once
     HAS_BOUNDS: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -500,34 +505,31 @@ def _combine_kernel(
     vcols = tl.arange(0, PDV)
     dims = tl.arange(0, DP)
     row_ok = rows < G
-    # 1. merge the history's splits (rotated domain, kernel-column order); the next split's
-    # partials are loaded before the current one is folded in
+    # 1. merge the history's splits (rotated domain, dim order): the overall max first (SC
+    # splits at a time), then every split's partials weighted by it. The second loop carries
+    # only sums, so its loads are pipelined (no chain of rescalings from split to split).
     m_h = tl.full((GP,), float("-inf"), tl.float32)
+    for s0 in range(0, n_splits, SC):
+        sp = s0 + tl.arange(0, SC)
+        m_c = tl.load(
+            ws_ptr + m_off + (bh * n_splits + sp)[:, None] * GP + rows[None, :],
+            mask=(sp < n_splits)[:, None],
+            other=float("-inf"),
+        )
+        m_h = tl.maximum(m_h, tl.max(m_c, axis=0))
+    m_use = tl.where(m_h == float("-inf"), 0.0, m_h)  # nothing visible in the history
     l_h = tl.zeros((GP,), tl.float32)
     acc_h = tl.zeros((GP, PDV), tl.float32)
-    part = bh * n_splits
-    m_s = tl.load(ws_ptr + m_off + part * GP + rows)
-    l_s = tl.load(ws_ptr + l_off + part * GP + rows)
-    acc_ptrs = ws_ptr + acc_off + (part * G + rows[:, None]) * PDV + vcols[None, :]
-    acc_s = tl.load(acc_ptrs, mask=row_ok[:, None], other=0.0)
-    for split in range(1, n_splits + 1):
-        more = split < n_splits
-        part_nx = bh * n_splits + split
-        m_nx = tl.load(ws_ptr + m_off + part_nx * GP + rows, mask=more & row_ok, other=0.0)
-        l_nx = tl.load(ws_ptr + l_off + part_nx * GP + rows, mask=more & row_ok, other=0.0)
-        acc_nx = tl.load(
-            ws_ptr + acc_off + (part_nx * G + rows[:, None]) * PDV + vcols[None, :],
-            mask=more & row_ok[:, None],
+    for split in tl.range(0, n_splits, num_stages=3):
+        part = bh * n_splits + split
+        w = tl.exp2(tl.load(ws_ptr + m_off + part * GP + rows) - m_use)
+        l_h += w * tl.load(ws_ptr + l_off + part * GP + rows)
+        acc_s = tl.load(
+            ws_ptr + acc_off + (part * G + rows[:, None]) * PDV + vcols[None, :],
+            mask=row_ok[:, None],
             other=0.0,
         )
-        m_new = tl.maximum(m_h, m_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits with nothing visible
-        a_old = tl.exp2(m_h - m_use)
-        a_new = tl.exp2(m_s - m_use)
-        l_h = l_h * a_old + l_s * a_new
-        acc_h = acc_h * a_old[:, None] + acc_s * a_new[:, None]
-        m_h = m_new
-        m_s, l_s, acc_s = m_nx, l_nx, acc_nx
+        acc_h += w[:, None] * acc_s
     # 2. softmax statistics of the full-precision segments (original domain)
     q = tl.load(
         query_ptr + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dims[None, :],
@@ -579,12 +581,13 @@ def _combine_kernel(
     )
 
 
-def group_layout(n_bits: int, d: int) -> tuple[int, int]:
+def group_layout(n_bits: int, d: int, min_groups: int = 2) -> tuple[int, int]:
     """``(WP, WR)`` of packed rows of ``d`` codes: packing groups (8 codes, ``n_bits`` bytes) per
-    row padded to a power of two (``8 * WP >= 16`` for the tensor cores), and real groups. The
-    kernels' columns are dims in order, ``8 * WR`` of them real (dims ``>= d`` are padding)."""
+    row padded to a power of two of at least ``min_groups`` (the tensor cores need products over
+    16 columns: ``8 * WP >= 16`` for values in dim order, ``WP >= 16`` for keys scored per code
+    position), and real groups. Dims ``>= d`` are padding."""
     wr = -(-d // 8)
-    return max(2, triton.next_power_of_2(wr)), wr
+    return max(min_groups, triton.next_power_of_2(wr)), wr
 
 
 def _padded(matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -620,7 +623,7 @@ def _constants(key_q: Any, value_q: Any, device: torch.device) -> _Constants:
         return found
     d = key_q.spec.d
     dp = max(16, triton.next_power_of_2(d))
-    k_layout = group_layout(key_q.spec.n_bits, d)
+    k_layout = group_layout(key_q.spec.n_bits, d, min_groups=16)
     v_layout = group_layout(value_q.spec.n_bits, d)
     # rotate: q_rot = q @ Pi_K^T; unrotate: out = out_rot @ Pi_V (Rotation.matrix() is Pi)
     rot = _padded(key_q.rotation.matrix().T, dp, 8 * k_layout[0])
@@ -858,6 +861,6 @@ def decode_attention_triton(
         query, query.stride(0), query.stride(1), qscale,
         *_segment_args(prefix, query), *_segment_args(suffix, query),
         out, n_kv, rows_per_seq, bounds_arg, t,
-        G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16, HAS_BOUNDS=bounds is not None,
+        G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16, SC=16, HAS_BOUNDS=bounds is not None,
     )  # fmt: skip
     return out
