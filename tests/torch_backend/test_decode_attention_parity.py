@@ -27,6 +27,7 @@ CASES = [
     (3, 8, 1, 333, 80, 8, 3, 0, 2),  # MQA (G = 8), head_dim 80
     (3, 8, 8, 77, 96, 2, 1, 2, 3),  # MHA (G = 1), head_dim 96, tiny history
     (1, 4, 2, 129, 256, 1, 8, 1, 0),  # head_dim 256
+    (1, 4, 2, 90, 16, 4, 2, 1, 2),  # head_dim 16 (fewer dims than one chunk of the rotation)
 ]
 
 

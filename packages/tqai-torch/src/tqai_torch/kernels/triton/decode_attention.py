@@ -8,13 +8,16 @@ One query token per sequence, two launches, no other device work per call:
    heads of its KV head into the keys' domain (times ``scale * log2(e)``), then walks its share
    of the packed history in blocks of ``BLOCK_N`` tokens. Packed rows are read as whole packing
    groups (8 codes of ``b`` bits are exactly ``b`` bytes: one uint8/16/32/64 load, three byte
-   loads for 3 bits; code ``8 j + i`` is group ``j`` at shift ``b i``, so the codes come out in
-   dim order), centroids are gathered from a 2**b-entry fp16 table (L1-resident), all query
-   heads of the group are scored at once on the tensor cores (``tl.dot``, fp16 operands, fp32
-   accumulation; the group padded to 16 rows), an online softmax runs in base 2, and
-   ``p * ||v||`` times the values' centroids is accumulated, again on the tensor cores, in the
-   values' rotated domain. The next block's packed groups and norms are loaded before the
-   current block is decoded (software pipelining by hand).
+   loads for 3 bits; code ``8 j + i`` is group ``j`` at shift ``b i``). Centroids come from
+   byte permutes of a table held in registers (2 bits, symmetric 4-bit codebooks) or from
+   gathers of a 2**b-entry fp16 table. Scores for all query heads of the group (padded to 16
+   rows) are 8 tensor-core products, one per code position ``i`` of the packing groups: the
+   centroids of code ``i`` against the rotated query's columns ``8 j + i`` (so the keys'
+   centroids are never reordered into dim order); fp16 operands, fp32 accumulation. An online
+   softmax runs in base 2, and ``p * ||v||`` times the values' centroids (dim order) is
+   accumulated on the tensor cores in the values' rotated domain. The next block's packed
+   groups and norms are loaded before the current block is decoded (software pipelining by
+   hand).
 2. ``_combine_kernel`` (grid ``(B * Hkv, D / 64)``): merges the splits by log-sum-exp, rotates
    the value sum back once (one small matmul with the value rotation), joins the full-precision
    segments (sinks before the history, recent window and staged tokens after it) in the same
@@ -22,13 +25,14 @@ One query token per sequence, two launches, no other device work per call:
 
 Numerics: scores and the value sum use fp16 operands on the tensor cores with fp32 accumulation
 (query rounded to fp16 after rotation and scaling, centroids in fp16, ``p * ||v||`` in fp16);
-the rotations, softmax and merge run in fp32 (``tf32x3`` products in the combine). The parity
+the rotations, softmax and merge run in fp32 (the rotations as ``tf32x3`` products). The parity
 tests bound the difference from the float32 reference accordingly.
 
 Supported here: TurboQuant_mse keys and values with 1, 2, 3, 4 or 8 bits, fp16 norms, head dims
 16..256, at most 16 query heads per KV head, every position visible or one visible range of
 positions per sequence (``valid_from`` / ``valid_until``: a left-padded batch, or the causal rows
-of a prefill chunk, :mod:`.prefill_attention`), no logit soft-capping. Everything else goes through the reference (see :func:`supports`).
+of a prefill chunk, :mod:`.prefill_attention`), no logit soft-capping. Everything else goes
+through the reference (see :func:`supports`).
 
 Host path: the rotation matrices (padded) and centroid tables are built once per quantizer pair
 and device and cached; the split partials live in one float32 workspace per device that is
@@ -203,13 +207,58 @@ def _centroids(
     return tl.reshape(cent, (BLOCK_N, 8 * WP))
 
 
+@triton.jit
+def _codes8(
+    groups,  # (BLOCK_N, WP) from _load_groups
+    table_ptr,  # (2**BITS,) fp16 centroids (gather path)
+    t0,  # table bytes in registers (PRMT path, see _PRMT4 / _PRMT2)
+    t1,
+    t2,
+    t3,
+    BITS: tl.constexpr,
+    PRMT: tl.constexpr,
+):
+    """Centroids of the codes in ``groups`` as 8 fp16 tiles ``(BLOCK_N, WP)``: tile ``i`` holds
+    code ``i`` of every group, i.e. dims ``8 j + i`` (no join or reshape: each tile feeds its own
+    tensor-core product). Byte-permute lookups from registers (``PRMT``) or gathers."""
+    if PRMT:
+        if BITS == 4:
+            o = tl.inline_asm_elementwise(
+                _PRMT4_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [groups, t0, t1, t2, t3],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            o = tl.inline_asm_elementwise(
+                _PRMT2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [groups, t0, t1],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
+        return o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
+    m = (1 << BITS) - 1
+    c0 = tl.load(table_ptr + (groups & m).to(tl.int32))
+    c1 = tl.load(table_ptr + ((groups >> BITS) & m).to(tl.int32))
+    c2 = tl.load(table_ptr + ((groups >> (2 * BITS)) & m).to(tl.int32))
+    c3 = tl.load(table_ptr + ((groups >> (3 * BITS)) & m).to(tl.int32))
+    c4 = tl.load(table_ptr + ((groups >> (4 * BITS)) & m).to(tl.int32))
+    c5 = tl.load(table_ptr + ((groups >> (5 * BITS)) & m).to(tl.int32))
+    c6 = tl.load(table_ptr + ((groups >> (6 * BITS)) & m).to(tl.int32))
+    c7 = tl.load(table_ptr + ((groups >> (7 * BITS)) & m).to(tl.int32))
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _store_acc(ws_ptr, off, acc, i: tl.constexpr, rows, G: tl.constexpr, WP: tl.constexpr):
+    """Store an ``(GP, WP)`` accumulator tile of dims ``8 j + i`` at its columns."""
+    cols = 8 * tl.arange(0, WP) + i
+    tl.store(ws_ptr + off + rows[:, None] * (8 * WP) + cols[None, :], acc, mask=(rows < G)[:, None])
+
+
 @triton.jit(do_not_specialize=["T", "split_len"])
 def _decode_attention_kernel(
     query_ptr,  # (B, Hq, 1, D)
     stride_qb,
     stride_qh,
     qscale,  # scale * log2(e)
-    rot_ptr,  # (DP, PDK) float32: key rotation in kernel-column order, rows >= D zero
+    rot_ptr,  # (8, DP, KWP) float32: key rotation, slice i = its columns 8 j + i; rows >= D zero
     ws_ptr,  # float32 workspace: partials at m_off / l_off / acc_off
     m_off,
     l_off,
@@ -234,15 +283,15 @@ def _decode_attention_kernel(
     rows_per_seq,  # query rows per sequence: history/segment index = row // rows_per_seq
     bounds_ptr,  # (B, 2) int32: each sequence's visible positions [from, until)
     n_pre,  # prefix tokens before the history (positions of history token t: n_pre + t)
-    kp_sb,
+    kp_sb,  # strides of the packed rows in bytes (B, Hkv) and in packing groups (T)
     kp_sh,
-    kp_st,
+    kp_su,
     kn_sb,
     kn_sh,
     kn_st,
     vp_sb,
     vp_sh,
-    vp_st,
+    vp_su,
     vn_sb,
     vn_sh,
     vn_st,
@@ -267,28 +316,35 @@ def _decode_attention_kernel(
     b = bh // n_kv  # the query row (a sequence, or one token of a prefill chunk)
     h = bh % n_kv
     bs = b // rows_per_seq  # the sequence whose history it reads
-    PDK: tl.constexpr = 8 * KWP
-    PDV: tl.constexpr = 8 * VWP
     rows = tl.arange(0, GP)
-    # the group's queries, scaled and rotated into the keys' domain (kernel-column order), in
-    # chunks of 32 dims so that the rotation never sits in registers whole
+    # The group's queries, scaled and rotated into the keys' domain, as 8 column tiles: tile i
+    # holds rotated dims 8 j + i, the dims that code i of each packing group scores against.
+    PDK: tl.constexpr = 8 * KWP
     q = tl.zeros((GP, PDK), tl.float32)
-    for d0 in range(0, DP, 32):
-        dims = d0 + tl.arange(0, 32)
+    for d0 in range(0, DP, 32):  # chunks of 32 dims: the rotation never sits in registers whole
+        d_c = d0 + tl.arange(0, 32)
         q_c = tl.load(
-            query_ptr + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dims[None, :],
-            mask=(rows < G)[:, None] & (dims < D)[None, :],
+            query_ptr + b * stride_qb + (h * G + rows[:, None]) * stride_qh + d_c[None, :],
+            mask=(rows < G)[:, None] & (d_c < D)[None, :],
             other=0.0,
         ).to(tl.float32)
-        rot = tl.load(rot_ptr + dims[:, None] * PDK + tl.arange(0, PDK)[None, :])
-        q += tl.dot(q_c, rot, input_precision="ieee")
-    q = (q * qscale).to(tl.float16)  # (GP, PDK)
+        rot = tl.load(
+            rot_ptr + d_c[:, None] * PDK + tl.arange(0, PDK)[None, :],
+            mask=(d_c < D)[:, None],
+            other=0.0,
+        )
+        q += tl.dot(q_c, rot, input_precision="tf32x3")
+    q = (q * qscale).to(tl.float16)
+    # column 8 j + i of q is [row, j, i // 4, i // 2 % 2, i % 2] here; split peels the last axis
+    q_e, q_o = tl.split(tl.reshape(q, (GP, KWP, 2, 2, 2)))
+    q_ee, q_eo = tl.split(q_e)
+    q_oe, q_oo = tl.split(q_o)
+    q0, q4 = tl.split(q_ee)  # i % 2 == 0, i // 2 % 2 == 0
+    q2, q6 = tl.split(q_eo)
+    q1, q5 = tl.split(q_oe)
+    q3, q7 = tl.split(q_oo)
     kp_row = _group_rows(kp_ptr + bs * kp_sb + h * kp_sh, KB)
     vp_row = _group_rows(vp_ptr + bs * vp_sb + h * vp_sh, VB)
-    if KB != 3:
-        kp_st = kp_st // KB  # in groups of KB bytes
-    if VB != 3:
-        vp_st = vp_st // VB
     kn_row = kn_ptr + bs * kn_sb + h * kn_sh
     vn_row = vn_ptr + bs * vn_sb + h * vn_sh
     start = split * split_len
@@ -299,41 +355,49 @@ def _decode_attention_kernel(
         stop = tl.minimum(stop, tl.load(bounds_ptr + 2 * b + 1) - n_pre)
     m = tl.full((GP,), float("-inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, PDV), tl.float32)
-    # Software pipelining by hand: the packed units and norms of block i + 1 are loaded before
+    acc = tl.zeros((GP, 8 * VWP), tl.float32)
+    # Software pipelining by hand: the packed groups and norms of block i + 1 are loaded before
     # block i is decoded, so their memory latency overlaps the lookups and dots.
     toks = start + tl.arange(0, BLOCK_N)
     valid = (toks < stop) & (toks >= lo)
-    ku = _load_groups(kp_row + toks * kp_st, valid, KB, KWP, KWR)
+    ku = _load_groups(kp_row + toks * kp_su, valid, KB, KWP, KWR)
     kn = tl.load(kn_row + toks * kn_st, mask=valid, other=0.0)
-    vu = _load_groups(vp_row + toks * vp_st, valid, VB, VWP, VWR)
+    vu = _load_groups(vp_row + toks * vp_su, valid, VB, VWP, VWR)
     vn = tl.load(vn_row + toks * vn_st, mask=valid, other=0.0)
     for _ in range(0, split_len, BLOCK_N):  # blocks past `stop` are fully masked (last split)
         toks_nx = toks + BLOCK_N
         valid_nx = (toks_nx < stop) & (toks_nx >= lo)
-        ku_nx = _load_groups(kp_row + toks_nx * kp_st, valid_nx, KB, KWP, KWR)
+        ku_nx = _load_groups(kp_row + toks_nx * kp_su, valid_nx, KB, KWP, KWR)
         kn_nx = tl.load(kn_row + toks_nx * kn_st, mask=valid_nx, other=0.0)
-        vu_nx = _load_groups(vp_row + toks_nx * vp_st, valid_nx, VB, VWP, VWR)
+        vu_nx = _load_groups(vp_row + toks_nx * vp_su, valid_nx, VB, VWP, VWR)
         vn_nx = tl.load(vn_row + toks_nx * vn_st, mask=valid_nx, other=0.0)
-        k = _centroids(ku, kt_ptr, kt0, kt1, kt2, kt3, KB, KWP, BLOCK_N, KPRMT)
-        s = tl.dot(q, tl.trans(k)) * kn.to(tl.float32)[None, :]  # (GP, BLOCK_N), base 2
+        k0, k1, k2, k3, k4, k5, k6, k7 = _codes8(ku, kt_ptr, kt0, kt1, kt2, kt3, KB, KPRMT)
+        s = tl.dot(q0, tl.trans(k0))
+        s = tl.dot(q1, tl.trans(k1), s)
+        s = tl.dot(q2, tl.trans(k2), s)
+        s = tl.dot(q3, tl.trans(k3), s)
+        s = tl.dot(q4, tl.trans(k4), s)
+        s = tl.dot(q5, tl.trans(k5), s)
+        s = tl.dot(q6, tl.trans(k6), s)
+        s = tl.dot(q7, tl.trans(k7), s)
+        s = s * kn.to(tl.float32)[None, :]  # (GP, BLOCK_N), base 2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing visible
         alpha = tl.exp2(m - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        v = _centroids(vu, vt_ptr, vt0, vt1, vt2, vt3, VB, VWP, BLOCK_N, VPRMT)
         pv = (p * vn.to(tl.float32)[None, :]).to(tl.float16)
-        acc = acc * alpha[:, None] + tl.dot(pv, v)
+        v = _centroids(vu, vt_ptr, vt0, vt1, vt2, vt3, VB, VWP, BLOCK_N, VPRMT)
+        acc = tl.dot(pv, v, acc * alpha[:, None])
         m = m_new
         toks, valid, ku, kn, vu, vn = toks_nx, valid_nx, ku_nx, kn_nx, vu_nx, vn_nx
     part = bh * n_splits + split
     tl.store(ws_ptr + m_off + part * GP + rows, m)
     tl.store(ws_ptr + l_off + part * GP + rows, l_sum)
-    vcols = tl.arange(0, PDV)
+    vcols = tl.arange(0, 8 * VWP)
     tl.store(
-        ws_ptr + acc_off + (part * G + rows[:, None]) * PDV + vcols[None, :],
+        ws_ptr + acc_off + (part * G + rows[:, None]) * (8 * VWP) + vcols[None, :],
         acc,
         mask=(rows < G)[:, None],
     )
@@ -431,6 +495,7 @@ def _combine_kernel(
     DC: tl.constexpr,  # output columns per chunk (bounds the shared memory of the unrotation)
     PDV: tl.constexpr,
     SEG_N: tl.constexpr,
+    SC: tl.constexpr,  # splits whose maxima are read at once
     HAS_BOUNDS: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -440,34 +505,31 @@ def _combine_kernel(
     vcols = tl.arange(0, PDV)
     dims = tl.arange(0, DP)
     row_ok = rows < G
-    # 1. merge the history's splits (rotated domain, kernel-column order); the next split's
-    # partials are loaded before the current one is folded in
+    # 1. merge the history's splits (rotated domain, dim order): the overall max first (SC
+    # splits at a time), then every split's partials weighted by it. The second loop carries
+    # only sums, so its loads are pipelined (no chain of rescalings from split to split).
     m_h = tl.full((GP,), float("-inf"), tl.float32)
+    for s0 in range(0, n_splits, SC):
+        sp = s0 + tl.arange(0, SC)
+        m_c = tl.load(
+            ws_ptr + m_off + (bh * n_splits + sp)[:, None] * GP + rows[None, :],
+            mask=(sp < n_splits)[:, None],
+            other=float("-inf"),
+        )
+        m_h = tl.maximum(m_h, tl.max(m_c, axis=0))
+    m_use = tl.where(m_h == float("-inf"), 0.0, m_h)  # nothing visible in the history
     l_h = tl.zeros((GP,), tl.float32)
     acc_h = tl.zeros((GP, PDV), tl.float32)
-    part = bh * n_splits
-    m_s = tl.load(ws_ptr + m_off + part * GP + rows)
-    l_s = tl.load(ws_ptr + l_off + part * GP + rows)
-    acc_ptrs = ws_ptr + acc_off + (part * G + rows[:, None]) * PDV + vcols[None, :]
-    acc_s = tl.load(acc_ptrs, mask=row_ok[:, None], other=0.0)
-    for split in range(1, n_splits + 1):
-        more = split < n_splits
-        part_nx = bh * n_splits + split
-        m_nx = tl.load(ws_ptr + m_off + part_nx * GP + rows, mask=more & row_ok, other=0.0)
-        l_nx = tl.load(ws_ptr + l_off + part_nx * GP + rows, mask=more & row_ok, other=0.0)
-        acc_nx = tl.load(
-            ws_ptr + acc_off + (part_nx * G + rows[:, None]) * PDV + vcols[None, :],
-            mask=more & row_ok[:, None],
+    for split in tl.range(0, n_splits, num_stages=3):
+        part = bh * n_splits + split
+        w = tl.exp2(tl.load(ws_ptr + m_off + part * GP + rows) - m_use)
+        l_h += w * tl.load(ws_ptr + l_off + part * GP + rows)
+        acc_s = tl.load(
+            ws_ptr + acc_off + (part * G + rows[:, None]) * PDV + vcols[None, :],
+            mask=row_ok[:, None],
             other=0.0,
         )
-        m_new = tl.maximum(m_h, m_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits with nothing visible
-        a_old = tl.exp2(m_h - m_use)
-        a_new = tl.exp2(m_s - m_use)
-        l_h = l_h * a_old + l_s * a_new
-        acc_h = acc_h * a_old[:, None] + acc_s * a_new[:, None]
-        m_h = m_new
-        m_s, l_s, acc_s = m_nx, l_nx, acc_nx
+        acc_h += w[:, None] * acc_s
     # 2. softmax statistics of the full-precision segments (original domain)
     q = tl.load(
         query_ptr + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dims[None, :],
@@ -519,12 +581,13 @@ def _combine_kernel(
     )
 
 
-def group_layout(n_bits: int, d: int) -> tuple[int, int]:
+def group_layout(n_bits: int, d: int, min_groups: int = 2) -> tuple[int, int]:
     """``(WP, WR)`` of packed rows of ``d`` codes: packing groups (8 codes, ``n_bits`` bytes) per
-    row padded to a power of two (``8 * WP >= 16`` for the tensor cores), and real groups. The
-    kernels' columns are dims in order, ``8 * WR`` of them real (dims ``>= d`` are padding)."""
+    row padded to a power of two of at least ``min_groups`` (the tensor cores need products over
+    16 columns: ``8 * WP >= 16`` for values in dim order, ``WP >= 16`` for keys scored per code
+    position), and real groups. Dims ``>= d`` are padding."""
     wr = -(-d // 8)
-    return max(2, triton.next_power_of_2(wr)), wr
+    return max(min_groups, triton.next_power_of_2(wr)), wr
 
 
 def _padded(matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -560,7 +623,7 @@ def _constants(key_q: Any, value_q: Any, device: torch.device) -> _Constants:
         return found
     d = key_q.spec.d
     dp = max(16, triton.next_power_of_2(d))
-    k_layout = group_layout(key_q.spec.n_bits, d)
+    k_layout = group_layout(key_q.spec.n_bits, d, min_groups=16)
     v_layout = group_layout(value_q.spec.n_bits, d)
     # rotate: q_rot = q @ Pi_K^T; unrotate: out = out_rot @ Pi_V (Rotation.matrix() is Pi)
     rot = _padded(key_q.rotation.matrix().T, dp, 8 * k_layout[0])
@@ -613,6 +676,12 @@ def _check_aligned(qt: Any, name: str) -> None:
             f"{name}: packed rows must start on {unit}-byte packing groups (data pointer and "
             f"strides multiples of {unit}), got strides {tuple(p.stride())}"
         )
+
+
+def _unit_stride(packed: torch.Tensor, n_bits: int) -> int:
+    """The token stride of packed rows in the units the kernel reads them in (packing groups of
+    ``n_bits`` bytes; bytes for 3 bits)."""
+    return packed.stride(2) if n_bits == 3 else packed.stride(2) // n_bits
 
 
 def _workspace(device: torch.device, numel: int) -> torch.Tensor:
@@ -702,9 +771,10 @@ def decode_attention_triton(
 
     Same inputs and output as :func:`tqai.attention.compressed_attention` with ``mask=None``
     (``keys`` / ``values`` must hold at least one token). ``block_n`` (tokens per step)
-    defaults to 64 (128 from 16K tokens; 32 for rows of more than 128 kernel columns, for
-    shared memory); ``tokens_per_split`` to splits that give the GPU at least two programs per
-    SM and every KV head at least 8 splits (each at least ``4 * block_n`` tokens). ``lookup="gather"`` reads centroids from memory even where
+    defaults to 64 (128 once ``history tokens x B x Hkv >= 16384 x 8``; 32 for rows of more than
+    128 kernel columns, for shared memory); ``tokens_per_split`` to at most one whole wave of
+    two programs per SM (each at least ``4 * block_n`` tokens). ``lookup="gather"`` reads
+    centroids from memory even where
     byte-permute lookups from registers serve (2 bits, symmetric 4-bit codebooks on CUDA).
     ``valid_from`` (``(B,)`` integers, optional): each sequence sees only the positions from
     ``valid_from[b]`` on (positions count the prefix, then the history, then the suffix): the
@@ -747,8 +817,9 @@ def decode_attention_triton(
     kwp, kwr = c.k_layout
     vwp, vwr = c.v_layout
     pdk, pdv = 8 * kwp, 8 * vwp
-    if block_n is None:  # measured on H100 (benchmarks/NOTES.md, v5 sweep)
-        block_n = 32 if max(pdk, pdv) > 128 else 128 if t >= 16384 else 64
+    bh = b * n_kv
+    if block_n is None:  # measured on H100 (benchmarks/NOTES.md, v5 and v7 sweeps)
+        block_n = 32 if max(pdk, pdv) > 128 else 128 if t * bh >= 16384 * 8 else 64
     if lookup not in ("auto", "gather"):
         raise ValueError(f"lookup must be 'auto' or 'gather', got {lookup!r}")
     # byte-permute lookups need PTX (not the interpreter) and a 2-bit or symmetric 4-bit table
@@ -756,9 +827,8 @@ def decode_attention_triton(
     kprmt, vprmt = prmt and c.k_regs is not None, prmt and c.v_regs is not None
     k_regs = c.k_regs if kprmt else (0, 0, 0, 0)
     v_regs = c.v_regs if vprmt else (0, 0, 0, 0)
-    bh = b * n_kv
-    if tokens_per_split is None:  # >= 2 programs per SM, >= 8 splits per KV head
-        want = max(8, math.ceil(2 * _sm_count(device) / bh))
+    if tokens_per_split is None:  # one whole wave of 2 programs per SM, >= 4 blocks each
+        want = max(1, 2 * _sm_count(device) // bh)
         tokens_per_split = max(4 * block_n, math.ceil(t / want))
     split_len = max(block_n, math.ceil(tokens_per_split / block_n) * block_n)
     splits = math.ceil(t / split_len)
@@ -775,8 +845,10 @@ def decode_attention_triton(
         ws, m_off, l_off, acc_off,
         kp, kn, vp, vn, c.k_table, c.v_table, *k_regs, *v_regs,
         t, split_len, n_kv, rows_per_seq, bounds_arg, n_pre,
-        kp.stride(0), kp.stride(1), kp.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
-        vp.stride(0), vp.stride(1), vp.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+        kp.stride(0), kp.stride(1), _unit_stride(kp, key_quantizer.spec.n_bits),
+        kn.stride(0), kn.stride(1), kn.stride(2),
+        vp.stride(0), vp.stride(1), _unit_stride(vp, value_quantizer.spec.n_bits),
+        vn.stride(0), vn.stride(1), vn.stride(2),
         KB=key_quantizer.spec.n_bits, KWP=kwp, KWR=kwr,
         VB=value_quantizer.spec.n_bits, VWP=vwp, VWR=vwr,
         G=g, GP=_GP, D=d, DP=c.dp, BLOCK_N=block_n, KPRMT=kprmt, VPRMT=vprmt,
@@ -789,6 +861,6 @@ def decode_attention_triton(
         query, query.stride(0), query.stride(1), qscale,
         *_segment_args(prefix, query), *_segment_args(suffix, query),
         out, n_kv, rows_per_seq, bounds_arg, t,
-        G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16, HAS_BOUNDS=bounds is not None,
+        G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16, SC=16, HAS_BOUNDS=bounds is not None,
     )  # fmt: skip
     return out
