@@ -72,6 +72,7 @@ from tqai_torch.kernels.triton.decode_attention import (
     _group_rows,
     _load_groups,
     decode_attention_triton,
+    group_layout,
     supports,
 )
 
@@ -166,7 +167,7 @@ def _prefill_attention_kernel(
     stride_qh,
     stride_qc,
     qscale,  # scale * log2(e)
-    rot_ptr,  # (DP, PDK) float32: key rotation, rows >= D zero
+    rot_ptr,  # (DP, ROT_COLS) float32: key rotation in dim order, rows >= D zero
     unrot_ptr,  # (PDV, DP) float32: value rotation back, padding zero
     kp_ptr,  # (B, Hkv, T, LK) uint8 packed key codes (any strides on B, Hkv, T)
     kn_ptr,  # (B, Hkv, T) key norms, fp16
@@ -185,15 +186,15 @@ def _prefill_attention_kernel(
     T,  # history tokens
     C,  # chunk tokens (the last C of the suffix)
     n_kv,
-    kp_sb,
+    kp_sb,  # strides of the packed rows in bytes (B, Hkv) and in packing groups (T; 3 bits: bytes)
     kp_sh,
-    kp_st,
+    kp_su,
     kn_sb,
     kn_sh,
     kn_st,
     vp_sb,
     vp_sh,
-    vp_st,
+    vp_su,
     vn_sb,
     vn_sh,
     vn_st,
@@ -216,6 +217,7 @@ def _prefill_attention_kernel(
     sv_sh,
     sv_st,
     out_ptr,  # (B, Hq, C, D) contiguous, query dtype
+    ROT_COLS: tl.constexpr,  # columns of rot (>= 8 * KWP: the decode kernel pads its keys more)
     KB: tl.constexpr,
     KWP: tl.constexpr,
     KWR: tl.constexpr,
@@ -252,7 +254,7 @@ def _prefill_attention_kernel(
             other=0.0,
         ).to(tl.float32)
         rot = tl.load(
-            rot_ptr + dims[:, None] * PDK + tl.arange(0, PDK)[None, :],
+            rot_ptr + dims[:, None] * ROT_COLS + tl.arange(0, PDK)[None, :],
             mask=(dims < DP)[:, None],  # DP may be 16
             other=0.0,
         )
@@ -261,10 +263,6 @@ def _prefill_attention_kernel(
     # 2. the packed history, every token visible to every row
     kp_row = _group_rows(kp_ptr + b * kp_sb + h * kp_sh, KB)
     vp_row = _group_rows(vp_ptr + b * vp_sb + h * vp_sh, VB)
-    if KB != 3:
-        kp_st = kp_st // KB  # in groups of KB bytes
-    if VB != 3:
-        vp_st = vp_st // VB
     kn_row = kn_ptr + b * kn_sb + h * kn_sh
     vn_row = vn_ptr + b * vn_sb + h * vn_sh
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -272,16 +270,16 @@ def _prefill_attention_kernel(
     acc = tl.zeros((BLOCK_M, PDV), tl.float32)
     toks = tl.arange(0, BLOCK_N)
     valid = toks < T
-    ku = _load_groups(kp_row + toks * kp_st, valid, KB, KWP, KWR)
+    ku = _load_groups(kp_row + toks * kp_su, valid, KB, KWP, KWR)
     kn = tl.load(kn_row + toks * kn_st, mask=valid, other=0.0)
-    vu = _load_groups(vp_row + toks * vp_st, valid, VB, VWP, VWR)
+    vu = _load_groups(vp_row + toks * vp_su, valid, VB, VWP, VWR)
     vn = tl.load(vn_row + toks * vn_st, mask=valid, other=0.0)
     for _ in range(0, T, BLOCK_N):
         toks_nx = toks + BLOCK_N
         valid_nx = toks_nx < T
-        ku_nx = _load_groups(kp_row + toks_nx * kp_st, valid_nx, KB, KWP, KWR)
+        ku_nx = _load_groups(kp_row + toks_nx * kp_su, valid_nx, KB, KWP, KWR)
         kn_nx = tl.load(kn_row + toks_nx * kn_st, mask=valid_nx, other=0.0)
-        vu_nx = _load_groups(vp_row + toks_nx * vp_st, valid_nx, VB, VWP, VWR)
+        vu_nx = _load_groups(vp_row + toks_nx * vp_su, valid_nx, VB, VWP, VWR)
         vn_nx = tl.load(vn_row + toks_nx * vn_st, mask=valid_nx, other=0.0)
         k = _centroids(ku, kt_ptr, kt0, kt1, kt2, kt3, KB, KWP, BLOCK_N, KPRMT)
         s = tl.dot(q, tl.trans(k)) * kn.to(tl.float32)[None, :]  # (BLOCK_M, BLOCK_N), base 2
@@ -339,6 +337,12 @@ def _prefill_attention_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & (dims < D)[None, :],
     )
+
+
+def _group_stride(packed: torch.Tensor, n_bits: int) -> int:
+    """Token stride of packed rows in packing groups of ``n_bits`` bytes (bytes for 3 bits):
+    passed so, the compiler sees its divisibility (vectorized loads)."""
+    return packed.stride(2) if n_bits == 3 else packed.stride(2) // n_bits
 
 
 def _segment(
@@ -407,7 +411,7 @@ def prefill_attention_triton(
       128 kernel columns, i.e. head dims above 128), ``block_n`` (history and segment tokens
       per step: 16/32/64/128; default 64, 32 above 128 columns), ``num_warps`` (1/2/4/8;
       default 8): chosen from register counts of sm_90 compiles (``benchmarks/NOTES.md``,
-      session 4: no spills at d <= 128, 8 bytes of stack at d = 256), not from timings;
+      session 4: no spills at d <= 128, 24 bytes of stack at d = 256), not from timings;
     - ``lookup``: ``"auto"`` (byte-permute lookups where they serve, on CUDA) or ``"gather"``
       (centroids always read from memory).
 
@@ -453,7 +457,10 @@ def prefill_attention_triton(
         )
     device = query.device
     cst = _constants(key_quantizer, value_quantizer, device)
-    kwp, kwr = cst.k_layout
+    kb, vb = key_quantizer.spec.n_bits, value_quantizer.spec.n_bits
+    # keys in dim order as the values: 8 * WP >= 16 columns (the decode kernel pads its key rows
+    # to 16 groups for its per-code-position products; its rotation has those extra columns)
+    kwp, kwr = group_layout(kb, d)
     vwp, vwr = cst.v_layout
     wide = max(8 * kwp, 8 * vwp) > 128
     method = kernel_options.get("method", "auto")
@@ -506,13 +513,14 @@ def prefill_attention_triton(
         cst.rot, cst.unrot,
         kp, kn, vp, vn, cst.k_table, cst.v_table, *k_regs, *v_regs,
         keys.shape[2], c, n_kv,
-        kp.stride(0), kp.stride(1), kp.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
-        vp.stride(0), vp.stride(1), vp.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+        kp.stride(0), kp.stride(1), _group_stride(kp, kb),
+        kn.stride(0), kn.stride(1), kn.stride(2),
+        vp.stride(0), vp.stride(1), _group_stride(vp, vb),
+        vn.stride(0), vn.stride(1), vn.stride(2),
         pk, pv, n_pre, *pk.stride()[:3], *pv.stride()[:3],
         sk, sv, sk.shape[2], *sk.stride()[:3], *sv.stride()[:3],
         out,
-        KB=key_quantizer.spec.n_bits, KWP=kwp, KWR=kwr,
-        VB=value_quantizer.spec.n_bits, VWP=vwp, VWR=vwr,
+        ROT_COLS=cst.rot.shape[1], KB=kb, KWP=kwp, KWR=kwr, VB=vb, VWP=vwp, VWR=vwr,
         G=g, D=d, DP=cst.dp, BLOCK_M=block_m, BLOCK_N=block_n, KPRMT=kprmt, VPRMT=vprmt,
         num_warps=num_warps,
     )  # fmt: skip
