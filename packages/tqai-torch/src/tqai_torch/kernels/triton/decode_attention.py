@@ -170,44 +170,6 @@ _PRMT2_ASM = tl.constexpr(_PRMT2)
 
 
 @triton.jit
-def _centroids(
-    groups,  # (BLOCK_N, WP) from _load_groups
-    table_ptr,  # (2**BITS,) fp16 centroids (gather path)
-    t0,  # table bytes in registers (PRMT path, see _PRMT4 / _PRMT2)
-    t1,
-    t2,
-    t3,
-    BITS: tl.constexpr,
-    WP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRMT: tl.constexpr,
-):
-    """Centroids of the codes in ``groups``, ``(BLOCK_N, 8 * WP)`` fp16 in dim order (code
-    ``8 j + i`` is group ``j`` at shift ``BITS i``): byte-permute lookups from registers
-    (``PRMT``, 2 and 4 bits) or gathers from the table in memory."""
-    if PRMT:
-        if BITS == 4:
-            o = tl.inline_asm_elementwise(
-                _PRMT4_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [groups, t0, t1, t2, t3],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
-            )  # fmt: skip
-        else:
-            o = tl.inline_asm_elementwise(
-                _PRMT2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [groups, t0, t1],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
-            )  # fmt: skip
-        # join appends a minor axis: [a, b, c] below is code 4 a + 2 b + c
-        even = tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6]))
-        odd = tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7]))
-        cent = tl.join(even, odd)
-    else:
-        shifts = tl.arange(0, 8).to(groups.dtype) * BITS
-        codes = ((groups[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
-        cent = tl.load(table_ptr + codes)
-    return tl.reshape(cent, (BLOCK_N, 8 * WP))
-
-
-@triton.jit
 def _codes8(
     groups,  # (BLOCK_N, WP) from _load_groups
     table_ptr,  # (2**BITS,) fp16 centroids (gather path)
@@ -246,10 +208,25 @@ def _codes8(
 
 
 @triton.jit
-def _store_acc(ws_ptr, off, acc, i: tl.constexpr, rows, G: tl.constexpr, WP: tl.constexpr):
-    """Store an ``(GP, WP)`` accumulator tile of dims ``8 j + i`` at its columns."""
-    cols = 8 * tl.arange(0, WP) + i
-    tl.store(ws_ptr + off + rows[:, None] * (8 * WP) + cols[None, :], acc, mask=(rows < G)[:, None])
+def _centroids(
+    groups,  # (BLOCK_N, WP) from _load_groups
+    table_ptr,  # (2**BITS,) fp16 centroids (gather path)
+    t0,  # table bytes in registers (PRMT path, see _PRMT4 / _PRMT2)
+    t1,
+    t2,
+    t3,
+    BITS: tl.constexpr,
+    WP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRMT: tl.constexpr,
+):
+    """Centroids of the codes in ``groups``, ``(BLOCK_N, 8 * WP)`` fp16 in dim order (code
+    ``8 j + i`` is group ``j`` at shift ``BITS i``): the tiles of :func:`_codes8` interleaved."""
+    o0, o1, o2, o3, o4, o5, o6, o7 = _codes8(groups, table_ptr, t0, t1, t2, t3, BITS, PRMT)
+    # join appends a minor axis: [a, b, c] below is code 4 a + 2 b + c
+    even = tl.join(tl.join(o0, o4), tl.join(o2, o6))
+    odd = tl.join(tl.join(o1, o5), tl.join(o3, o7))
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, 8 * WP))
 
 
 @triton.jit(do_not_specialize=["T", "split_len"])
