@@ -123,6 +123,63 @@ def test_left_padded_batch_matches_unpadded_rows():
     assert torch.equal(out[0, -10:], single[0, -10:])
 
 
+def _masks_seen(monkeypatch) -> list:
+    """Record the mask each TqaiLayer.attend call receives (None or its shape)."""
+    seen = []
+    original = TqaiLayer.attend
+
+    def spy(self, query, mask, *args, **kwargs):
+        seen.append((query.shape[2], None if mask is None else tuple(mask.shape)))
+        return original(self, query, mask, *args, **kwargs)
+
+    monkeypatch.setattr(TqaiLayer, "attend", spy)
+    return seen
+
+
+def test_decode_steps_take_no_mask_unless_padded(monkeypatch):
+    """One-token steps of an unpadded batch get no mask (nothing to build, nothing for the cache
+    to read back); prompts and padded batches get explicit ones; the tokens are the same as
+    with an explicit mask on every step."""
+    from tqai_torch import attention
+
+    model = build("llama")
+    ids = _prompt(batch=2, length=12)
+    seen = _masks_seen(monkeypatch)
+    cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=0)
+    try:
+        out = _generate(model, ids, cache, max_new_tokens=6)
+        steps = [mask for tq, mask in seen if tq == 1]
+        prompts = [mask for tq, mask in seen if tq > 1]
+        assert steps
+        assert all(mask is None for mask in steps)
+        assert prompts
+        assert all(mask is not None for mask in prompts)
+        # the same generation with every mask explicit (the skip turned off)
+        monkeypatch.setattr(attention, "_query_length", lambda args, kwargs: None)
+        tqai_torch.unpatch(model)
+        cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=0)
+        seen.clear()
+        explicit = _generate(model, ids, cache, max_new_tokens=6)
+        assert all(mask is not None for _, mask in seen)
+        padded = ids.clone()
+        pad_mask = torch.ones_like(ids)
+        pad_mask[0, :3] = 0
+        seen.clear()
+        monkeypatch.undo()
+        seen = _masks_seen(monkeypatch)
+        tqai_torch.unpatch(model)
+        cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=0)
+        with torch.no_grad():
+            model.generate(
+                padded, attention_mask=pad_mask, **cache_kw(cache), max_new_tokens=3,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        assert all(mask is not None for _, mask in seen)
+    finally:
+        tqai_torch.unpatch(model)
+    assert torch.equal(out, explicit)
+
+
 def test_sampling_and_beam_search_run():
     model = build("qwen2")
     ids = _prompt(batch=1)

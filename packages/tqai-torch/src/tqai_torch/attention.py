@@ -9,7 +9,10 @@ forward pass without a cache) go to the implementation the model had before it w
 patched model behaves exactly as before wherever tqai does not compress.
 
 The mask function registered under the same name is transformers' sdpa mask with the causal skip
-turned off, so the attention always receives an explicit boolean mask (True = attend).
+turned off for queries of several tokens, so those always receive an explicit boolean mask (True =
+attend). A one-token query with nothing padded gets no mask (transformers' skip): every held
+position is visible, so a decode step builds no mask and the cache never reads one back to the
+host (a device-to-host copy per layer and step otherwise, which stalls the host's run-ahead).
 """
 
 from __future__ import annotations
@@ -87,9 +90,21 @@ def tqai_attention_forward(
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     kv_len = layer.store.length
-    mask = _boolean_mask(attention_mask, query.shape[2], kv_len, query.device)
+    if attention_mask is None and query.shape[2] == 1:
+        mask = None  # one query token, nothing padded: every held position is visible
+    else:
+        mask = _boolean_mask(attention_mask, query.shape[2], kv_len, query.device)
     out = layer.attend(query, mask, scale, softcap=kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _query_length(args: tuple, kwargs: dict) -> int | None:
+    """Query tokens of a mask-function call: ``q_length`` (newer transformers) or the length of
+    ``cache_position`` (older releases), by keyword or as the second positional argument."""
+    value = kwargs.get("q_length", kwargs.get("cache_position", args[1] if len(args) > 1 else None))
+    if isinstance(value, torch.Tensor):
+        return value.shape[0] if value.dim() else int(value)
+    return value if isinstance(value, int) else None
 
 
 def register() -> None:
@@ -97,7 +112,8 @@ def register() -> None:
     AttentionInterface.register(ATTN_IMPLEMENTATION, tqai_attention_forward)
 
     def tqai_mask(*args: Any, **kwargs: Any) -> Any:
-        kwargs["allow_is_causal_skip"] = False
+        if _query_length(args, kwargs) != 1:
+            kwargs["allow_is_causal_skip"] = False
         return sdpa_mask(*args, **kwargs)
 
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, tqai_mask)

@@ -170,44 +170,6 @@ _PRMT2_ASM = tl.constexpr(_PRMT2)
 
 
 @triton.jit
-def _centroids(
-    groups,  # (BLOCK_N, WP) from _load_groups
-    table_ptr,  # (2**BITS,) fp16 centroids (gather path)
-    t0,  # table bytes in registers (PRMT path, see _PRMT4 / _PRMT2)
-    t1,
-    t2,
-    t3,
-    BITS: tl.constexpr,
-    WP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRMT: tl.constexpr,
-):
-    """Centroids of the codes in ``groups``, ``(BLOCK_N, 8 * WP)`` fp16 in dim order (code
-    ``8 j + i`` is group ``j`` at shift ``BITS i``): byte-permute lookups from registers
-    (``PRMT``, 2 and 4 bits) or gathers from the table in memory."""
-    if PRMT:
-        if BITS == 4:
-            o = tl.inline_asm_elementwise(
-                _PRMT4_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [groups, t0, t1, t2, t3],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
-            )  # fmt: skip
-        else:
-            o = tl.inline_asm_elementwise(
-                _PRMT2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [groups, t0, t1],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
-            )  # fmt: skip
-        # join appends a minor axis: [a, b, c] below is code 4 a + 2 b + c
-        even = tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6]))
-        odd = tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7]))
-        cent = tl.join(even, odd)
-    else:
-        shifts = tl.arange(0, 8).to(groups.dtype) * BITS
-        codes = ((groups[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
-        cent = tl.load(table_ptr + codes)
-    return tl.reshape(cent, (BLOCK_N, 8 * WP))
-
-
-@triton.jit
 def _codes8(
     groups,  # (BLOCK_N, WP) from _load_groups
     table_ptr,  # (2**BITS,) fp16 centroids (gather path)
@@ -246,10 +208,25 @@ def _codes8(
 
 
 @triton.jit
-def _store_acc(ws_ptr, off, acc, i: tl.constexpr, rows, G: tl.constexpr, WP: tl.constexpr):
-    """Store an ``(GP, WP)`` accumulator tile of dims ``8 j + i`` at its columns."""
-    cols = 8 * tl.arange(0, WP) + i
-    tl.store(ws_ptr + off + rows[:, None] * (8 * WP) + cols[None, :], acc, mask=(rows < G)[:, None])
+def _centroids(
+    groups,  # (BLOCK_N, WP) from _load_groups
+    table_ptr,  # (2**BITS,) fp16 centroids (gather path)
+    t0,  # table bytes in registers (PRMT path, see _PRMT4 / _PRMT2)
+    t1,
+    t2,
+    t3,
+    BITS: tl.constexpr,
+    WP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRMT: tl.constexpr,
+):
+    """Centroids of the codes in ``groups``, ``(BLOCK_N, 8 * WP)`` fp16 in dim order (code
+    ``8 j + i`` is group ``j`` at shift ``BITS i``): the tiles of :func:`_codes8` interleaved."""
+    o0, o1, o2, o3, o4, o5, o6, o7 = _codes8(groups, table_ptr, t0, t1, t2, t3, BITS, PRMT)
+    # join appends a minor axis: [a, b, c] below is code 4 a + 2 b + c
+    even = tl.join(tl.join(o0, o4), tl.join(o2, o6))
+    odd = tl.join(tl.join(o1, o5), tl.join(o3, o7))
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, 8 * WP))
 
 
 @triton.jit(do_not_specialize=["T", "split_len"])
@@ -408,15 +385,15 @@ def _segment_stats(
     q, k_base, stride_t, n, lo, m, l_sum,
     D: tl.constexpr, DP: tl.constexpr, SEG_N: tl.constexpr,
 ):  # fmt: skip
-    """Running max and normalizer of the visible tokens ``[lo, n)`` of a full-precision segment
-    (original domain)."""
+    """Running max and normalizer ``(GR,)`` of the query rows ``q (GR, 1, DP)`` over the visible
+    tokens ``[lo, n)`` of a full-precision segment (original domain; fp32 products)."""
     dims = tl.arange(0, DP)
     for t0 in range(0, n, SEG_N):
         toks = t0 + tl.arange(0, SEG_N)
         valid = (toks < n) & (toks >= lo)
         offs = toks[:, None] * stride_t + dims[None, :]
         k = tl.load(k_base + offs, mask=valid[:, None] & (dims < D)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="tf32x3")
+        s = tl.sum(q * k.to(tl.float32)[None, :, :], axis=2)  # (GR, SEG_N)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -431,7 +408,7 @@ def _segment_values(
     D: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SEG_N: tl.constexpr,
 ):  # fmt: skip
     """``acc += sum_t 2^(s_t - m) v_t[c0 : c0 + DC]`` over the visible tokens ``[lo, n)`` of a
-    segment (``m`` its final max)."""
+    segment (``q (GR, 1, DP)``, ``m`` its final max, ``acc (GR, DC)``; fp32 products)."""
     dims = tl.arange(0, DP)
     cols = c0 + tl.arange(0, DC)
     for t0 in range(0, n, SEG_N):
@@ -442,14 +419,14 @@ def _segment_values(
             mask=valid[:, None] & (dims < D)[None, :],
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="tf32x3")
+        s = tl.sum(q * k.to(tl.float32)[None, :, :], axis=2)
         p = tl.where(valid[None, :], tl.exp2(s - m[:, None]), 0.0)
         v = tl.load(
             v_base + toks[:, None] * stride_vt + cols[None, :],
             mask=valid[:, None] & (cols < D)[None, :],
             other=0.0,
         )
-        acc += tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
+        acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
     return acc
 
 
@@ -489,26 +466,29 @@ def _combine_kernel(
     bounds_ptr,  # (B, 2) int32 visible positions [from, until) (read when HAS_BOUNDS)
     T,  # history tokens (the suffix starts at position n_pre + T)
     G: tl.constexpr,
-    GP: tl.constexpr,
+    GP: tl.constexpr,  # rows of the partials' m / l in the workspace
+    GR: tl.constexpr,  # rows here: G padded to a power of two
     D: tl.constexpr,
     DP: tl.constexpr,
-    DC: tl.constexpr,  # output columns per chunk (bounds the shared memory of the unrotation)
+    DC: tl.constexpr,  # output columns per program
     PDV: tl.constexpr,
+    PC: tl.constexpr,  # value-domain columns merged and unrotated at once
+    SC: tl.constexpr,  # splits read at once
     SEG_N: tl.constexpr,
-    SC: tl.constexpr,  # splits whose maxima are read at once
     HAS_BOUNDS: tl.constexpr,
 ):
+    """Everything in fp32 FMAs over the group's real rows (no tensor cores: the work is small
+    and latency-bound, and every load below is issued for many splits or tokens at once)."""
     bh = tl.program_id(0)
     b = bh // n_kv
     h = bh % n_kv
-    rows = tl.arange(0, GP)
-    vcols = tl.arange(0, PDV)
-    dims = tl.arange(0, DP)
+    rows = tl.arange(0, GR)
     row_ok = rows < G
-    # 1. merge the history's splits (rotated domain, dim order): the overall max first (SC
-    # splits at a time), then every split's partials weighted by it. The second loop carries
-    # only sums, so its loads are pipelined (no chain of rescalings from split to split).
-    m_h = tl.full((GP,), float("-inf"), tl.float32)
+    dims = tl.arange(0, DP)
+    c = tl.program_id(1)  # one chunk of DC output columns per program
+    cols = c * DC + tl.arange(0, DC)
+    # 1. the history's softmax statistics over all splits: the overall max, then the sum
+    m_h = tl.full((GR,), float("-inf"), tl.float32)
     for s0 in range(0, n_splits, SC):
         sp = s0 + tl.arange(0, SC)
         m_c = tl.load(
@@ -518,25 +498,47 @@ def _combine_kernel(
         )
         m_h = tl.maximum(m_h, tl.max(m_c, axis=0))
     m_use = tl.where(m_h == float("-inf"), 0.0, m_h)  # nothing visible in the history
-    l_h = tl.zeros((GP,), tl.float32)
-    acc_h = tl.zeros((GP, PDV), tl.float32)
-    for split in tl.range(0, n_splits, num_stages=3):
-        part = bh * n_splits + split
-        w = tl.exp2(tl.load(ws_ptr + m_off + part * GP + rows) - m_use)
-        l_h += w * tl.load(ws_ptr + l_off + part * GP + rows)
-        acc_s = tl.load(
-            ws_ptr + acc_off + (part * G + rows[:, None]) * PDV + vcols[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        )
-        acc_h += w[:, None] * acc_s
-    # 2. softmax statistics of the full-precision segments (original domain)
+    l_h = tl.zeros((GR,), tl.float32)
+    for s0 in range(0, n_splits, SC):
+        sp = s0 + tl.arange(0, SC)
+        offs = (bh * n_splits + sp)[:, None] * GP + rows[None, :]
+        ok = (sp < n_splits)[:, None]
+        w = tl.exp2(tl.load(ws_ptr + m_off + offs, mask=ok, other=float("-inf")) - m_use)
+        l_h += tl.sum(w * tl.load(ws_ptr + l_off + offs, mask=ok, other=0.0), axis=0)
+    # 2. the history's value sum, PC rotated columns at a time, merged over the splits and
+    # rotated back into this program's output columns
+    out_h = tl.zeros((GR, DC), tl.float32)
+    pcols = tl.arange(0, PC)
+    for p0 in range(0, PDV, PC):
+        acc_c = tl.zeros((GR, PC), tl.float32)
+        for s0 in range(0, n_splits, SC):
+            sp = s0 + tl.arange(0, SC)
+            ok = sp < n_splits
+            part = bh * n_splits + sp
+            w = tl.exp2(
+                tl.load(
+                    ws_ptr + m_off + part[:, None] * GP + rows[None, :],
+                    mask=ok[:, None],
+                    other=float("-inf"),
+                )
+                - m_use
+            )  # (SC, GR)
+            acc_s = tl.load(
+                ws_ptr + acc_off + ((part[:, None, None] * G + rows[None, :, None]) * PDV
+                                    + p0 + pcols[None, None, :]),
+                mask=ok[:, None, None] & row_ok[None, :, None],
+                other=0.0,
+            )  # fmt: skip
+            acc_c += tl.sum(w[:, :, None] * acc_s, axis=0)
+        unrot = tl.load(unrot_ptr + (p0 + pcols)[:, None] * DP + cols[None, :])  # (PC, DC)
+        out_h += tl.sum(acc_c[:, :, None] * unrot[None, :, :], axis=1)
+    # 3. softmax statistics of the full-precision segments (original domain)
     q = tl.load(
         query_ptr + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dims[None, :],
         mask=row_ok[:, None] & (dims < D)[None, :],
         other=0.0,
     ).to(tl.float32)
-    q = q * qscale
+    q = (q * qscale)[:, None, :]  # broadcast once, outside the loops below
     bs = b // rows_per_seq
     pk_base = pk_ptr + bs * pk_sb + h * pk_sh
     pv_base = pv_ptr + bs * pv_sb + h * pv_sh
@@ -553,20 +555,16 @@ def _combine_kernel(
         pre_n = tl.minimum(n_pre, until)
         suf_lo = first - n_pre - T
         suf_n = tl.minimum(n_suf, until - n_pre - T)
-    m_g = tl.full((GP,), float("-inf"), tl.float32)
-    l_g = tl.zeros((GP,), tl.float32)
+    m_g = tl.full((GR,), float("-inf"), tl.float32)
+    l_g = tl.zeros((GR,), tl.float32)
     m_g, l_g = _segment_stats(q, pk_base, pk_st, pre_n, pre_lo, m_g, l_g, D, DP, SEG_N)
     m_g, l_g = _segment_stats(q, sk_base, sk_st, suf_n, suf_lo, m_g, l_g, D, DP, SEG_N)
-    # 3. one softmax over both, written chunk by chunk of output columns
+    # 4. one softmax over both
     m_all = tl.maximum(m_h, m_g)
     w_h = tl.where(m_h == float("-inf"), 0.0, tl.exp2(m_h - m_all))
     w_g = tl.where(m_g == float("-inf"), 0.0, tl.exp2(m_g - m_all))
     total = l_h * w_h + l_g * w_g
-    c = tl.program_id(1)  # one chunk of DC output columns per program
-    cols = c * DC + tl.arange(0, DC)
-    unrot = tl.load(unrot_ptr + vcols[:, None] * DP + cols[None, :])
-    out_h = tl.dot(acc_h, unrot, input_precision="tf32x3")  # (GP, DC), original domain
-    acc_g = tl.zeros((GP, DC), tl.float32)
+    acc_g = tl.zeros((GR, DC), tl.float32)
     acc_g = _segment_values(
         q, pk_base, pv_base, pk_st, pv_st, pre_n, pre_lo, m_g, acc_g, c * DC, D, DP, DC, SEG_N
     )
@@ -855,12 +853,18 @@ def decode_attention_triton(
         HAS_BOUNDS=bounds is not None, num_warps=num_warps,
     )  # fmt: skip
     out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
+    # combine: DC output columns per program; FMA tiles of at most ~8K elements (64 per thread)
     dc = min(c.dp, 64)
+    gr = triton.next_power_of_2(g)
+    pc = min(pdv, 32)
+    sc = max(1, 2048 // (gr * pc))  # powers of two: gr, pc and dp are
+    seg_n = max(1, min(16, 8192 // (gr * c.dp)))
     _combine_kernel[(bh, c.dp // dc)](
         ws, m_off, l_off, acc_off, splits, c.unrot,
         query, query.stride(0), query.stride(1), qscale,
         *_segment_args(prefix, query), *_segment_args(suffix, query),
         out, n_kv, rows_per_seq, bounds_arg, t,
-        G=g, GP=_GP, D=d, DP=c.dp, DC=dc, PDV=pdv, SEG_N=16, SC=16, HAS_BOUNDS=bounds is not None,
+        G=g, GP=_GP, GR=gr, D=d, DP=c.dp, DC=dc, PDV=pdv, PC=pc, SC=sc, SEG_N=seg_n,
+        HAS_BOUNDS=bounds is not None,
     )  # fmt: skip
     return out

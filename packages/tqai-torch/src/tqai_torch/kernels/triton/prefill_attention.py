@@ -96,6 +96,25 @@ grows with the chunk (measured on the H100: 0.54 / 1.0 / 2.6 / 9.6 ms for 4 / 16
 
 
 @triton.jit
+def _lookup(
+    groups, table_ptr, t0, t1, t2, t3,
+    BITS: tl.constexpr, WP: tl.constexpr, BLOCK_N: tl.constexpr, PRMT: tl.constexpr,
+):  # fmt: skip
+    """Centroids of ``groups`` (``(BLOCK_N, WP)`` packing groups) as ``(BLOCK_N, 8 * WP)`` fp16 in
+    dim order: the decode module's byte-permute lookups (``PRMT``), else one gather of all the
+    codes at once. (The decode module's gather path, 8 gathered tiles joined, fails to compile
+    for sm_90 here: "Illegal shared layout" in TritonGPUOptimizeDotOperands with the Hopper
+    products of this kernel, Triton 3.6.)"""
+    if PRMT:
+        cent = _centroids(groups, table_ptr, t0, t1, t2, t3, BITS, WP, BLOCK_N, PRMT)
+    else:
+        shift = tl.arange(0, 8).to(groups.dtype) * BITS
+        codes = (groups[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+        cent = tl.reshape(tl.load(table_ptr + codes.to(tl.int32)), (BLOCK_N, 8 * WP))
+    return cent
+
+
+@triton.jit
 def _unrot_part(out, a, unrot_ptr, k0, K: tl.constexpr, DP: tl.constexpr):
     """``out + a @ unrot[k0 : k0 + K]`` with fp16 operands split in two (``x = hi + lo / 2**11``,
     ``lo`` scaled to stay normal): ``hi @ u_hi + (hi @ u_lo + lo @ u_hi) / 2**11``, about 22
@@ -281,14 +300,14 @@ def _prefill_attention_kernel(
         kn_nx = tl.load(kn_row + toks_nx * kn_st, mask=valid_nx, other=0.0)
         vu_nx = _load_groups(vp_row + toks_nx * vp_su, valid_nx, VB, VWP, VWR)
         vn_nx = tl.load(vn_row + toks_nx * vn_st, mask=valid_nx, other=0.0)
-        k = _centroids(ku, kt_ptr, kt0, kt1, kt2, kt3, KB, KWP, BLOCK_N, KPRMT)
+        k = _lookup(ku, kt_ptr, kt0, kt1, kt2, kt3, KB, KWP, BLOCK_N, KPRMT)
         s = tl.dot(q, tl.trans(k)) * kn.to(tl.float32)[None, :]  # (BLOCK_M, BLOCK_N), base 2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block has a valid token
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        v = _centroids(vu, vt_ptr, vt0, vt1, vt2, vt3, VB, VWP, BLOCK_N, VPRMT)
+        v = _lookup(vu, vt_ptr, vt0, vt1, vt2, vt3, VB, VWP, BLOCK_N, VPRMT)
         pv = (p * vn.to(tl.float32)[None, :]).to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(pv, v)
         m = m_new
