@@ -71,6 +71,7 @@ from tqai_torch.kernels.triton.decode_attention import (
     _constants,
     _group_rows,
     _load_groups,
+    _unit_stride,
     decode_attention_triton,
     group_layout,
     supports,
@@ -358,12 +359,6 @@ def _prefill_attention_kernel(
     )
 
 
-def _group_stride(packed: torch.Tensor, n_bits: int) -> int:
-    """Token stride of packed rows in packing groups of ``n_bits`` bytes (bytes for 3 bits):
-    passed so, the compiler sees its divisibility (vectorized loads)."""
-    return packed.stride(2) if n_bits == 3 else packed.stride(2) // n_bits
-
-
 def _segment(
     seg: tuple[torch.Tensor, torch.Tensor] | None,
     name: str,
@@ -532,9 +527,9 @@ def prefill_attention_triton(
         cst.rot, cst.unrot,
         kp, kn, vp, vn, cst.k_table, cst.v_table, *k_regs, *v_regs,
         keys.shape[2], c, n_kv,
-        kp.stride(0), kp.stride(1), _group_stride(kp, kb),
+        kp.stride(0), kp.stride(1), _unit_stride(kp, kb),
         kn.stride(0), kn.stride(1), kn.stride(2),
-        vp.stride(0), vp.stride(1), _group_stride(vp, vb),
+        vp.stride(0), vp.stride(1), _unit_stride(vp, vb),
         vn.stride(0), vn.stride(1), vn.stride(2),
         pk, pv, n_pre, *pk.stride()[:3], *pv.stride()[:3],
         sk, sv, sk.shape[2], *sk.stride()[:3], *sv.stride()[:3],
