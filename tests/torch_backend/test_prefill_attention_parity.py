@@ -39,6 +39,8 @@ TILED_CASES = [
     (1, 16, 4, 1111, 128, 4, 4, 0, 32, 200),  # K4/V4, window without sinks
     (1, 4, 1, 513, 64, 4, 2, 4, 0, 130),  # sinks without window, 520 rows
     (1, 4, 4, 300, 64, 4, 2, 2, 3, 1),  # a one-token chunk
+    (1, 4, 2, 68, 16, 4, 2, 4, 8, 12),  # head dim 16 (a tiny model's), one tile
+    (1, 4, 2, 100, 32, 4, 4, 4, 8, 300),  # head dim 32, several tiles
 ]
 
 # (block_m, block_n, num_warps) besides the defaults
@@ -174,6 +176,17 @@ def test_prefill_attention_refuses_bad_options(options, message):
     q, keys, values, kq, vq, kwargs, _ = _inputs(CASES[2], seed=1)
     with pytest.raises(ValueError, match=message):
         prefill_attention_triton(q, keys, values, kq, vq, **kwargs, **options)
+
+
+def test_prefill_attention_refuses_wide_settings_for_small_head_dims():
+    """Head dims <= 32 returned wrong values at 128 rows / 8 warps on the H100: refused."""
+    from tqai_torch.kernels.triton.prefill_attention import prefill_attention_triton
+
+    q, keys, values, kq, vq, kwargs, _ = _inputs(TILED_CASES[-2], seed=1)
+    with pytest.raises(ValueError, match="block_m must be <= 64 and num_warps <= 4"):
+        prefill_attention_triton(
+            q, keys, values, kq, vq, method="tiled", block_m=128, num_warps=8, **kwargs
+        )
 
 
 def test_prefill_attention_refuses_mismatched_segments():
