@@ -86,14 +86,13 @@ _LOG2E = 1.4426950408889634
 _METHODS = ("auto", "tiled", "rows")
 _OPTIONS = ("method", "block_m", "block_n", "num_warps", "lookup")
 _ROWS_MAX_GROUP = 16  # query heads per KV head the decode kernel (the per-row path) takes
-TILED_MIN_ROWS = 64
+TILED_MIN_ROWS = 128
 """``method="auto"`` runs the tiled kernel when the chunk has at least this many query rows per
-KV head (``C * G``: 16 tokens at 4 query heads per KV head), else the per-row decode path.
-Reasoning, not a measurement: while the grid fits the GPU, the tiled kernel takes about the
-time of one program's walk over the history whatever the chunk, while the per-row path's time
-grows with the chunk (measured on the H100: 0.54 / 1.0 / 2.6 / 9.6 ms for 4 / 16 / 64 /
-256-token chunks over 32K), so they cross at a number of rows; where is for
-``benchmarks/bench_prefill.py`` to say."""
+KV head (``C * G``: 32 tokens at 4 query heads per KV head), else the per-row decode path.
+Measured on the H100 (``benchmarks/bench_prefill.py``, K4/V2, 32/8 heads x 128): at 64 rows the
+per-row path took 688 us over a 32K history against the tiled kernel's 1425 us, but 599 us
+against 418 us over 4K; at 256 rows the tiled kernel won at both (1463 vs 7916 us over 32K). The
+switch sits between, where the longer history (the costlier case) favours the rows."""
 
 
 @triton.jit
