@@ -52,16 +52,6 @@ def _left_padding(mask: torch.Tensor) -> torch.Tensor | bool | None:
     return None if everything else start[:, 0]
 
 
-PREFILL_KERNEL_MAX_TOKENS: int | None = None
-"""Longest chunk the fused prefill kernel takes (None: no cap). Its tiled kernel
-(``method="tiled"``) reads each history block once per tile of query rows and holds no
-per-chunk temporaries, so long prompt chunks (4096 tokens) use it too; short chunks go to the
-per-row decode path inside it (``method="auto"``). Parity was checked under the Triton
-interpreter (CPU); its speed against SDPA and the reference (``benchmarks/bench_prefill.py``,
-chunks up to 4096 tokens) is for a GPU run. The previous kernel (the per-row path alone) was
-capped at 256 tokens, measured faster than the reference up to there."""
-
-
 def _is_causal_chunk(mask: torch.Tensor | None, kv: int) -> bool:
     """Whether a ``(B|1, 1|H, Tq, kv)`` boolean mask is plain causal attention of the last
     ``Tq`` positions over every earlier one (what the fused prefill kernel computes)."""
@@ -89,13 +79,12 @@ def _kernels_read(query: torch.Tensor, store: KVStore) -> bool:
 
 
 def _use_fused_prefill(query: torch.Tensor, mask: torch.Tensor | None, store: KVStore) -> bool:
-    """The Triton prefill kernel serves a chunk of 2 or more query tokens (at most
-    :data:`PREFILL_KERNEL_MAX_TOKENS` if set: speculative-decoding checks, chat turns, chunked
-    prompts) continuing a store the kernels read (:func:`_kernels_read`), when the mask is plain
-    causal."""
-    tq = query.shape[2]
-    cap = PREFILL_KERNEL_MAX_TOKENS
-    if tq < 2 or (cap is not None and tq > cap) or not _kernels_read(query, store):
+    """The Triton prefill kernels serve a chunk of 2 or more query tokens (speculative-decoding
+    checks, chat turns, long prompts fed in chunks) continuing a store the kernels read
+    (:func:`_kernels_read`), when the mask is plain causal: the tiled kernel for chunks of many
+    query rows, the per-row decode path for few (``prefill_attention_triton``'s
+    ``method="auto"``; ``benchmarks/bench_prefill.py`` has their times)."""
+    if query.shape[2] < 2 or not _kernels_read(query, store):
         return False
     return _is_causal_chunk(mask, store.length)
 

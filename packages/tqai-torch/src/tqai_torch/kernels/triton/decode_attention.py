@@ -235,7 +235,7 @@ def _decode_attention_kernel(
     stride_qb,
     stride_qh,
     qscale,  # scale * log2(e)
-    rot_ptr,  # (8, DP, KWP) float32: key rotation, slice i = its columns 8 j + i; rows >= D zero
+    rot_ptr,  # (DP, 8 * KWP) float32: key rotation (columns in dim order), padding zero
     ws_ptr,  # float32 workspace: partials at m_off / l_off / acc_off
     m_off,
     l_off,
