@@ -48,11 +48,11 @@ norms, head dims 16..256), any GQA ratio, batch, history and chunk length, with 
 chunks only (the cache checks the mask, ``tqai_torch.cache._is_causal_chunk``); no visible
 ranges (``valid_from`` / ``valid_until``), no logit soft-capping.
 
-Checked: parity with the reference on the CPU under Triton's interpreter (no PTX there: the
-lookups gather; bf16 segments read as float32, see the launcher) and register use from an
-sm_90 compile without a GPU. The GPU-marked parity tests and the speed
-(``benchmarks/bench_prefill.py``) are for a GPU run; ``benchmarks/NOTES.md`` has whatever
-was measured.
+Checked: parity with the reference on the H100 (the GPU-marked tests, head dims 16-256) and on
+the CPU under Triton's interpreter (no PTX there: the lookups gather; bf16 segments read as
+float32, see the launcher); register use from sm_90 compiles. Speed: ``benchmarks/bench_prefill.py``
+(H100: long chunks at 0.6-0.9x of SDPA over bf16, 15-21x the reference); ``benchmarks/NOTES.md``
+has the numbers and what did not work (the 128-row, 8-warp setting at head dims <= 32).
 """
 
 from __future__ import annotations
@@ -418,13 +418,14 @@ def prefill_attention_triton(
       keeps the GPU busy when the chunk has few rows, but reads the history once per token) or
       ``"auto"`` (default): ``"tiled"`` when the chunk has at least :data:`TILED_MIN_ROWS`
       query rows per KV head (or not on CUDA, or more than 16 query heads per KV head), else
-      ``"rows"``. The switch point is reasoned, not measured: ``benchmarks/bench_prefill.py``
-      times both;
+      ``"rows"`` (the switch measured on the H100, see :data:`TILED_MIN_ROWS`);
     - ``block_m`` (query rows per program: 16/32/64/128; default 128, 32 for rows of more than
-      128 kernel columns, i.e. head dims above 128), ``block_n`` (history and segment tokens
-      per step: 16/32/64/128; default 64, 32 above 128 columns), ``num_warps`` (1/2/4/8;
-      default 8): chosen from register counts of sm_90 compiles (``benchmarks/NOTES.md``,
-      session 4: no spills at d <= 128, 24 bytes of stack at d = 256), not from timings;
+      128 kernel columns, i.e. head dims above 128, 64 for head dims <= 32), ``block_n``
+      (history and segment tokens per step: 16/32/64/128; default 64, 32 above 128 columns or
+      at head dims <= 32), ``num_warps`` (1/2/4/8; default 8, 4 at head dims <= 32): chosen from
+      register counts of sm_90 compiles (``benchmarks/NOTES.md``, session 4: no spills at d <=
+      128, 24 bytes of stack at d = 256), not from timings. Head dims <= 32 refuse
+      ``block_m > 64`` or ``num_warps > 4`` (wrong values measured on the H100);
     - ``lookup``: ``"auto"`` (byte-permute lookups where they serve, on CUDA) or ``"gather"``
       (centroids always read from memory).
 
