@@ -16,6 +16,7 @@ from hf_tiny_models import build, cache_kw
 import tqai
 import tqai_torch
 from tqai.pipeline import PipelineConfigError
+from tqai.testing import TIERED_PIPELINE, stored_widths
 
 pytestmark = pytest.mark.integration
 
@@ -139,45 +140,29 @@ def test_skip_layers_keeps_the_plain_widths(model):
     assert not piped.keys.length
 
 
-TIERED = {
-    "scorer": "palm",
-    "strategy": "tiered",
-    "strategy_kwargs": {"fraction": 0.25, "high_bits": 4, "low_bits": 2},
-}
-
-
-def _widths(store, stream: int) -> list[int]:
-    """Per history position, the width its key (0) or value (1) is stored at."""
-    widths = [0] * store.history_length
-    for spec, tier in store.tiers.items():
-        for p in tier.positions():
-            widths[p] = spec[stream].n_bits
-    return widths
-
-
 def test_tiered_routes_tokens_and_attends_like_the_dequantized_reference(model):
     ids = _ids(length=200)
     options = {"bits_k": 3, "bits_v": 3, "sink_tokens": 2, "residual_window": 3}
-    cache = tqai.patch(model, **options, pipeline=TIERED)
+    cache = tqai.patch(model, **options, pipeline=TIERED_PIPELINE)
     logits = _logits(model, cache, ids, steps=8)
     for layer in cache.layers:
         store = layer.store
         assert store.pipeline.strategy.rank == "token"
         assert not store.keys.length
         for stream in (0, 1):
-            widths = _widths(store, stream)
+            widths = stored_widths(store, stream)
             assert set(widths) == {2, 4}
             assert abs(widths.count(4) / len(widths) - 0.25) < 0.03
-    full = tqai_torch.patch(model, **options, cache_strategy="full", pipeline=TIERED)
+    full = tqai_torch.patch(model, **options, cache_strategy="full", pipeline=TIERED_PIPELINE)
     reference = _logits(model, full, ids, steps=8)
     for a, b in zip(cache.layers, full.layers, strict=True):
-        assert _widths(a.store, 0) == _widths(b.store, 0)
+        assert stored_widths(a.store, 0) == stored_widths(b.store, 0)
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_tiered_cache_save_load_gives_the_same_logits(model, tmp_path):
     ids = _ids(length=120)
-    cache = tqai.patch(model, bits_k=3, bits_v=3, sink_tokens=2, pipeline=TIERED)
+    cache = tqai.patch(model, bits_k=3, bits_v=3, sink_tokens=2, pipeline=TIERED_PIPELINE)
     with torch.no_grad():
         model(ids[:, :100], **cache_kw(cache))
     path = tmp_path / "tiered.tqai"
@@ -185,7 +170,7 @@ def test_tiered_cache_save_load_gives_the_same_logits(model, tmp_path):
     loaded = tqai_torch.TqaiCache.load(path, model)
     assert loaded.pipeline is cache.pipeline is cache.copy().pipeline  # the patched model's
     for a, b in zip(cache.layers, loaded.layers, strict=True):
-        assert _widths(a.store, 1) == _widths(b.store, 1)
+        assert stored_widths(a.store, 1) == stored_widths(b.store, 1)
         assert len(b.store.tiers) > 1
     with torch.no_grad():
         after_load = model(ids[:, 100:], **cache_kw(loaded)).logits
@@ -193,7 +178,9 @@ def test_tiered_cache_save_load_gives_the_same_logits(model, tmp_path):
     assert torch.equal(after_load, original)
     assert loaded.get_seq_length() == cache.get_seq_length() == 120
     # Another pipeline config, or none, refuses the file.
-    tqai.patch(model, bits_k=3, bits_v=3, sink_tokens=2, pipeline={**TIERED, "scorer": "fisher"})
+    tqai.patch(
+        model, bits_k=3, bits_v=3, sink_tokens=2, pipeline={**TIERED_PIPELINE, "scorer": "fisher"}
+    )
     with pytest.raises(ValueError, match="another compression pipeline"):
         tqai_torch.TqaiCache.load(path, model)
     tqai.patch(model, bits_k=3, bits_v=3, sink_tokens=2)

@@ -15,6 +15,7 @@ from mlx_lm.models import llama  # noqa: E402
 import tqai  # noqa: E402
 import tqai_mlx  # noqa: E402
 from tqai.pipeline import PipelineConfigError  # noqa: E402
+from tqai.testing import TIERED_PIPELINE, stored_widths  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -134,41 +135,25 @@ def test_skip_layers_keeps_the_plain_widths(model):
     assert not piped.keys.length
 
 
-TIERED = {
-    "scorer": "palm",
-    "strategy": "tiered",
-    "strategy_kwargs": {"fraction": 0.25, "high_bits": 4, "low_bits": 2},
-}
-
-
-def _widths(store, stream: int) -> list[int]:
-    """Per history position, the width its key (0) or value (1) is stored at."""
-    widths = [0] * store.history_length
-    for spec, tier in store.tiers.items():
-        for p in tier.positions():
-            widths[p] = spec[stream].n_bits
-    return widths
-
-
 def test_tiered_routes_tokens_and_matches_the_full_strategy(model):
     prompt = _prompt(length=160)
     options = {"bits_k": 3, "bits_v": 3, "residual_window": 2}
-    cache = tqai_mlx.patch(model, **options, pipeline=TIERED)
+    cache = tqai_mlx.patch(model, **options, pipeline=TIERED_PIPELINE)
     logits = _decode(model, cache, prompt)
     for c in cache:
         assert c.store.pipeline.strategy.rank == "token"
         for stream in (0, 1):
-            widths = _widths(c.store, stream)
+            widths = stored_widths(c.store, stream)
             assert set(widths) == {2, 4}
             assert abs(widths.count(4) / len(widths) - 0.25) < 0.03
-    full = tqai_mlx.patch(model, **options, cache_strategy="full", pipeline=TIERED)
+    full = tqai_mlx.patch(model, **options, cache_strategy="full", pipeline=TIERED_PIPELINE)
     reference = _decode(model, full, prompt)
     assert mx.allclose(logits, reference, rtol=1e-4, atol=1e-4).item()
 
 
 def test_tiered_cache_save_load_gives_the_same_logits(model, tmp_path):
     prompt = _prompt(length=80)
-    cache = tqai_mlx.patch(model, bits_k=3, bits_v=3, pipeline=TIERED)
+    cache = tqai_mlx.patch(model, bits_k=3, bits_v=3, pipeline=TIERED_PIPELINE)
     model(prompt[:, :70], cache=cache)
     mx.eval([c.state for c in cache])
     path = tmp_path / "tiered.tqai"
@@ -177,12 +162,12 @@ def test_tiered_cache_save_load_gives_the_same_logits(model, tmp_path):
         tqai_mlx.load_cache(path)
     loaded = tqai_mlx.load_cache(path, model=model)
     for a, b in zip(cache, loaded, strict=True):
-        assert _widths(a.store, 0) == _widths(b.store, 0)
+        assert stored_widths(a.store, 0) == stored_widths(b.store, 0)
         assert len(b.store.tiers) > 1
     after_load = model(prompt[:, 70:], cache=loaded)
     original = model(prompt[:, 70:], cache=cache)
     assert mx.array_equal(after_load, original).item()
-    tqai_mlx.patch(model, bits_k=3, bits_v=3, pipeline={**TIERED, "scorer": "fisher"})
+    tqai_mlx.patch(model, bits_k=3, bits_v=3, pipeline={**TIERED_PIPELINE, "scorer": "fisher"})
     with pytest.raises(ValueError, match="another compression pipeline"):
         tqai_mlx.load_cache(path, model=model)
     tqai_mlx.patch(model, bits_k=3, bits_v=3)

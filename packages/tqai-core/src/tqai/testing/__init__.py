@@ -21,8 +21,10 @@ from tqai.testing.asserts import (
     xp_assert_close,
     xp_assert_equal,
 )
+from tqai.testing.stores import TIERED_PIPELINE, stored_widths
 
 __all__ = [
+    "TIERED_PIPELINE",
     "assert_parity",
     "available_backends",
     "bits_and_codes",
@@ -34,6 +36,7 @@ __all__ = [
     "float_vectors",
     "make_array",
     "n_bits_values",
+    "stored_widths",
     "xp_assert_close",
     "xp_assert_equal",
 ]

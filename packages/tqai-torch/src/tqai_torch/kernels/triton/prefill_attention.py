@@ -66,6 +66,7 @@ import triton.language as tl
 
 from tqai.container import QuantizedTensor
 from tqai_torch.kernels.triton.decode_attention import (
+    _LOG2E,
     _centroids,
     _check_aligned,
     _constants,
@@ -82,7 +83,6 @@ __all__ = ["prefill_attention_triton"]
 _BLOCK_MS = (16, 32, 64, 128)
 _BLOCK_NS = (16, 32, 64, 128)
 _WARPS = (1, 2, 4, 8)
-_LOG2E = 1.4426950408889634
 _METHODS = ("auto", "tiled", "rows")
 _OPTIONS = ("method", "block_m", "block_n", "num_warps", "lookup")
 _ROWS_MAX_GROUP = 16  # query heads per KV head the decode kernel (the per-row path) takes
