@@ -188,7 +188,7 @@ def main() -> None:
                     out = decode_attention_triton(qs[0], keys, values, kq, vq, scale=scale)
                     rel = ((out.float() - ref).norm() / ref.norm()).item()
                     checks.append({"config": name, "context": context, "rel_err": rel})
-                settings = [(None, 4, None)]  # the library's defaults
+                settings = [(None, None, None)]  # the library's defaults
                 if args.tune:
                     settings = [
                         (bn, nw, ps) for bn in (64, 128) for nw in (4, 8) for ps in (2.0, 4.0)

@@ -2,7 +2,10 @@
 
 Reference: :func:`tqai.attention.compressed_attention` (the parity tests compare against it).
 
-One query token per sequence, two launches, no other device work per call:
+One query token per sequence. K4/V2 at head_dim 128 with at most 8 query heads per KV head
+takes the fragment-lookup partials kernel of :mod:`.decode_partials_mma` (a query-rotation
+launch, then the partials, then the combine below); everything else takes two launches, no
+other device work per call:
 
 1. ``_decode_attention_kernel`` (grid ``(B * Hkv, splits)``): each program rotates the query
    heads of its KV head into the keys' domain (times ``scale * log2(e)``), then walks its share
@@ -53,6 +56,11 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+try:  # Gluon (Triton >= 3.5): the fragment-lookup fast path for K4/V2 at head_dim 128
+    from tqai_torch.kernels.triton.decode_partials_mma import launch_mma_partials, serves_mma
+except ImportError:  # older Triton: the block kernel serves every configuration
+    launch_mma_partials = serves_mma = None
 
 __all__ = ["SUPPORTED_BITS", "decode_attention_triton", "group_layout", "supports"]
 
@@ -509,7 +517,7 @@ def _combine_kernel(
     # rotated back into this program's output columns
     out_h = tl.zeros((GR, DC), tl.float32)
     pcols = tl.arange(0, PC)
-    for p0 in range(0, PDV, PC):
+    for p0 in tl.static_range(0, PDV, PC):  # unrolled: the chunks' loads overlap
         acc_c = tl.zeros((GR, PC), tl.float32)
         for s0 in range(0, n_splits, SC):
             sp = s0 + tl.arange(0, SC)
@@ -747,6 +755,54 @@ def _bounds(
     return torch.stack(cols, dim=1).contiguous()
 
 
+def _launch_blocks(
+    query, keys, values, key_quantizer, value_quantizer, c, qscale, *, lookup, rows_per_seq,
+    bounds, n_pre, block_n, tokens_per_split, num_warps,
+):  # fmt: skip
+    """The block kernel's split partials; returns ``(ws, splits, m_off, l_off, acc_off)``."""
+    b, hq, _, d = query.shape
+    n_kv, t = keys.shape[1], keys.shape[2]
+    g = hq // n_kv
+    device = query.device
+    kwp, kwr = c.k_layout
+    vwp, vwr = c.v_layout
+    pdk, pdv = 8 * kwp, 8 * vwp
+    bh = b * n_kv
+    if block_n is None:  # measured on H100 (benchmarks/NOTES.md, v5 and v7 sweeps)
+        block_n = 32 if max(pdk, pdv) > 128 else 128 if t * bh >= 16384 * 8 else 64
+    # byte-permute lookups need PTX (not the interpreter) and a 2-bit or symmetric 4-bit table
+    prmt = lookup == "auto" and device.type == "cuda"
+    kprmt, vprmt = prmt and c.k_regs is not None, prmt and c.v_regs is not None
+    k_regs = c.k_regs if kprmt else (0, 0, 0, 0)
+    v_regs = c.v_regs if vprmt else (0, 0, 0, 0)
+    if tokens_per_split is None:  # one whole wave of 2 programs per SM, >= 4 blocks each
+        want = max(1, 2 * _sm_count(device) // bh)
+        tokens_per_split = max(4 * block_n, math.ceil(t / want))
+    split_len = max(block_n, math.ceil(tokens_per_split / block_n) * block_n)
+    splits = math.ceil(t / split_len)
+    m_off = 0
+    l_off = bh * splits * _GP
+    acc_off = 2 * bh * splits * _GP
+    ws = _workspace(device, acc_off + bh * splits * g * pdv)
+    kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
+    bounds_arg = query if bounds is None else bounds  # a dummy pointer when unused
+    _decode_attention_kernel[(bh, splits)](
+        query, query.stride(0), query.stride(1), qscale, c.rot,
+        ws, m_off, l_off, acc_off,
+        kp, kn, vp, vn, c.k_table, c.v_table, *k_regs, *v_regs,
+        t, split_len, n_kv, rows_per_seq, bounds_arg, n_pre,
+        kp.stride(0), kp.stride(1), _unit_stride(kp, key_quantizer.spec.n_bits),
+        kn.stride(0), kn.stride(1), kn.stride(2),
+        vp.stride(0), vp.stride(1), _unit_stride(vp, value_quantizer.spec.n_bits),
+        vn.stride(0), vn.stride(1), vn.stride(2),
+        KB=key_quantizer.spec.n_bits, KWP=kwp, KWR=kwr,
+        VB=value_quantizer.spec.n_bits, VWP=vwp, VWR=vwr,
+        G=g, GP=_GP, D=d, DP=c.dp, BLOCK_N=block_n, KPRMT=kprmt, VPRMT=vprmt,
+        HAS_BOUNDS=bounds is not None, num_warps=num_warps,
+    )  # fmt: skip
+    return ws, splits, m_off, l_off, acc_off
+
+
 def decode_attention_triton(
     query: torch.Tensor,
     keys: Any,
@@ -759,11 +815,12 @@ def decode_attention_triton(
     suffix: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_n: int | None = None,
     tokens_per_split: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     lookup: str = "auto",
     valid_from: torch.Tensor | None = None,
     valid_until: torch.Tensor | None = None,
     rows_per_seq: int = 1,
+    partials: str = "auto",
 ) -> torch.Tensor:
     """Decode attention ``query (B, Hq, 1, D)`` over packed history + full-precision segments.
 
@@ -782,6 +839,11 @@ def decode_attention_triton(
     ``rows_per_seq``: query rows per sequence of ``keys`` / ``values`` / the segments (``query``
     holds ``B * rows_per_seq`` rows; row ``r`` reads sequence ``r // rows_per_seq``): the tokens
     of a prefill chunk as rows of their own (:mod:`.prefill_attention`).
+    ``partials``: which kernel writes the split partials: ``"mma"`` the fragment-lookup kernel
+    of :mod:`.decode_partials_mma` (K4/V2, head_dim 128, at most 8 query heads per KV head,
+    CUDA), ``"blocks"`` the block kernel here (every configuration), ``"auto"`` the first that
+    serves. ``block_n`` and ``lookup`` apply to the block kernel only; ``num_warps`` defaults
+    to 8 for the former and 4 for the latter (measured on H100, benchmarks/NOTES.md).
     """
     b, hq, tq, d = query.shape
     if tq != 1:
@@ -812,52 +874,48 @@ def decode_attention_triton(
     _check_aligned(values, "values")
     device = query.device
     c = _constants(key_quantizer, value_quantizer, device)
-    kwp, kwr = c.k_layout
-    vwp, vwr = c.v_layout
-    pdk, pdv = 8 * kwp, 8 * vwp
+    pdv = 8 * c.v_layout[0]
     bh = b * n_kv
-    if block_n is None:  # measured on H100 (benchmarks/NOTES.md, v5 and v7 sweeps)
-        block_n = 32 if max(pdk, pdv) > 128 else 128 if t * bh >= 16384 * 8 else 64
     if lookup not in ("auto", "gather"):
         raise ValueError(f"lookup must be 'auto' or 'gather', got {lookup!r}")
-    # byte-permute lookups need PTX (not the interpreter) and a 2-bit or symmetric 4-bit table
-    prmt = lookup == "auto" and device.type == "cuda"
-    kprmt, vprmt = prmt and c.k_regs is not None, prmt and c.v_regs is not None
-    k_regs = c.k_regs if kprmt else (0, 0, 0, 0)
-    v_regs = c.v_regs if vprmt else (0, 0, 0, 0)
-    if tokens_per_split is None:  # one whole wave of 2 programs per SM, >= 4 blocks each
-        want = max(1, 2 * _sm_count(device) // bh)
-        tokens_per_split = max(4 * block_n, math.ceil(t / want))
-    split_len = max(block_n, math.ceil(tokens_per_split / block_n) * block_n)
-    splits = math.ceil(t / split_len)
-    m_off = 0
-    l_off = bh * splits * _GP
-    acc_off = 2 * bh * splits * _GP
-    ws = _workspace(device, acc_off + bh * splits * g * pdv)
+    if partials not in ("auto", "mma", "blocks"):
+        raise ValueError(f"partials must be 'auto', 'mma' or 'blocks', got {partials!r}")
+    mma = (
+        partials != "blocks"
+        and lookup == "auto"
+        and serves_mma is not None
+        and serves_mma(query, keys, values, key_quantizer, value_quantizer)
+    )
+    if partials == "mma" and not mma:
+        raise ValueError(
+            "partials='mma' needs CUDA tensors, Triton with Gluon, 4-bit keys, 2-bit values, "
+            "head_dim 128, at most 8 query heads per KV head and whole 16-byte-aligned packed "
+            "rows; use 'auto' to fall back to the block kernel"
+        )
     qscale = scale * _LOG2E
-    kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
     n_pre = 0 if prefix is None else prefix[0].shape[2]
     bounds_arg = query if bounds is None else bounds  # a dummy pointer when unused
-    _decode_attention_kernel[(bh, splits)](
-        query, query.stride(0), query.stride(1), qscale, c.rot,
-        ws, m_off, l_off, acc_off,
-        kp, kn, vp, vn, c.k_table, c.v_table, *k_regs, *v_regs,
-        t, split_len, n_kv, rows_per_seq, bounds_arg, n_pre,
-        kp.stride(0), kp.stride(1), _unit_stride(kp, key_quantizer.spec.n_bits),
-        kn.stride(0), kn.stride(1), kn.stride(2),
-        vp.stride(0), vp.stride(1), _unit_stride(vp, value_quantizer.spec.n_bits),
-        vn.stride(0), vn.stride(1), vn.stride(2),
-        KB=key_quantizer.spec.n_bits, KWP=kwp, KWR=kwr,
-        VB=value_quantizer.spec.n_bits, VWP=vwp, VWR=vwr,
-        G=g, GP=_GP, D=d, DP=c.dp, BLOCK_N=block_n, KPRMT=kprmt, VPRMT=vprmt,
-        HAS_BOUNDS=bounds is not None, num_warps=num_warps,
-    )  # fmt: skip
+    if mma:
+        ws, splits, m_off, l_off, acc_off = launch_mma_partials(
+            query, keys, values, key_quantizer, value_quantizer, c.rot, qscale,
+            rows_per_seq=rows_per_seq, bounds=bounds, n_pre=n_pre,
+            tokens_per_split=tokens_per_split, num_warps=num_warps or 8,
+            sm_count=_sm_count(device), workspace=_workspace,
+        )  # fmt: skip
+    else:
+        ws, splits, m_off, l_off, acc_off = _launch_blocks(
+            query, keys, values, key_quantizer, value_quantizer, c, qscale, lookup=lookup,
+            rows_per_seq=rows_per_seq, bounds=bounds, n_pre=n_pre, block_n=block_n,
+            tokens_per_split=tokens_per_split, num_warps=num_warps or 4,
+        )  # fmt: skip
     out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
     # combine: DC output columns per program; FMA tiles of at most ~8K elements (64 per thread)
     dc = min(c.dp, 64)
     gr = triton.next_power_of_2(g)
     pc = min(pdv, 32)
-    sc = max(1, 2048 // (gr * pc))  # powers of two: gr, pc and dp are
+    # all splits' partials in one tile where they fit (fewer dependent load rounds; powers of
+    # two: gr, pc and dp are)
+    sc = max(1, 8192 // (gr * pc))
     seg_n = max(1, min(16, 8192 // (gr * c.dp)))
     _combine_kernel[(bh, c.dp // dc)](
         ws, m_off, l_off, acc_off, splits, c.unrot,

@@ -1,0 +1,195 @@
+"""PTX of :mod:`.decode_partials_mma` as plain Python strings (no triton import, so the CPU
+tests interpret the byte-permute lookups instruction by instruction): the centroid lookups
+straight into ``mma.m16n8k16`` fragments, the scores, the online-softmax step and the value
+product of one 16-token tile, for ``inline_asm_elementwise`` with ``pack=4``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "STEP_TOKENS",
+    "key_asm",
+    "key_lookup_lines",
+    "lane_sum_asm",
+    "softmax_asm",
+    "table_words",
+    "value_asm",
+    "value_lookup_lines",
+]
+
+STEP_TOKENS = 32  # tokens per warp and loop step (two tiles of 16)
+_NEG = "0fF149F2CA"  # -1e30: the score of a token outside the visible range
+
+
+def key_lookup_lines(x: str, lo: str, hi: str, out: list[str]) -> list[str]:
+    """PTX turning one packing group ``x`` (8 four-bit codes) into 4 fp16 pairs ``out`` (codes
+    0-1, 2-3, 4-5, 6-7): byte permutes of the table's low bytes (registers ``lo``: 4 words,
+    entries 0-15) and high bytes (``hi``), bit 3 of each code picking the half of the table."""
+    lines = [
+        f"and.b32 y, {x}, 0x77777777;",
+        f"shr.b32 s, {x}, 1;",
+        "lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;",
+        "shr.b32 y2, y, 16;",
+        "shr.b32 s2, s, 16;",
+    ]
+    for half, (yy, ss) in enumerate((("y", "s"), ("y2", "s2"))):
+        lines += [
+            f"prmt.b32 a, {lo[0]}, {lo[1]}, {yy};",
+            f"prmt.b32 b, {lo[2]}, {lo[3]}, {yy};",
+            f"prmt.b32 lo, a, b, {ss};",
+            f"prmt.b32 a, {hi[0]}, {hi[1]}, {yy};",
+            f"prmt.b32 b, {hi[2]}, {hi[3]}, {yy};",
+            f"prmt.b32 hi, a, b, {ss};",
+            f"prmt.b32 {out[2 * half]}, lo, hi, 0x5140;",
+            f"prmt.b32 {out[2 * half + 1]}, lo, hi, 0x7362;",
+        ]
+    return lines
+
+
+def value_lookup_lines(wa: str, wb: str, lo: str, hi: str, out: list[str]) -> list[str]:
+    """PTX turning the value words of two tokens ``wa``, ``wb`` (16 two-bit codes each) into 16
+    fp16 pairs (token a, token b) ``out``: ``out[8 c + 2 s]`` is dim ``8 c + s`` and
+    ``out[8 c + 2 s + 1]`` dim ``8 c + 4 + s`` (``c`` = 0, 1; ``s`` = 0..3); ``lo`` / ``hi``:
+    the 4-entry table's low and high bytes."""
+    lines = []
+    for chunk, pattern in enumerate(("0x5140", "0x7362")):
+        lines.append(f"prmt.b32 x, {wa}, {wb}, {pattern};")  # bytes of the two tokens
+        for s in range(4):
+            if s:
+                lines += [f"shr.b32 z, x, {2 * s};", "and.b32 z, z, 0x03030303;"]
+            else:
+                lines.append("and.b32 z, x, 0x03030303;")
+            o = 8 * chunk + 2 * s
+            lines += [
+                "mad.lo.u32 sel, z, 0x11, 0x40404040;",
+                f"prmt.b32 {out[o]}, {lo}, {hi}, sel;",
+                "shr.b32 sh, sel, 16;",
+                f"prmt.b32 {out[o + 1]}, {lo}, {hi}, sh;",
+            ]
+    return lines
+
+
+def key_asm(masked: bool) -> str:
+    """Scores of one tile (pack=4 operands): out ``$0-$3`` x (f32, C fragment: tokens g / g+8 x
+    heads 2t, 2t+1); in ``$4-$7`` groups of token g, ``$8-$11`` of token g+8, ``$12-$15`` low
+    table bytes, ``$16-$19`` high bytes, ``$20-$35`` query B fragments, ``$36-$39`` norms
+    ``(kn_g, kn_g8, vn_g, vn_g8)`` (``vn < 0``: token not visible, when ``masked``)."""
+    lines = ["{", ".reg .b32 y, s, y2, s2, a, b, lo, hi, h<32>;", ".reg .f32 c<4>;"]
+    table_lo, table_hi = ["$12", "$13", "$14", "$15"], ["$16", "$17", "$18", "$19"]
+    for tok, base in ((0, 4), (1, 8)):
+        for j in range(4):
+            o = 16 * tok + 4 * j
+            out = [f"h{o + k}" for k in range(4)]
+            lines += key_lookup_lines(f"${base + j}", table_lo, table_hi, out)
+    lines += [f"mov.f32 c{i}, 0f00000000;" for i in range(4)]
+    for j in range(4):
+        for e in range(2):
+            sigma = 2 * j + e
+            a = [f"h{4 * j + 2 * e}", f"h{16 + 4 * j + 2 * e}"]
+            a += [f"h{4 * j + 2 * e + 1}", f"h{16 + 4 * j + 2 * e + 1}"]
+            lines.append(
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {c0, c1, c2, c3}, "
+                f"{{{', '.join(a)}}}, {{${20 + 2 * sigma}, ${21 + 2 * sigma}}}, {{c0, c1, c2, c3}};"
+            )
+    lines += ["mul.f32 $0, c0, $36;", "mul.f32 $1, c1, $36;"]
+    lines += ["mul.f32 $2, c2, $37;", "mul.f32 $3, c3, $37;"]
+    if masked:
+        lines += [".reg .pred bad;", "setp.lt.f32 bad, $38, 0f00000000;"]
+        lines += [f"@bad mov.f32 $0, {_NEG};", f"@bad mov.f32 $1, {_NEG};"]
+        lines += ["setp.lt.f32 bad, $39, 0f00000000;"]
+        lines += [f"@bad mov.f32 $2, {_NEG};", f"@bad mov.f32 $3, {_NEG};"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def softmax_asm() -> str:
+    """Online softmax step over two tiles (pack=4): out ``$0-$3`` m, ``$4-$7`` l, ``$8-$11``
+    alpha, ``$12-$15`` / ``$16-$19`` the value product's B fragments of tiles 0 / 1 (two fp16
+    pairs, then zeros); in ``$20-$27`` the tiles' scores, ``$28-$35`` their norms, ``$36-$39`` m,
+    ``$40-$43`` l. Columns are heads ``(2t, 2t+1, 2t, 2t+1)``; l is per lane (tokens g, g+8)."""
+    lines = ["{", ".reg .f32 u, v, w, z, m0, m1, a0, a1, p<8>, q<8>;", ".reg .b32 r, k;"]
+    lines += ["max.f32 u, $20, $22;", "max.f32 w, $24, $26;", "max.f32 u, u, w;"]
+    lines += ["max.f32 v, $21, $23;", "max.f32 w, $25, $27;", "max.f32 v, v, w;"]
+    for lane_mask in (4, 8, 16):
+        for reg in ("u", "v"):
+            lines += [
+                f"shfl.sync.bfly.b32 z, {reg}, {lane_mask}, 0x1f, 0xffffffff;",
+                f"max.f32 {reg}, {reg}, z;",
+            ]
+    lines += ["max.f32 m0, $36, u;", "max.f32 m1, $37, v;"]
+    lines += ["sub.f32 a0, $36, m0;", "ex2.approx.ftz.f32 a0, a0;"]
+    lines += ["sub.f32 a1, $37, m1;", "ex2.approx.ftz.f32 a1, a1;"]
+    for i in range(8):
+        lines += [f"sub.f32 p{i}, ${20 + i}, m{i % 2};", f"ex2.approx.ftz.f32 p{i}, p{i};"]
+    lines += ["mul.f32 u, $40, a0;", "mul.f32 v, $41, a1;"]
+    lines += [f"add.f32 u, u, p{i};" for i in (0, 2, 4, 6)]
+    lines += [f"add.f32 v, v, p{i};" for i in (1, 3, 5, 7)]
+    for col, reg in enumerate(("m0", "m1", "m0", "m1", "u", "v", "u", "v")):
+        lines.append(f"mov.f32 ${col}, {reg};")
+    for col, reg in enumerate(("a0", "a1", "a0", "a1")):
+        lines.append(f"mov.f32 ${8 + col}, {reg};")
+    for tile, nb, out in ((0, 28, 12), (1, 32, 16)):
+        o = 4 * tile
+        lines += [
+            f"mul.f32 q{o}, p{o}, ${nb + 2};",
+            f"mul.f32 q{o + 1}, p{o + 1}, ${nb + 2};",
+            f"mul.f32 q{o + 2}, p{o + 2}, ${nb + 3};",
+            f"mul.f32 q{o + 3}, p{o + 3}, ${nb + 3};",
+            f"cvt.rn.f16x2.f32 r, q{o + 1}, q{o};",
+            "movmatrix.sync.aligned.m8n8.trans.b16 k, r;",
+            f"mov.b32 ${out}, k;",
+            f"cvt.rn.f16x2.f32 r, q{o + 3}, q{o + 2};",
+            "movmatrix.sync.aligned.m8n8.trans.b16 k, r;",
+            f"mov.b32 ${out + 1}, k;",
+            f"mov.b32 ${out + 2}, 0;",
+            f"mov.b32 ${out + 3}, 0;",
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def value_asm() -> str:
+    """``O^T += V^T P^T`` for one tile (pack=4): out ``$0-$31`` the 8 accumulators (16 dims x
+    8 heads each); in ``$32-$35`` value words (tokens 2t, 2t+1, 2t+8, 2t+9; dims 16g..16g+15),
+    ``$36-$39`` the table (low bytes, high bytes, -, -), ``$40-$43`` P's B fragment, ``$44-$75``
+    the accumulators. Accumulator ``j`` rows g / g+8 are dims ``16 g + 8 (j // 4) + j % 4`` and
+    that + 4."""
+    lines = ["{", ".reg .b32 x, z, sel, sh, f<32>;"]
+    for pair, (wa, wb) in enumerate((("$32", "$33"), ("$34", "$35"))):
+        out = [f"f{16 * pair + k}" for k in range(16)]
+        lines += value_lookup_lines(wa, wb, "$36", "$37", out)
+    for j in range(8):
+        chunk, s = divmod(j, 4)
+        o = 8 * chunk + 2 * s
+        a = f"f{o}, f{o + 1}, f{16 + o}, f{16 + o + 1}"
+        d = ", ".join(f"${4 * j + i}" for i in range(4))
+        c = ", ".join(f"${44 + 4 * j + i}" for i in range(4))
+        lines.append(
+            f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d}}}, {{{a}}}, {{$40, $41}}, "
+            f"{{{c}}};"
+        )
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def lane_sum_asm() -> str:
+    """Sum over the 8 lanes ``g`` that share ``t`` (butterfly shuffles), pack=1."""
+    lines = ["{", ".reg .f32 z, u;", "mov.f32 u, $1;"]
+    for lane_mask in (4, 8, 16):
+        lines += [f"shfl.sync.bfly.b32 z, u, {lane_mask}, 0x1f, 0xffffffff;", "add.f32 u, u, z;"]
+    return "\n".join([*lines, "mov.f32 $0, u;", "}"])
+
+
+def table_words(centroids: np.ndarray) -> tuple[list[int], list[int]]:
+    """A codebook's fp16 table as int32 words of low bytes and of high bytes (4 entries each)."""
+    bits = np.asarray(centroids, dtype=np.float16).view(np.uint16).astype(np.int64)
+
+    def words(b: np.ndarray) -> list[int]:
+        out = []
+        for i in range(0, b.size, 4):
+            v = int(b[i] | b[i + 1] << 8 | b[i + 2] << 16 | b[i + 3] << 24)
+            out.append(v - (1 << 32) if v >= 1 << 31 else v)
+        return out
+
+    return words(bits & 0xFF), words(bits >> 8)

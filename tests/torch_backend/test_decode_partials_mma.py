@@ -1,0 +1,197 @@
+"""The fragment-lookup decode path (K4/V2, head_dim 128) matches the core reference.
+
+The kernel is PTX, so its parity tests need a CUDA GPU (marked ``gpu``: skipped in CI). Its
+byte-permute lookups are also interpreted here instruction by instruction on the CPU, and its
+refusals are checked on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tqai import TurboQuantMSE
+from tqai.attention import compressed_attention
+from tqai_torch.kernels.triton import decode_mma_ptx as ptx
+
+CASES = [
+    # (B, Hq, Hkv, T, sinks, window)
+    (1, 32, 8, 4096, 4, 0),  # the benchmark's shape
+    (3, 32, 8, 1000, 4, 7),  # batch 3, a length no step divides
+    (2, 8, 8, 77, 0, 2),  # G = 1, fewer tokens than one step
+    (1, 16, 2, 3001, 2, 3),  # G = 8
+    (2, 24, 8, 700, 1, 1),  # G = 3
+]
+
+
+def _inputs(case, dtype, seed):
+    b, hq, hkv, t, s, w = case
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, hq, 1, 128, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(b, hkv, t, 128, device="cuda", generator=gen).to(dtype) * 2.0
+    v = torch.randn(b, hkv, t, 128, device="cuda", generator=gen).to(dtype)
+    kq, vq = TurboQuantMSE(128, 4, seed=seed), TurboQuantMSE(128, 2, seed=seed + 1)
+    keys, values = kq.quantize(k[:, :, s : t - w]), vq.quantize(v[:, :, s : t - w])
+    segments = {
+        "prefix": (k[:, :, :s], v[:, :, :s]),
+        "suffix": (k[:, :, t - w :], v[:, :, t - w :]),
+    }
+    return q, keys, values, kq, vq, {"scale": 128**-0.5, **segments}
+
+
+def _check(out, ref, dtype):
+    assert out.dtype == dtype
+    assert bool(torch.isfinite(out).all())
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    rounding = ((ref.to(dtype).float() - ref).norm() / ref.norm()).item()
+    assert rel <= 2 * rounding + 3e-3, (rel, rounding)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(len(CASES)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_partials_match_reference(index, dtype):
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    q, keys, values, kq, vq, kwargs = _inputs(CASES[index], dtype, seed=index + 5)
+    from tqai_torch.kernels.triton.decode_partials_mma import serves_mma
+
+    assert serves_mma(q, keys, values, kq, vq)
+    ref = compressed_attention(q.float(), keys, values, kq, vq, **kwargs)
+    for split in (None, 128, 1 << 20):
+        for warps in (4, 8):
+            out = decode_attention_triton(
+                q, keys, values, kq, vq, partials="mma", tokens_per_split=split,
+                num_warps=warps, **kwargs,
+            )  # fmt: skip
+            _check(out, ref, dtype)
+
+
+@pytest.mark.gpu
+def test_mma_partials_left_padded_batch():
+    """``valid_from`` / ``valid_until`` hide what the reference's mask hides."""
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    q, keys, values, kq, vq, kwargs = _inputs((3, 32, 8, 1500, 4, 3), torch.bfloat16, seed=21)
+    starts = torch.tensor([0, 2, 700], device="cuda")
+    until = torch.tensor([1500, 1400, 1499], device="cuda")
+    pos = torch.arange(1500, device="cuda")[None, :]
+    mask = ((pos >= starts[:, None]) & (pos < until[:, None]))[:, None, None, :]
+    ref = compressed_attention(q.float(), keys, values, kq, vq, mask=mask, **kwargs)
+    for split in (64, None):
+        out = decode_attention_triton(
+            q, keys, values, kq, vq, valid_from=starts, valid_until=until, partials="mma",
+            tokens_per_split=split, **kwargs,
+        )  # fmt: skip
+        _check(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_mma_and_block_partials_agree_on_a_history_view():
+    """A view into a larger buffer is read in place; both partials kernels agree."""
+    from tqai.attention import slice_tokens
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    q, keys, values, kq, vq, kwargs = _inputs((2, 32, 8, 900, 0, 1), torch.float16, seed=3)
+    keys, values = slice_tokens(keys, 0, 650), slice_tokens(values, 0, 650)
+    assert not keys.packed.is_contiguous()
+    fast = decode_attention_triton(q, keys, values, kq, vq, partials="mma", **kwargs)
+    blocks = decode_attention_triton(q, keys, values, kq, vq, partials="blocks", **kwargs)
+    _check(fast, compressed_attention(q.float(), keys, values, kq, vq, **kwargs), torch.float16)
+    assert ((fast.float() - blocks.float()).norm() / blocks.float().norm()).item() < 5e-3
+
+
+def test_mma_partials_refuse_what_they_do_not_serve():
+    pytest.importorskip("triton")
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+    from tqai_torch.kernels.triton.decode_partials_mma import serves_mma
+
+    kq, vq = TurboQuantMSE(128, 4, seed=1), TurboQuantMSE(128, 2, seed=2)
+    keys = kq.quantize(torch.randn(1, 2, 40, 128))
+    values = vq.quantize(torch.randn(1, 2, 40, 128))
+    q = torch.randn(1, 4, 1, 128)
+    assert not serves_mma(q, keys, values, kq, vq)  # CPU tensors
+    with pytest.raises(ValueError, match="partials='mma' needs CUDA"):
+        decode_attention_triton(q, keys, values, kq, vq, scale=0.1, partials="mma")
+    with pytest.raises(ValueError, match="partials must be"):
+        decode_attention_triton(q, keys, values, kq, vq, scale=0.1, partials="fast")
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    src, out = (b << 32) | a, 0
+    for k in range(4):
+        sel = (c >> (4 * k)) & 0xF
+        byte = (src >> (8 * (sel & 7))) & 0xFF
+        out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * k)
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    out = 0
+    for bit in range(32):
+        idx = ((a >> bit & 1) << 2) | ((b >> bit & 1) << 1) | (c >> bit & 1)
+        out |= ((lut >> idx) & 1) << bit
+    return out
+
+
+def _run(lines: list[str], regs: dict[str, int]) -> dict[str, int]:
+    """Interpret the lookups' PTX (32-bit registers; ``lop3`` truth tables as PTX defines)."""
+    ops = {
+        "and.b32": lambda x, y: x & y,
+        "shr.b32": lambda x, y: x >> y,
+        "lop3.b32": _lop3,
+        "mad.lo.u32": lambda x, y, z: (x * y + z) & 0xFFFFFFFF,
+        "prmt.b32": _prmt,
+    }
+    for line in lines:
+        op, rest = line.rstrip(";").split(None, 1)
+        dst, *args = (a.strip() for a in rest.split(","))
+        regs[dst] = ops[op](*(regs[a] if a in regs else int(a, 0) for a in args))
+    return regs
+
+
+def _table(centroids) -> tuple[list[int], list[int]]:
+    lo, hi = ptx.table_words(centroids)
+    return [x & 0xFFFFFFFF for x in lo], [x & 0xFFFFFFFF for x in hi]
+
+
+def test_key_lookup_gives_the_table_entries():
+    """Each fp16 pair is (code 2k, code 2k+1) of the group, for any 16-entry codebook."""
+    rng = np.random.default_rng(0)
+    centroids = np.sort(rng.standard_normal(16)) / 11  # not symmetric: no symmetry is assumed
+    table = np.asarray(centroids, np.float16).view(np.uint16)
+    lo, hi = _table(centroids)
+    regs = {f"L{i}": lo[i] for i in range(4)} | {f"H{i}": hi[i] for i in range(4)}
+    out = [f"o{k}" for k in range(4)]
+    lines = ptx.key_lookup_lines("x", [f"L{i}" for i in range(4)], [f"H{i}" for i in range(4)], out)
+    for _ in range(300):
+        codes = rng.integers(0, 16, 8)
+        regs["x"] = sum(int(c) << (4 * i) for i, c in enumerate(codes))
+        got = _run(lines, dict(regs))
+        for k in range(4):
+            pair = got[out[k]]
+            assert [pair & 0xFFFF, pair >> 16] == [
+                int(table[codes[2 * k]]),
+                int(table[codes[2 * k + 1]]),
+            ]
+
+
+def test_value_lookup_pairs_two_tokens_per_dim():
+    rng = np.random.default_rng(1)
+    centroids = np.array([-1.51, -0.453, 0.453, 1.51]) / 11
+    table = np.asarray(centroids, np.float16).view(np.uint16)
+    lo, hi = _table(centroids)
+    out = [f"o{k}" for k in range(16)]
+    lines = ptx.value_lookup_lines("a", "b", "L", "H", out)
+    for _ in range(200):
+        ca, cb = rng.integers(0, 4, 16), rng.integers(0, 4, 16)
+        regs = {"L": lo[0], "H": hi[0]}
+        regs["a"] = sum(int(c) << (2 * i) for i, c in enumerate(ca))
+        regs["b"] = sum(int(c) << (2 * i) for i, c in enumerate(cb))
+        got = _run(lines, regs)
+        for chunk in range(2):
+            for s in range(4):
+                for k, dim in ((0, 8 * chunk + s), (1, 8 * chunk + 4 + s)):
+                    pair = got[out[8 * chunk + 2 * s + k]]
+                    assert [pair & 0xFFFF, pair >> 16] == [int(table[ca[dim]]), int(table[cb[dim]])]
