@@ -495,24 +495,21 @@ def _combine_kernel(
     dims = tl.arange(0, DP)
     c = tl.program_id(1)  # one chunk of DC output columns per program
     cols = c * DC + tl.arange(0, DC)
-    # 1. the history's softmax statistics over all splits: the overall max, then the sum
+    # 1. the history's softmax statistics over all splits (running max and rescaled sum: one
+    # round of loads when the splits fit in SC)
     m_h = tl.full((GR,), float("-inf"), tl.float32)
-    for s0 in range(0, n_splits, SC):
-        sp = s0 + tl.arange(0, SC)
-        m_c = tl.load(
-            ws_ptr + m_off + (bh * n_splits + sp)[:, None] * GP + rows[None, :],
-            mask=(sp < n_splits)[:, None],
-            other=float("-inf"),
-        )
-        m_h = tl.maximum(m_h, tl.max(m_c, axis=0))
-    m_use = tl.where(m_h == float("-inf"), 0.0, m_h)  # nothing visible in the history
     l_h = tl.zeros((GR,), tl.float32)
     for s0 in range(0, n_splits, SC):
         sp = s0 + tl.arange(0, SC)
         offs = (bh * n_splits + sp)[:, None] * GP + rows[None, :]
         ok = (sp < n_splits)[:, None]
-        w = tl.exp2(tl.load(ws_ptr + m_off + offs, mask=ok, other=float("-inf")) - m_use)
-        l_h += tl.sum(w * tl.load(ws_ptr + l_off + offs, mask=ok, other=0.0), axis=0)
+        m_c = tl.load(ws_ptr + m_off + offs, mask=ok, other=float("-inf"))
+        l_c = tl.load(ws_ptr + l_off + offs, mask=ok, other=0.0)
+        m_new = tl.maximum(m_h, tl.max(m_c, axis=0))
+        m_nu = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_h = l_h * tl.exp2(m_h - m_nu) + tl.sum(l_c * tl.exp2(m_c - m_nu[None, :]), axis=0)
+        m_h = m_new
+    m_use = tl.where(m_h == float("-inf"), 0.0, m_h)  # nothing visible in the history
     # 2. the history's value sum, PC rotated columns at a time, merged over the splits and
     # rotated back into this program's output columns
     out_h = tl.zeros((GR, DC), tl.float32)
@@ -909,13 +906,12 @@ def decode_attention_triton(
             tokens_per_split=tokens_per_split, num_warps=num_warps or 4,
         )  # fmt: skip
     out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
-    # combine: DC output columns per program; FMA tiles of at most ~8K elements (64 per thread)
+    # combine: DC output columns per program; FMA tiles of at most ~8K elements (64 per thread);
+    # SC splits read at once (all of a batch-1 call's splits at G = 4: one round of loads)
     dc = min(c.dp, 64)
     gr = triton.next_power_of_2(g)
     pc = min(pdv, 32)
-    # all splits' partials in one tile where they fit (fewer dependent load rounds; powers of
-    # two: gr, pc and dp are)
-    sc = max(1, 8192 // (gr * pc))
+    sc = max(1, 8192 // (gr * pc))  # powers of two: gr, pc and dp are
     seg_n = max(1, min(16, 8192 // (gr * c.dp)))
     _combine_kernel[(bh, c.dp // dc)](
         ws, m_off, l_off, acc_off, splits, c.unrot,

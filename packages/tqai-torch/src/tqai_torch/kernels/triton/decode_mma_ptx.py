@@ -149,13 +149,28 @@ def softmax_asm() -> str:
     return "\n".join(lines)
 
 
-def value_asm() -> str:
+def value_asm(rescale: bool) -> str:
     """``O^T += V^T P^T`` for one tile (pack=4): out ``$0-$31`` the 8 accumulators (16 dims x
     8 heads each); in ``$32-$35`` value words (tokens 2t, 2t+1, 2t+8, 2t+9; dims 16g..16g+15),
-    ``$36-$39`` the table (low bytes, high bytes, -, -), ``$40-$43`` P's B fragment, ``$44-$75``
-    the accumulators. Accumulator ``j`` rows g / g+8 are dims ``16 g + 8 (j // 4) + j % 4`` and
-    that + 4."""
-    lines = ["{", ".reg .b32 x, z, sel, sh, f<32>;"]
+    ``$36-$39`` the table (low bytes, high bytes, -, -), ``$40-$43`` P's B fragment, then (when
+    ``rescale``) ``$44-$47`` alpha (heads 2t, 2t+1, 2t, 2t+1), then the accumulators (``$44`` or
+    ``$48`` on). Accumulator ``j`` rows g / g+8 are dims ``16 g + 8 (j // 4) + j % 4`` and that
+    + 4. ``rescale``: the accumulators are first multiplied by alpha, skipped (a warp-uniform
+    branch) when no lane's running max moved, i.e. every alpha is 1."""
+    lines = ["{", ".reg .b32 x, z, sel, sh, f<32>;", ".reg .f32 r<32>;"]
+    acc = 48 if rescale else 44
+    lines += [f"mov.f32 r{i}, ${acc + i};" for i in range(32)]
+    if rescale:
+        lines += [
+            ".reg .pred moved, other;",
+            "setp.neu.f32 moved, $44, 0f3F800000;",
+            "setp.neu.f32 other, $45, 0f3F800000;",
+            "or.pred moved, moved, other;",
+            "vote.sync.any.pred moved, moved, 0xffffffff;",
+            "@!moved bra.uni TQAI_KEEP${:uid};",
+        ]
+        lines += [f"mul.f32 r{i}, r{i}, ${44 + i % 2};" for i in range(32)]
+        lines.append("TQAI_KEEP${:uid}:")
     for pair, (wa, wb) in enumerate((("$32", "$33"), ("$34", "$35"))):
         out = [f"f{16 * pair + k}" for k in range(16)]
         lines += value_lookup_lines(wa, wb, "$36", "$37", out)
@@ -164,7 +179,7 @@ def value_asm() -> str:
         o = 8 * chunk + 2 * s
         a = f"f{o}, f{o + 1}, f{16 + o}, f{16 + o + 1}"
         d = ", ".join(f"${4 * j + i}" for i in range(4))
-        c = ", ".join(f"${44 + 4 * j + i}" for i in range(4))
+        c = ", ".join(f"r{4 * j + i}" for i in range(4))
         lines.append(
             f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d}}}, {{{a}}}, {{$40, $41}}, "
             f"{{{c}}};"

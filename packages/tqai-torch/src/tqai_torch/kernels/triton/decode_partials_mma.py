@@ -59,7 +59,9 @@ _KEY_MASKED = gl.constexpr(key_asm(True))
 _KEY_CONS = gl.constexpr("=f,=f,=f,=f" + ",r" * 32 + ",f,f,f,f")
 _SOFTMAX = gl.constexpr(softmax_asm())
 _SOFTMAX_CONS = gl.constexpr(",".join(["=f"] * 12 + ["=r"] * 8) + ",f" * 24)
-_VALUE = gl.constexpr(value_asm())
+_VALUE = gl.constexpr(value_asm(False))
+_VALUE_RESCALED = gl.constexpr(value_asm(True))
+_VALUE_RESCALED_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 12 + ",f" * 36)
 _VALUE_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 12 + ",f" * 32)
 _LANE_SUM = gl.constexpr(lane_sum_asm())
 
@@ -118,9 +120,8 @@ def _step(
         dtype=(gl.float32, gl.float32, gl.float32, gl.int32, gl.int32), is_pure=True, pack=4,
     )  # fmt: skip
     a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
-        _VALUE, _VALUE_CONS,
-        [v0, vtab, p0, a0 * alpha, a1 * alpha, a2 * alpha, a3 * alpha, a4 * alpha, a5 * alpha,
-         a6 * alpha, a7 * alpha],
+        _VALUE_RESCALED, _VALUE_RESCALED_CONS,
+        [v0, vtab, p0, alpha, a0, a1, a2, a3, a4, a5, a6, a7],
         dtype=(gl.float32,) * 8, is_pure=True, pack=4,
     )  # fmt: skip
     a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
@@ -271,24 +272,23 @@ def _mma_partials_kernel(
 @triton.jit
 def _rotate_query_kernel(
     query_ptr, stride_qb, stride_qh, rot_ptr, out_ptr, n_kv, qscale,
-    G: tl.constexpr, GP: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, CB: tl.constexpr,
 ):  # fmt: skip
-    """The query heads of one KV head rotated into the keys' domain and scaled, fp16 rows."""
+    """Columns ``[CB j, CB j + CB)`` (j = program 1) of the query heads of one KV head rotated
+    into the keys' domain and scaled, fp16 rows: one round of loads, one ``tf32x3`` product."""
     bh = tl.program_id(0)
     b = bh // n_kv
     h = bh % n_kv
     rows = tl.arange(0, GP)
-    cols = tl.arange(0, 128)
-    q = tl.zeros((GP, 128), tl.float32)
-    for d0 in range(0, 128, 32):
-        d_c = d0 + tl.arange(0, 32)
-        q_c = tl.load(
-            query_ptr + b * stride_qb + (h * G + rows[:, None]) * stride_qh + d_c[None, :],
-            mask=(rows < G)[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        rot = tl.load(rot_ptr + d_c[:, None] * 128 + cols[None, :])
-        q += tl.dot(q_c, rot, input_precision="tf32x3")
+    dims = tl.arange(0, 128)
+    cols = tl.program_id(1) * CB + tl.arange(0, CB)
+    q = tl.load(
+        query_ptr + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dims[None, :],
+        mask=(rows < G)[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    rot = tl.load(rot_ptr + dims[:, None] * 128 + cols[None, :])
+    q = tl.dot(q, rot, input_precision="tf32x3")
     tl.store(
         out_ptr + (bh * G + rows[:, None]) * 128 + cols[None, :],
         (q * qscale).to(tl.float16),
@@ -352,8 +352,8 @@ def launch_mma_partials(
     bh = b * n_kv
     device = query.device
     q_rot = torch.empty(bh * g, d, device=device, dtype=torch.float16)
-    _rotate_query_kernel[(bh,)](
-        query, query.stride(0), query.stride(1), rot, q_rot, n_kv, qscale, G=g, GP=16
+    _rotate_query_kernel[(bh, 4)](
+        query, query.stride(0), query.stride(1), rot, q_rot, n_kv, qscale, G=g, GP=16, CB=32
     )
     step = STEP_TOKENS * num_warps
     if tokens_per_split is None:  # a whole wave: 2 programs per SM for few heads, else 4
