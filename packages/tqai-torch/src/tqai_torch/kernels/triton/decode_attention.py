@@ -300,7 +300,8 @@ def _decode_attention_kernel(
     n_splits = tl.num_programs(1)
     b = bh // n_kv  # the query row (a sequence, or one token of a prefill chunk)
     h = bh % n_kv
-    bs = b // rows_per_seq  # the sequence whose history it reads
+    # the sequence whose history it reads; 64-bit, as its offsets pass 2**31 bytes in big caches
+    bs = (b // rows_per_seq).to(tl.int64)
     rows = tl.arange(0, GP)
     # The group's queries, scaled and rotated into the keys' domain, as 8 column tiles: tile i
     # holds rotated dims 8 j + i, the dims that code i of each packing group scores against.

@@ -35,6 +35,7 @@ design history: ``benchmarks/NOTES.md`` (v9).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -104,15 +105,15 @@ def _step(
         kp_row, vp_row, kn_row, vn_row, tok0 + 16, g, t, c, lo, stop, MASKED
     )
     if MASKED:
-        key_asm: gl.constexpr = _KEY_MASKED
+        scores: gl.constexpr = _KEY_MASKED
     else:
-        key_asm: gl.constexpr = _KEY
+        scores: gl.constexpr = _KEY
     x0 = gl.inline_asm_elementwise(
-        key_asm, _KEY_CONS, [ka0, kb0, klo, khi, q0, q1, q2, q3, nb0],
+        scores, _KEY_CONS, [ka0, kb0, klo, khi, q0, q1, q2, q3, nb0],
         dtype=gl.float32, is_pure=True, pack=4,
     )  # fmt: skip
     x1 = gl.inline_asm_elementwise(
-        key_asm, _KEY_CONS, [ka1, kb1, klo, khi, q0, q1, q2, q3, nb1],
+        scores, _KEY_CONS, [ka1, kb1, klo, khi, q0, q1, q2, q3, nb1],
         dtype=gl.float32, is_pure=True, pack=4,
     )  # fmt: skip
     m, l_sum, alpha, p0, p1 = gl.inline_asm_elementwise(
@@ -133,6 +134,8 @@ def _step(
 
 @gluon.jit
 def _merge_column(buf, j: gl.constexpr, wts, W: gl.constexpr, ML: gl.constexpr):
+    """Register ``j`` of every warp's ``(32, 4)`` block, as ``(W, 128)``, summed over the warps
+    with their weights ``wts``: the merged column, ``(128,)``."""
     return gl.sum(buf.index(j).reshape([W, 128]).load(ML) * wts, axis=0)
 
 
@@ -173,7 +176,7 @@ def _mma_partials_kernel(
     n_splits = gl.num_programs(1)
     b = bh // n_kv
     h = bh % n_kv
-    bs = b // rows_per_seq
+    bs = (b // rows_per_seq).to(gl.int64)  # offsets of big caches pass 2**31 bytes
     r = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, L))
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, L))
     lane = r % 32
@@ -296,20 +299,21 @@ def _rotate_query_kernel(
     )
 
 
-_TABLES: dict = {}
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (id(key_q), id(value_q), device)
-    found = _TABLES.get(key)
-    if found is None or found[0] is not key_q or found[1] is not value_q:
+    """The per-lane table arrays of a quantizer pair on a device, built once: keys ``(32, 8)``
+    (low bytes of the 16 fp16 centroids in 4 words, then high bytes), values ``(32, 4)``."""
+    per_value = _TABLES.setdefault(key_q, weakref.WeakKeyDictionary()).setdefault(value_q, {})
+    found = per_value.get(device)
+    if found is None:
         klo, khi = table_words(key_q.codebook.centroids)
         vlo, vhi = table_words(value_q.codebook.centroids)
         ktab = torch.tensor([klo + khi] * 32, dtype=torch.int32, device=device)
         vtab = torch.tensor([vlo + vhi + [0, 0]] * 32, dtype=torch.int32, device=device)
-        found = (key_q, value_q, ktab, vtab)
-        _TABLES[key] = found
-    return found[2], found[3]
+        found = per_value[device] = (ktab, vtab)
+    return found
 
 
 def _aligned(qt: Any, row_bytes: int) -> bool:
