@@ -14,6 +14,8 @@ from tqai.attention import compressed_attention
 from tqai.packing import pack_bits, unpack_bits
 
 triton = pytest.importorskip("triton")
+from kernel_parity import check_kernel_output  # noqa: E402
+from ptx_model import prmt  # noqa: E402
 from triton_interpret import DEVICE, INTERPRET, MARKS  # noqa: E402
 
 pytestmark = MARKS
@@ -52,16 +54,6 @@ def _case_inputs(case, dtype, seed):
     return q, keys, values, kq, vq, {"scale": d**-0.5, "prefix": prefix, "suffix": suffix}
 
 
-def _check(out, ref, dtype):
-    assert out.dtype == dtype
-    assert bool(torch.isfinite(out).all())
-    # fp16 operands on the tensor cores (query, centroids, p * |v|) with fp32 accumulation, and
-    # one rounding to the output dtype: relative error well under 1e-2 of the reference.
-    rel = ((out.float() - ref).norm() / ref.norm()).item()
-    rounding = ((ref.to(dtype).float() - ref).norm() / ref.norm()).item()
-    assert rel <= 2 * rounding + 3e-3, (rel, rounding)
-
-
 @pytest.mark.parametrize("index", range(len(CASES)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_attention_matches_reference(index, dtype):
@@ -73,15 +65,15 @@ def test_decode_attention_matches_reference(index, dtype):
     out = decode_attention_triton(
         q, keys, values, kq, vq, tokens_per_split=64 if INTERPRET else 128, **kwargs
     )
-    _check(out, ref, dtype)
+    check_kernel_output(out, ref, dtype)
     # the default split heuristic and a whole-history program give the same function
     out2 = decode_attention_triton(q, keys, values, kq, vq, **kwargs)
-    _check(out2, ref, dtype)
+    check_kernel_output(out2, ref, dtype)
     out3 = decode_attention_triton(q, keys, values, kq, vq, tokens_per_split=1 << 20, **kwargs)
-    _check(out3, ref, dtype)
+    check_kernel_output(out3, ref, dtype)
     # centroids gathered from memory instead of byte-permuted from registers (same function)
     out4 = decode_attention_triton(q, keys, values, kq, vq, lookup="gather", **kwargs)
-    _check(out4, ref, dtype)
+    check_kernel_output(out4, ref, dtype)
 
 
 LEFT_PADDED = [
@@ -108,7 +100,7 @@ def test_decode_attention_left_padded_batch(index):
         out = decode_attention_triton(
             q, keys, values, kq, vq, valid_from=starts, tokens_per_split=split, **kwargs
         )
-        _check(out, ref, torch.bfloat16)
+        check_kernel_output(out, ref, torch.bfloat16)
 
 
 def test_decode_attention_refuses_bad_valid_from():
@@ -131,7 +123,7 @@ def test_decode_attention_reads_a_history_view():
     assert not keys_view.packed.is_contiguous()
     ref = compressed_attention(q.float(), keys_view, values_view, kq, vq, **kwargs)
     out = decode_attention_triton(q, keys_view, values_view, kq, vq, **kwargs)
-    _check(out, ref, torch.float16)
+    check_kernel_output(out, ref, torch.float16)
 
 
 def test_group_layout_matches_packing():
@@ -157,17 +149,6 @@ def test_group_layout_matches_packing():
             assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, d).to(torch.int64), codes)
 
 
-def _prmt(a: int, b: int, c: int) -> int:
-    """PTX ``prmt.b32`` (default mode): byte k of the result is byte ``c[4k:4k+3] & 7`` of
-    ``{b, a}``, or the replicated sign of that byte when ``c[4k+3]`` is set."""
-    src, out = (b << 32) | a, 0
-    for k in range(4):
-        sel = (c >> (4 * k)) & 0xF
-        byte = (src >> (8 * (sel & 7))) & 0xFF
-        out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * k)
-    return out
-
-
 def _run_ptx(asm: str, inputs: dict[int, int]) -> list[int]:
     """Interpret the few PTX instructions the PRMT lookups use (32-bit registers)."""
     regs: dict[str, int] = {}
@@ -183,7 +164,7 @@ def _run_ptx(asm: str, inputs: dict[int, int]) -> list[int]:
         "and.b32": lambda x, y: x & y,
         "xor.b32": lambda x, y: x ^ y,
         "mul.lo.u32": lambda x, y: (x * y) & 0xFFFFFFFF,
-        "prmt.b32": _prmt,
+        "prmt.b32": prmt,
     }
     for line in asm.splitlines():
         line = line.strip().rstrip(";")

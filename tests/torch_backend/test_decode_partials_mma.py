@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from kernel_parity import check_kernel_output
+from ptx_model import lop3, prmt
 
 from tqai import TurboQuantMSE
 from tqai.attention import compressed_attention
@@ -40,14 +42,6 @@ def _inputs(case, dtype, seed):
     return q, keys, values, kq, vq, {"scale": 128**-0.5, **segments}
 
 
-def _check(out, ref, dtype):
-    assert out.dtype == dtype
-    assert bool(torch.isfinite(out).all())
-    rel = ((out.float() - ref).norm() / ref.norm()).item()
-    rounding = ((ref.to(dtype).float() - ref).norm() / ref.norm()).item()
-    assert rel <= 2 * rounding + 3e-3, (rel, rounding)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("index", range(len(CASES)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -65,7 +59,7 @@ def test_mma_partials_match_reference(index, dtype):
                 q, keys, values, kq, vq, partials="mma", tokens_per_split=split,
                 num_warps=warps, **kwargs,
             )  # fmt: skip
-            _check(out, ref, dtype)
+            check_kernel_output(out, ref, dtype)
 
 
 @pytest.mark.gpu
@@ -84,7 +78,7 @@ def test_mma_partials_left_padded_batch():
             q, keys, values, kq, vq, valid_from=starts, valid_until=until, partials="mma",
             tokens_per_split=split, **kwargs,
         )  # fmt: skip
-        _check(out, ref, torch.bfloat16)
+        check_kernel_output(out, ref, torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -98,7 +92,9 @@ def test_mma_and_block_partials_agree_on_a_history_view():
     assert not keys.packed.is_contiguous()
     fast = decode_attention_triton(q, keys, values, kq, vq, partials="mma", **kwargs)
     blocks = decode_attention_triton(q, keys, values, kq, vq, partials="blocks", **kwargs)
-    _check(fast, compressed_attention(q.float(), keys, values, kq, vq, **kwargs), torch.float16)
+    check_kernel_output(
+        fast, compressed_attention(q.float(), keys, values, kq, vq, **kwargs), torch.float16
+    )
     assert ((fast.float() - blocks.float()).norm() / blocks.float().norm()).item() < 5e-3
 
 
@@ -118,31 +114,14 @@ def test_mma_partials_refuse_what_they_do_not_serve():
         decode_attention_triton(q, keys, values, kq, vq, scale=0.1, partials="fast")
 
 
-def _prmt(a: int, b: int, c: int) -> int:
-    src, out = (b << 32) | a, 0
-    for k in range(4):
-        sel = (c >> (4 * k)) & 0xF
-        byte = (src >> (8 * (sel & 7))) & 0xFF
-        out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * k)
-    return out
-
-
-def _lop3(a: int, b: int, c: int, lut: int) -> int:
-    out = 0
-    for bit in range(32):
-        idx = ((a >> bit & 1) << 2) | ((b >> bit & 1) << 1) | (c >> bit & 1)
-        out |= ((lut >> idx) & 1) << bit
-    return out
-
-
 def _run(lines: list[str], regs: dict[str, int]) -> dict[str, int]:
     """Interpret the lookups' PTX (32-bit registers; ``lop3`` truth tables as PTX defines)."""
     ops = {
         "and.b32": lambda x, y: x & y,
         "shr.b32": lambda x, y: x >> y,
-        "lop3.b32": _lop3,
+        "lop3.b32": lop3,
         "mad.lo.u32": lambda x, y, z: (x * y + z) & 0xFFFFFFFF,
-        "prmt.b32": _prmt,
+        "prmt.b32": prmt,
     }
     for line in lines:
         op, rest = line.rstrip(";").split(None, 1)
