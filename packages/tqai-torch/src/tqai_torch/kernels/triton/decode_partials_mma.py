@@ -305,7 +305,12 @@ _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-lane table arrays of a quantizer pair on a device, built once: keys ``(32, 8)``
     (low bytes of the 16 fp16 centroids in 4 words, then high bytes), values ``(32, 4)``."""
-    per_value = _TABLES.setdefault(key_q, weakref.WeakKeyDictionary()).setdefault(value_q, {})
+    per_key = _TABLES.get(key_q)
+    if per_key is None:
+        per_key = _TABLES[key_q] = weakref.WeakKeyDictionary()
+    per_value = per_key.get(value_q)
+    if per_value is None:
+        per_value = per_key[value_q] = {}
     found = per_value.get(device)
     if found is None:
         klo, khi = table_words(key_q.codebook.centroids)
