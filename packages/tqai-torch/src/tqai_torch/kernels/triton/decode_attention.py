@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # Gluon (Triton >= 3.5): the fragment-lookup fast path for K4/V2 at head_dim 128
+try:  # Gluon (Triton >= 3.6): the fragment-lookup fast path for K4/V2 at head_dim 128
     from tqai_torch.kernels.triton.decode_partials_mma import launch_mma_partials, serves_mma
 except ImportError:  # older Triton: the block kernel serves every configuration
     launch_mma_partials = serves_mma = None
@@ -886,7 +886,7 @@ def decode_attention_triton(
     )
     if partials == "mma" and not mma:
         raise ValueError(
-            "partials='mma' needs CUDA tensors, Triton with Gluon, 4-bit keys, 2-bit values, "
+            "partials='mma' needs CUDA tensors, Triton >= 3.6, 4-bit keys, 2-bit values, "
             "head_dim 128, at most 8 query heads per KV head and whole 16-byte-aligned packed "
             "rows; use 'auto' to fall back to the block kernel"
         )

@@ -28,7 +28,8 @@ The query is rotated and scaled by a small kernel first (``tf32x3`` products, fp
 and values use fp16 operands with fp32 accumulation, as the block kernel does: the same parity
 bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits,
 fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and
-16-byte aligned; CUDA only (PTX; the interpreter runs the block kernel). Measurements and the
+16-byte aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's
+API moves between releases; older versions take the block kernel). Measurements and the
 design history: ``benchmarks/NOTES.md`` (v9).
 """
 
@@ -334,11 +335,25 @@ def _aligned(qt: Any, row_bytes: int) -> bool:
     )
 
 
+def _triton_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except ValueError:  # a development build: assume current
+        return True
+    return found >= (major, minor)
+
+
+# Gluon's API moves between Triton releases; this path is built and tested with 3.6
+_GLUON_OK = _triton_at_least(3, 6)
+
+
 def serves_mma(query: torch.Tensor, keys: Any, values: Any, key_q: Any, value_q: Any) -> bool:
-    """Whether this path serves the call (else the block kernel does)."""
+    """Whether this path serves the call (else the block kernel does): Triton >= 3.6, CUDA
+    tensors, K4/V2, head_dim 128, at most 8 query heads per KV head, aligned whole rows."""
     g = query.shape[1] // keys.shape[1]
     return (
-        query.is_cuda
+        _GLUON_OK
+        and query.is_cuda
         and query.shape[-1] == 128
         and 1 <= g <= 8
         and key_q.spec.n_bits == 4
