@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tqai_torch.kernels.triton.decode_mma_ptx import table_words
+
 try:  # Gluon (Triton >= 3.6): the fragment-lookup fast path for K4/V2 at head_dim 128
     from tqai_torch.kernels.triton.decode_partials_mma import launch_mma_partials, serves_mma
 except ImportError:  # older Triton: the block kernel serves every configuration
@@ -656,17 +658,12 @@ def _prmt_registers(centroids: np.ndarray) -> tuple[int, int, int, int] | None:
     (4 bits: low bytes of c[0..3], c[4..7], high bytes of c[0..3], c[4..7], valid only because
     c[15 - j] == -c[j] in fp16, checked here; 2 bits: low bytes, high bytes, 0, 0), or None."""
     c = np.asarray(centroids, dtype=np.float16)
-    bits = c.view(np.uint16).astype(np.uint32)
-    lo, hi = bits & 0xFF, bits >> 8
-
-    def word(b: np.ndarray) -> int:
-        value = int(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24)
-        return value - (1 << 32) if value >= 1 << 31 else value  # as a signed int32 argument
-
     if c.size == 16 and np.array_equal(c[::-1], -c):
-        return word(lo[:4]), word(lo[4:8]), word(hi[:4]), word(hi[4:8])
+        lo, hi = table_words(c[:8])
+        return lo[0], lo[1], hi[0], hi[1]
     if c.size == 4:
-        return word(lo), word(hi), 0, 0
+        lo, hi = table_words(c)
+        return lo[0], hi[0], 0, 0
     return None
 
 
