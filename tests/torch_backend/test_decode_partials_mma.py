@@ -15,6 +15,7 @@ from ptx_model import lop3, prmt
 
 from tqai import TurboQuantMSE
 from tqai.attention import compressed_attention
+from tqai.container import QuantizedTensor
 from tqai_torch.kernels.triton import decode_mma_ptx as ptx
 
 CASES = [
@@ -27,7 +28,19 @@ CASES = [
 ]
 
 
-def _inputs(case, dtype, seed):
+def _in_capacity(qt, multiple=8):
+    """``qt`` as views into buffers whose token capacity is a multiple of ``multiple`` (as the
+    caches hold them), the spare tokens filled with garbage the kernel must not read."""
+    arrays = {}
+    for name, a in qt.arrays().items():
+        cap = -(-a.shape[2] // multiple) * multiple + multiple
+        buf = torch.full((*a.shape[:2], cap, *a.shape[3:]), 0x7B, dtype=a.dtype, device=a.device)
+        buf[:, :, : a.shape[2]] = a
+        arrays[name] = buf[:, :, : a.shape[2]]
+    return QuantizedTensor(spec=qt.spec, shape=qt.shape, dtype=qt.dtype, **arrays)
+
+
+def _inputs(case, dtype, seed, capacity=True):
     b, hq, hkv, t, s, w = case
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(b, hq, 1, 128, device="cuda", generator=gen).to(dtype)
@@ -35,6 +48,8 @@ def _inputs(case, dtype, seed):
     v = torch.randn(b, hkv, t, 128, device="cuda", generator=gen).to(dtype)
     kq, vq = TurboQuantMSE(128, 4, seed=seed), TurboQuantMSE(128, 2, seed=seed + 1)
     keys, values = kq.quantize(k[:, :, s : t - w]), vq.quantize(v[:, :, s : t - w])
+    if capacity:
+        keys, values = _in_capacity(keys), _in_capacity(values)
     segments = {
         "prefix": (k[:, :, :s], v[:, :, :s]),
         "suffix": (k[:, :, t - w :], v[:, :, t - w :]),
@@ -48,7 +63,10 @@ def _inputs(case, dtype, seed):
 def test_mma_partials_match_reference(index, dtype):
     from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
-    q, keys, values, kq, vq, kwargs = _inputs(CASES[index], dtype, seed=index + 5)
+    # odd cases: contiguous histories (odd lengths give norm rows off 4-byte boundaries)
+    q, keys, values, kq, vq, kwargs = _inputs(
+        CASES[index], dtype, seed=index + 5, capacity=index % 2 == 0
+    )
     from tqai_torch.kernels.triton.decode_partials_mma import serves_mma
 
     assert serves_mma(q, keys, values, kq, vq)
@@ -114,11 +132,15 @@ def test_mma_partials_refuse_what_they_do_not_serve():
         decode_attention_triton(q, keys, values, kq, vq, scale=0.1, partials="fast")
 
 
-def _run(lines: list[str], regs: dict[str, int]) -> dict[str, int]:
-    """Interpret the lookups' PTX (32-bit registers; ``lop3`` truth tables as PTX defines)."""
+def _run(lines: list[str], regs: dict[str, int], smem: dict[int, int] | None = None):
+    """Interpret the lookups' PTX (32-bit registers; ``lop3`` truth tables as PTX defines;
+    ``ld.shared`` reads ``smem``, a dict of byte address -> 32-bit word)."""
     ops = {
         "and.b32": lambda x, y: x & y,
+        "or.b32": lambda x, y: x | y,
         "shr.b32": lambda x, y: x >> y,
+        "shl.b32": lambda x, y: (x << y) & 0xFFFFFFFF,
+        "add.u32": lambda x, y: (x + y) & 0xFFFFFFFF,
         "lop3.b32": lop3,
         "mad.lo.u32": lambda x, y, z: (x * y + z) & 0xFFFFFFFF,
         "prmt.b32": prmt,
@@ -126,46 +148,55 @@ def _run(lines: list[str], regs: dict[str, int]) -> dict[str, int]:
     for line in lines:
         op, rest = line.rstrip(";").split(None, 1)
         dst, *args = (a.strip() for a in rest.split(","))
+        if op == "ld.shared.b32":
+            regs[dst] = smem[regs[args[0].strip("[]")]]
+            continue
         regs[dst] = ops[op](*(regs[a] if a in regs else int(a, 0) for a in args))
     return regs
 
 
-def _table(centroids) -> tuple[list[int], list[int]]:
-    lo, hi = ptx.table_words(centroids)
-    return [x & 0xFFFFFFFF for x in lo], [x & 0xFFFFFFFF for x in hi]
+def test_pair_table_holds_both_codes_of_a_byte():
+    centroids = np.sort(np.random.default_rng(3).standard_normal(16)) / 11
+    table = np.asarray(centroids, np.float16).view(np.uint16)
+    words = [w & 0xFFFFFFFF for w in ptx.pair_table(centroids)]
+    for e in range(256):
+        assert [words[e] & 0xFFFF, words[e] >> 16] == [int(table[e & 15]), int(table[e >> 4])]
 
 
 def test_key_lookup_gives_the_table_entries():
-    """Each fp16 pair is (code 2k, code 2k+1) of the group, for any 16-entry codebook."""
+    """Each fp16 pair is (code 2k, code 2k+1) of the group, read from the lane's own copy of
+    the pair table (any 16-entry codebook: no symmetry is assumed)."""
     rng = np.random.default_rng(0)
-    centroids = np.sort(rng.standard_normal(16)) / 11  # not symmetric: no symmetry is assumed
+    centroids = np.sort(rng.standard_normal(16)) / 11
     table = np.asarray(centroids, np.float16).view(np.uint16)
-    lo, hi = _table(centroids)
-    regs = {f"L{i}": lo[i] for i in range(4)} | {f"H{i}": hi[i] for i in range(4)}
+    words = [w & 0xFFFFFFFF for w in ptx.pair_table(centroids)]
+    base = 0x400  # wherever shared memory starts: only offsets from it are laid out
     out = [f"o{k}" for k in range(4)]
-    lines = ptx.key_lookup_lines("x", [f"L{i}" for i in range(4)], [f"H{i}" for i in range(4)], out)
-    for _ in range(300):
-        codes = rng.integers(0, 16, 8)
-        regs["x"] = sum(int(c) << (4 * i) for i, c in enumerate(codes))
-        got = _run(lines, dict(regs))
-        for k in range(4):
-            pair = got[out[k]]
-            assert [pair & 0xFFFF, pair >> 16] == [
-                int(table[codes[2 * k]]),
-                int(table[codes[2 * k + 1]]),
-            ]
+    lines = ptx.key_lookup_lines("x", "lane", out)
+    for lane in (0, 5, 31):
+        smem = {base + 128 * e + 4 * lane: words[e] for e in range(256)}
+        for _ in range(100):
+            codes = rng.integers(0, 16, 8)
+            regs = {"x": sum(int(c) << (4 * i) for i, c in enumerate(codes))}
+            got = _run(lines, regs | {"lane": 4 * lane, "base": base}, smem)
+            for k in range(4):
+                pair = got[out[k]]
+                assert [pair & 0xFFFF, pair >> 16] == [
+                    int(table[codes[2 * k]]),
+                    int(table[codes[2 * k + 1]]),
+                ]
 
 
 def test_value_lookup_pairs_two_tokens_per_dim():
     rng = np.random.default_rng(1)
     centroids = np.array([-1.51, -0.453, 0.453, 1.51]) / 11
     table = np.asarray(centroids, np.float16).view(np.uint16)
-    lo, hi = _table(centroids)
+    lo, hi = (w[0] & 0xFFFFFFFF for w in ptx.table_words(centroids))
     out = [f"o{k}" for k in range(16)]
     lines = ptx.value_lookup_lines("a", "b", "L", "H", out)
     for _ in range(200):
         ca, cb = rng.integers(0, 4, 16), rng.integers(0, 4, 16)
-        regs = {"L": lo[0], "H": hi[0]}
+        regs = {"L": lo, "H": hi}
         regs["a"] = sum(int(c) << (2 * i) for i, c in enumerate(ca))
         regs["b"] = sum(int(c) << (2 * i) for i, c in enumerate(cb))
         got = _run(lines, regs)

@@ -8,43 +8,52 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "LUT_BYTES",
+    "STAGE_BLOCKS",
     "STEP_TOKENS",
+    "copy_asm",
     "key_asm",
     "key_lookup_lines",
     "lane_sum_asm",
+    "pair_table",
     "softmax_asm",
+    "stage_load_asm",
     "table_words",
     "value_asm",
     "value_lookup_lines",
 ]
 
 STEP_TOKENS = 32  # tokens per warp and loop step (two tiles of 16)
+LUT_BYTES = 256 * 128  # the key pair table, one copy per lane, at the start of shared memory
+STAGE_BLOCKS = 8  # 16-byte blocks per thread and pipeline stage (keys 4, values 2, norms 2)
 _NEG = "0fF149F2CA"  # -1e30: the score of a token outside the visible range
 
 
-def key_lookup_lines(x: str, lo: str, hi: str, out: list[str]) -> list[str]:
+def key_lookup_lines(x: str, lane: str, out: list[str]) -> list[str]:
     """PTX turning one packing group ``x`` (8 four-bit codes) into 4 fp16 pairs ``out`` (codes
-    0-1, 2-3, 4-5, 6-7): byte permutes of the table's low bytes (registers ``lo``: 4 words,
-    entries 0-15) and high bytes (``hi``), bit 3 of each code picking the half of the table."""
-    lines = [
-        f"and.b32 y, {x}, 0x77777777;",
-        f"shr.b32 s, {x}, 1;",
-        "lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;",
-        "shr.b32 y2, y, 16;",
-        "shr.b32 s2, s, 16;",
-    ]
-    for half, (yy, ss) in enumerate((("y", "s"), ("y2", "s2"))):
+    0-1, 2-3, 4-5, 6-7) read from the pair table in shared memory: entry ``e`` (a byte of
+    ``x``: two codes) of lane ``l`` lies at byte ``128 e + 4 l`` from the table's start, so a
+    warp's reads hit 32 different banks. ``lane``: ``4 l``; ``base``: the table's address."""
+    lines = []
+    for k, shift in enumerate(("shl.b32 u, {x}, 7;", "shr.b32 u, {x}, 1;", "shr.b32 u, {x}, 9;",
+                               "shr.b32 u, {x}, 17;")):  # fmt: skip
         lines += [
-            f"prmt.b32 a, {lo[0]}, {lo[1]}, {yy};",
-            f"prmt.b32 b, {lo[2]}, {lo[3]}, {yy};",
-            f"prmt.b32 lo, a, b, {ss};",
-            f"prmt.b32 a, {hi[0]}, {hi[1]}, {yy};",
-            f"prmt.b32 b, {hi[2]}, {hi[3]}, {yy};",
-            f"prmt.b32 hi, a, b, {ss};",
-            f"prmt.b32 {out[2 * half]}, lo, hi, 0x5140;",
-            f"prmt.b32 {out[2 * half + 1]}, lo, hi, 0x7362;",
+            shift.format(x=x),
+            "and.b32 u, u, 0x7F80;",
+            f"or.b32 u, u, {lane};",
+            "add.u32 u, u, base;",
+            f"ld.shared.b32 {out[k]}, [u];",
         ]
     return lines
+
+
+def pair_table(centroids: np.ndarray) -> list[int]:
+    """The 256 words of the key pair table (int32): entry ``e`` holds the fp16 centroids of
+    codes ``e & 15`` (low half) and ``e >> 4`` (high half), the two codes of a packed byte."""
+    bits = np.asarray(centroids, dtype=np.float16).view(np.uint16).astype(np.int64)
+    e = np.arange(256)
+    words = bits[e & 15] | bits[e >> 4] << 16
+    return [int(w) - (1 << 32) if w >= 1 << 31 else int(w) for w in words]
 
 
 def value_lookup_lines(wa: str, wb: str, lo: str, hi: str, out: list[str]) -> list[str]:
@@ -70,34 +79,119 @@ def value_lookup_lines(wa: str, wb: str, lo: str, hi: str, out: list[str]) -> li
     return lines
 
 
+def _slot_lines(stage: str) -> list[str]:
+    """PTX setting ``sm`` to this thread's first 16-byte block of a stage: block ``j`` of the
+    stage lies ``j * 16 * threads`` bytes further (a warp's blocks are 512 contiguous bytes:
+    16-byte copies and loads without bank conflicts)."""
+    return [
+        "mov.u32 sm, global_smem;",
+        "mov.u32 tid, %tid.x;",
+        "mad.lo.u32 sm, tid, 16, sm;",
+        f"add.u32 sm, sm, {stage};",
+    ]
+
+
+def copy_asm(threads: int, masked: bool) -> str:
+    """Asynchronous copies of one warp step (32 tokens from ``tb``) into this thread's blocks of
+    a pipeline stage, then one commit (pack=4; one dummy output ``$0-$3``). In: ``$4`` / ``$8``
+    / ``$12`` / ``$16`` byte addresses of the key row of token ``g``, of value word ``g`` of token
+    ``2 t``, of the 4-byte-aligned key and value norm words holding token ``g`` (all at token 0;
+    ``tb`` must be even);
+    ``$20`` ``tb``, ``$24`` ``stop``, ``$28`` ``g``, ``$32`` ``t``, ``$36`` the stage's byte
+    offset. Blocks: 0-3 the key groups of tokens ``g, g + 8, g + 16, g + 24``; 4 / 5 the value
+    words of tokens ``2t, 2t+1, 2t+8, 2t+9`` (+16 for 5); 6 / 7 the norm words (key ``g``, key
+    ``g + 8``, value ``g``, value ``g + 8``; +16 for 7). ``masked``: tokens from ``stop`` on
+    are not read (zero-filled); else the whole step must lie before ``stop``. A norm word may
+    hold a neighbour outside the tensor, never outside its (4-byte aligned) allocation."""
+    blk = 16 * threads
+    lines = [
+        "{",
+        ".reg .pred p;",
+        ".reg .b32 sm, tid, r, tk, sz, t2;",
+        ".reg .b64 ka, va, kna, vna;",
+        *_slot_lines("$36"),
+        "mad.wide.s32 ka, $20, 64, $4;",
+        "mad.wide.s32 va, $20, 32, $8;",
+        "mad.wide.s32 kna, $20, 2, $12;",
+        "mad.wide.s32 vna, $20, 2, $16;",
+    ]
+    if masked:
+        lines += ["sub.s32 r, $24, $20;", "shl.b32 t2, $32, 1;"]
+
+    def copy(size: int, dst: int, src: str, tok: str) -> None:
+        kind = "cg" if size == 16 else "ca"
+        if not masked:
+            lines.append(f"cp.async.{kind}.shared.global [sm+{dst}], [{src}], {size};")
+            return
+        # whole or nothing: the token is before stop
+        lines.extend(
+            [f"add.s32 tk, {tok};", "setp.lt.s32 p, tk, r;", f"selp.b32 sz, {size}, 0, p;"]
+        )
+        lines.append(f"cp.async.{kind}.shared.global [sm+{dst}], [{src}], {size}, sz;")
+
+    for j, off in enumerate((0, 8, 16, 24)):
+        copy(16, j * blk, f"ka+{off * 64}", f"$28, {off}")
+    for tile in range(2):
+        for c in range(4):
+            off = 16 * tile + c % 2 + 8 * (c // 2)
+            copy(4, (4 + tile) * blk + 4 * c, f"va+{off * 32}", f"t2, {off}")
+    for tile in range(2):
+        for c in range(4):
+            off = 16 * tile + 8 * (c % 2)
+            src = f"{'kna' if c < 2 else 'vna'}+{off * 2}"
+            copy(4, (6 + tile) * blk + 4 * c, src, f"$28, {off}")
+    lines += ["cp.async.commit_group;", *[f"mov.b32 ${i}, 0;" for i in range(4)], "}"]
+    return "\n".join(lines)
+
+
+def stage_load_asm(threads: int) -> str:
+    """This thread's 8 blocks of a pipeline stage (pack=4), once its copies have landed: out
+    ``$0-$31`` blocks 0-7 (see :func:`copy_asm`), in ``$32`` the stage's byte offset."""
+    blk = 16 * threads
+    lines = [
+        "{",
+        ".reg .b32 sm, tid;",
+        *_slot_lines("$32"),
+    ]
+    for j in range(STAGE_BLOCKS):
+        regs = ", ".join(f"${4 * j + i}" for i in range(4))
+        lines.append(f"ld.shared.v4.b32 {{{regs}}}, [sm+{j * blk}];")
+    lines.append("}")
+    return "\n".join(lines)
+
+
 def key_asm(masked: bool) -> str:
     """Scores of one tile (pack=4 operands): out ``$0-$3`` x (f32, C fragment: tokens g / g+8 x
-    heads 2t, 2t+1); in ``$4-$7`` groups of token g, ``$8-$11`` of token g+8, ``$12-$15`` low
-    table bytes, ``$16-$19`` high bytes, ``$20-$35`` query B fragments, ``$36-$39`` norms
-    ``(kn_g, kn_g8, vn_g, vn_g8)`` (``vn < 0``: token not visible, when ``masked``)."""
-    lines = ["{", ".reg .b32 y, s, y2, s2, a, b, lo, hi, h<32>;", ".reg .f32 c<4>;"]
-    table_lo, table_hi = ["$12", "$13", "$14", "$15"], ["$16", "$17", "$18", "$19"]
-    for tok, base in ((0, 4), (1, 8)):
+    heads 2t, 2t+1); in ``$4-$7`` groups of token g, ``$8-$11`` of token g+8, ``$12`` the
+    lane's offset in the pair table (:func:`key_lookup_lines`; ``$13-$15`` unused),
+    ``$16-$31`` query B fragments, ``$32-$35`` norms ``(kn_g, kn_g8, vn_g, vn_g8)``
+    (``vn < 0``: token not visible, when ``masked``)."""
+    lines = ["{", ".reg .b32 u, base, h<32>;", ".reg .f32 c<4>, d<4>;"]
+    lines.append("mov.u32 base, global_smem;")
+    for tok, first in ((0, 4), (1, 8)):
         for j in range(4):
             o = 16 * tok + 4 * j
             out = [f"h{o + k}" for k in range(4)]
-            lines += key_lookup_lines(f"${base + j}", table_lo, table_hi, out)
-    lines += [f"mov.f32 c{i}, 0f00000000;" for i in range(4)]
+            lines += key_lookup_lines(f"${first + j}", "$12", out)
+    # two accumulator chains of 4 products each (half the dependent-product latency), summed
+    lines += [f"mov.f32 {a}{i}, 0f00000000;" for a in "cd" for i in range(4)]
     for j in range(4):
         for e in range(2):
             sigma = 2 * j + e
             a = [f"h{4 * j + 2 * e}", f"h{16 + 4 * j + 2 * e}"]
             a += [f"h{4 * j + 2 * e + 1}", f"h{16 + 4 * j + 2 * e + 1}"]
+            acc = ", ".join(f"{'cd'[e]}{i}" for i in range(4))
             lines.append(
-                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {c0, c1, c2, c3}, "
-                f"{{{', '.join(a)}}}, {{${20 + 2 * sigma}, ${21 + 2 * sigma}}}, {{c0, c1, c2, c3}};"
+                f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{acc}}}, "
+                f"{{{', '.join(a)}}}, {{${16 + 2 * sigma}, ${17 + 2 * sigma}}}, {{{acc}}};"
             )
-    lines += ["mul.f32 $0, c0, $36;", "mul.f32 $1, c1, $36;"]
-    lines += ["mul.f32 $2, c2, $37;", "mul.f32 $3, c3, $37;"]
+    lines += [f"add.f32 c{i}, c{i}, d{i};" for i in range(4)]
+    lines += ["mul.f32 $0, c0, $32;", "mul.f32 $1, c1, $32;"]
+    lines += ["mul.f32 $2, c2, $33;", "mul.f32 $3, c3, $33;"]
     if masked:
-        lines += [".reg .pred bad;", "setp.lt.f32 bad, $38, 0f00000000;"]
+        lines += [".reg .pred bad;", "setp.lt.f32 bad, $34, 0f00000000;"]
         lines += [f"@bad mov.f32 $0, {_NEG};", f"@bad mov.f32 $1, {_NEG};"]
-        lines += ["setp.lt.f32 bad, $39, 0f00000000;"]
+        lines += ["setp.lt.f32 bad, $35, 0f00000000;"]
         lines += [f"@bad mov.f32 $2, {_NEG};", f"@bad mov.f32 $3, {_NEG};"]
     lines.append("}")
     return "\n".join(lines)

@@ -10,12 +10,16 @@ warps merge once at the end through shared memory. Every tensor is a *per-thread
 tensor (``(32 * W, 4)``, row = thread), so each lane loads exactly the packed words its
 ``mma.m16n8k16`` fragments need, and PTX does the rest:
 
+* Operands arrive by a software pipeline: each thread copies (``cp.async``) exactly the bytes
+  its fragments need ``STAGES - 1`` steps ahead into its own shared-memory blocks, so no
+  barrier is needed in the loop and no register holds data in flight.
 * Scores ``S^T (16 tokens x 8 heads)``: A = key centroids (fp16), B = the rotated query. Lane
-  ``(g, t) = (lane // 4, lane % 4)`` loads packing groups ``4 t .. 4 t + 3`` (one 16-byte load)
-  of tokens ``g`` and ``g + 8``; byte permutes of a 16-entry table (low and high bytes, 8
-  registers) turn each group of 8 four-bit codes into 4 fp16 pairs, which are A-fragment
-  registers as they stand. The query fragments are then simply dims ``32 t .. 32 t + 31`` of
-  head ``g``. Heads ``>= G`` are zero columns (G <= 8).
+  ``(g, t) = (lane // 4, lane % 4)`` takes packing groups ``4 t .. 4 t + 3`` (16 bytes) of
+  tokens ``g`` and ``g + 8``; each byte (two codes) indexes a 256-entry table of fp16 pairs in
+  shared memory, one copy per lane (bank-conflict free), and the words read are A-fragment
+  registers as they stand (two integer instructions and one shared load per pair). The query
+  fragments are then simply dims ``32 t .. 32 t + 31`` of head ``g``. Heads ``>= G`` are zero
+  columns (G <= 8).
 * Online softmax in base 2 per head (lanes ``t`` hold heads ``2 t, 2 t + 1``; the max reduces
   over the 8 lanes ``g`` by butterfly shuffles), ``p * ||v||`` to fp16 and transposed by
   ``movmatrix`` into the B fragment of the value product.
@@ -28,9 +32,10 @@ The query is rotated and scaled by a small kernel first (``tf32x3`` products, fp
 and values use fp16 operands with fp32 accumulation, as the block kernel does: the same parity
 bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits,
 fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and
-16-byte aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's
-API moves between releases; older versions take the block kernel). Measurements and the
-design history: ``benchmarks/NOTES.md`` (v9).
+16-byte aligned; CUDA only (PTX; the interpreter runs the block
+kernel); Triton >= 3.6 (Gluon's API moves between releases; older versions take the block
+kernel). Shared memory: the table (32 KB) and ``STAGES`` stages of ``128 * 32 * W`` bytes.
+Measurements and the design history: ``benchmarks/NOTES.md`` (v9, v10).
 """
 
 from __future__ import annotations
@@ -46,10 +51,15 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from tqai_torch.kernels.triton.decode_mma_ptx import (
+    LUT_BYTES,
+    STAGE_BLOCKS,
     STEP_TOKENS,
+    copy_asm,
     key_asm,
     lane_sum_asm,
+    pair_table,
     softmax_asm,
+    stage_load_asm,
     table_words,
     value_asm,
 )
@@ -58,7 +68,7 @@ __all__ = ["launch_mma_partials", "serves_mma"]
 
 _KEY = gl.constexpr(key_asm(False))
 _KEY_MASKED = gl.constexpr(key_asm(True))
-_KEY_CONS = gl.constexpr("=f,=f,=f,=f" + ",r" * 32 + ",f,f,f,f")
+_KEY_CONS = gl.constexpr("=f,=f,=f,=f" + ",r" * 28 + ",f,f,f,f")
 _SOFTMAX = gl.constexpr(softmax_asm())
 _SOFTMAX_CONS = gl.constexpr(",".join(["=f"] * 12 + ["=r"] * 8) + ",f" * 24)
 _VALUE = gl.constexpr(value_asm(False))
@@ -66,55 +76,97 @@ _VALUE_RESCALED = gl.constexpr(value_asm(True))
 _VALUE_RESCALED_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 12 + ",f" * 36)
 _VALUE_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 12 + ",f" * 32)
 _LANE_SUM = gl.constexpr(lane_sum_asm())
+_SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may hold together
+STAGES = 2  # pipeline depth: a thread's copies run STAGES - 1 steps ahead of its compute
+_BLOCKS = gl.constexpr(STAGE_BLOCKS)
+_LUT = gl.constexpr(LUT_BYTES)
+_STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b32 [$0], $2;")
+_COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 16 + ",r" * 20)
+_COPY4 = gl.constexpr(copy_asm(128, False))
+_COPY8 = gl.constexpr(copy_asm(256, False))
+_COPY4_MASKED = gl.constexpr(copy_asm(128, True))
+_COPY8_MASKED = gl.constexpr(copy_asm(256, True))
+_LOAD_CONS = gl.constexpr(",".join(["=r"] * 32) + ",r,r,r,r")
+_ZEROS = "mov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;"
+_WAIT1 = gl.constexpr("cp.async.wait_group 1;\n" + _ZEROS)
+_WAIT2 = gl.constexpr("cp.async.wait_group 2;\n" + _ZEROS)
+_WAIT3 = gl.constexpr("cp.async.wait_group 3;\n" + _ZEROS)
+_LOAD4 = gl.constexpr(stage_load_asm(128))
+_LOAD8 = gl.constexpr(stage_load_asm(256))
+_WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
 
 
 @gluon.jit
-def _tile_loads(kp_row, vp_row, kn_row, vn_row, tok0, g, t, c, lo, stop, MASKED: gl.constexpr):
-    """One tile's operands: key groups of tokens tok0 + g and tok0 + g + 8 (4 each), the value
-    words of tokens tok0 + (2t, 2t+1, 2t+8, 2t+9), norms (kn_g, kn_g8, vn_g, vn_g8) in f32."""
-    tk = tok0 + g
-    kcols = (4 * t)[:, None] + c[None, :]
-    vtok = tok0[:, None] + (2 * t)[:, None] + (c % 2)[None, :] + 8 * (c // 2)[None, :]
-    ntok = tk[:, None] + 8 * (c % 2)[None, :]
-    nptr = gl.where((c < 2)[None, :], kn_row + ntok, vn_row + ntok)
+def _copy_step(bases, tb, stop, g, t, soff, W: gl.constexpr, MASKED: gl.constexpr):
+    """Start the asynchronous copies of one warp step (tokens ``tb .. tb + 31``; ``MASKED``:
+    nothing from ``stop`` on, else the whole step lies before it) into the stage at byte offset
+    ``soff``; ``bases``: the 4 per-thread byte addresses of :func:`.decode_mma_ptx.copy_asm`."""
+    kb, vb, knb, vnb = bases
     if MASKED:
-        ok_a = ((tk < stop) & (tk >= lo))[:, None]
-        ok_b = ((tk + 8 < stop) & (tk + 8 >= lo))[:, None]
-        ka = gl.load(kp_row + (tk * 16)[:, None] + kcols, mask=ok_a, other=0)
-        kb = gl.load(kp_row + ((tk + 8) * 16)[:, None] + kcols, mask=ok_b, other=0)
-        vw = gl.load(vp_row + vtok * 8 + g[:, None], mask=(vtok < stop) & (vtok >= lo), other=0)
-        ok_n = (ntok < stop) & (ntok >= lo)
-        nb = gl.load(nptr, mask=ok_n, other=0.0).to(gl.float32)
-        nb = gl.where(ok_n | (c < 2)[None, :], nb, -1.0)
+        if W == 8:
+            asm: gl.constexpr = _COPY8_MASKED
+        else:
+            asm: gl.constexpr = _COPY4_MASKED
+    elif W == 8:
+        asm: gl.constexpr = _COPY8
     else:
-        ka = gl.load(kp_row + (tk * 16)[:, None] + kcols)
-        kb = gl.load(kp_row + ((tk + 8) * 16)[:, None] + kcols)
-        vw = gl.load(vp_row + vtok * 8 + g[:, None])
-        nb = gl.load(nptr).to(gl.float32)
-    return ka, kb, vw, nb
+        asm: gl.constexpr = _COPY4
+    gl.inline_asm_elementwise(
+        asm, _COPY_CONS, [kb, vb, knb, vnb, tb, stop, g, t, soff],
+        dtype=gl.int32, is_pure=False, pack=4,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _norms(words, shift):
+    """The fp16 norms (f32) of a thread's tokens from the words holding them (bit ``shift``)."""
+    half = (words >> shift) & 0xFFFF
+    return half.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
 
 
 @gluon.jit
 def _step(
-    kp_row, vp_row, kn_row, vn_row, tok0, g, t, c, lo, stop,
-    q0, q1, q2, q3, klo, khi, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-    MASKED: gl.constexpr,
+    soff, tok0, g, t, c, nshift, lo, stop,
+    q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
+    W: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
 ):  # fmt: skip
-    """32 tokens of one warp (tiles at tok0 and tok0 + 16) folded into its running state."""
-    ka0, kb0, v0, nb0 = _tile_loads(kp_row, vp_row, kn_row, vn_row, tok0, g, t, c, lo, stop, MASKED)
-    ka1, kb1, v1, nb1 = _tile_loads(
-        kp_row, vp_row, kn_row, vn_row, tok0 + 16, g, t, c, lo, stop, MASKED
+    """32 tokens of one warp (tiles at tok0 and tok0 + 16), read from the pipeline stage at
+    byte offset ``soff`` once its copies have landed, folded into the warp's running state."""
+    # wait until this stage's copies have landed (all but the STAGES - 1 newest groups)
+    gl.static_assert(STAGES >= 2 and STAGES <= 4, "STAGES must be 2, 3 or 4")
+    if STAGES == 2:
+        wait: gl.constexpr = _WAIT1
+    elif STAGES == 3:
+        wait: gl.constexpr = _WAIT2
+    else:
+        wait: gl.constexpr = _WAIT3
+    gl.inline_asm_elementwise(
+        wait, "=r,=r,=r,=r,r,r,r,r", [soff], dtype=gl.int32, is_pure=False, pack=4
     )
-    if MASKED:
+    if W == 8:
+        load: gl.constexpr = _LOAD8
+    else:
+        load: gl.constexpr = _LOAD4
+    ka0, kb0, ka1, kb1, v0, v1, n0, n1 = gl.inline_asm_elementwise(
+        load, _LOAD_CONS, [soff], dtype=(gl.int32,) * 8, is_pure=False, pack=4
+    )
+    nb0 = _norms(n0, nshift)
+    nb1 = _norms(n1, nshift)
+    if MASKED:  # value norm -1: the token is not visible (its score becomes -1e30)
+        ntok = (tok0 + g)[:, None] + 8 * (c % 2)[None, :]
+        ok0 = (ntok < stop) & (ntok >= lo)
+        ok1 = (ntok + 16 < stop) & (ntok + 16 >= lo)
+        nb0 = gl.where(ok0 | (c < 2)[None, :], nb0, -1.0)
+        nb1 = gl.where(ok1 | (c < 2)[None, :], nb1, -1.0)
         scores: gl.constexpr = _KEY_MASKED
     else:
         scores: gl.constexpr = _KEY
     x0 = gl.inline_asm_elementwise(
-        scores, _KEY_CONS, [ka0, kb0, klo, khi, q0, q1, q2, q3, nb0],
+        scores, _KEY_CONS, [ka0, kb0, lane4, q0, q1, q2, q3, nb0],
         dtype=gl.float32, is_pure=True, pack=4,
     )  # fmt: skip
     x1 = gl.inline_asm_elementwise(
-        scores, _KEY_CONS, [ka1, kb1, klo, khi, q0, q1, q2, q3, nb1],
+        scores, _KEY_CONS, [ka1, kb1, lane4, q0, q1, q2, q3, nb1],
         dtype=gl.float32, is_pure=True, pack=4,
     )  # fmt: skip
     m, l_sum, alpha, p0, p1 = gl.inline_asm_elementwise(
@@ -151,7 +203,7 @@ def _mma_partials_kernel(
     kn_ptr,  # key norms, fp16, unit token stride
     vp_ptr,  # packed value rows, 32 bytes each
     vn_ptr,  # value norms, fp16
-    ktab_ptr,  # (32, 8) int32: per lane, the key table's low bytes (4 words), high bytes (4)
+    ktab_ptr,  # (256,) int32: the key pair table (pair_table)
     vtab_ptr,  # (32, 4) int32: per lane, the value table's low bytes, high bytes, 0, 0
     T,
     split_len,  # tokens per program, a multiple of 32 * W
@@ -169,6 +221,7 @@ def _mma_partials_kernel(
     vn_sh,
     G: gl.constexpr,
     W: gl.constexpr,
+    STAGES: gl.constexpr,
     HAS_BOUNDS: gl.constexpr,
 ):
     L: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [W, 1], [1, 0])
@@ -190,21 +243,45 @@ def _mma_partials_kernel(
     q1 = gl.load(qrow[:, None] + 4 + c[None, :], mask=qok, other=0)
     q2 = gl.load(qrow[:, None] + 8 + c[None, :], mask=qok, other=0)
     q3 = gl.load(qrow[:, None] + 12 + c[None, :], mask=qok, other=0)
-    # tables per lane: distinct addresses keep them in ordinary registers (from a uniform load
-    # the compiler would move them out of uniform registers before every byte permute)
-    klo = gl.load(ktab_ptr + (lane * 8)[:, None] + c[None, :])
-    khi = gl.load(ktab_ptr + (lane * 8 + 4)[:, None] + c[None, :])
+    # the key pair table into shared memory, one copy per lane (entry e of lane l at byte
+    # 128 e + 4 l): thread (warp w, lane l) writes entries w, w + W, ... of column l
+    FL: gl.constexpr = gl.BlockedLayout([1, 256 // W], [32, 1], [W, 1], [1, 0])
+    fr = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, FL))
+    fe = (fr // 32)[:, None] + W * gl.arange(0, 256 // W, layout=gl.SliceLayout(0, FL))[None, :]
+    gl.inline_asm_elementwise(
+        _STORE, "=r,r,r", [fe * 128 + ((fr % 32) * 4)[:, None], gl.load(ktab_ptr + fe)],
+        dtype=gl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+    gl.thread_barrier()
+    lane4 = (lane * 4)[:, None] + 0 * c[None, :]
+    # the value table per lane: distinct addresses keep it in ordinary registers (from a
+    # uniform load the compiler would move it out of uniform registers before every permute)
     vtab = gl.load(vtab_ptr + (lane * 4)[:, None] + c[None, :])
-    kp_row = (kp_ptr + bs * kp_sb + h * kp_sh).to(gl.pointer_type(gl.int32))
-    vp_row = (vp_ptr + bs * vp_sb + h * vp_sh).to(gl.pointer_type(gl.int32))
-    kn_row = kn_ptr + bs * kn_sb + h * kn_sh
-    vn_row = vn_ptr + bs * vn_sb + h * vn_sh
     start = split * split_len
     stop = gl.minimum(start + split_len, T)
     lo = 0
     if HAS_BOUNDS:
         lo = gl.load(bounds_ptr + 2 * b) - n_pre
         stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
+    # per-thread byte addresses at token 0 (copy_asm): key row of token g (group 4t), value
+    # word g of token 2t, the aligned norm words holding token g
+    kn_row = kn_ptr + bs * kn_sb + h * kn_sh
+    vn_row = vn_ptr + bs * vn_sb + h * vn_sh
+    zero = gl.zeros([32 * W, 4], gl.int64, layout=L)
+    bases = (
+        (kp_ptr + bs * kp_sb + h * kp_sh).to(gl.int64) + (g * 64 + 16 * t)[:, None] + zero,
+        (vp_ptr + bs * vp_sb + h * vp_sh).to(gl.int64) + (t * 64 + 4 * g)[:, None] + zero,
+        ((kn_row + g).to(gl.int64) & -4)[:, None] + zero,
+        ((vn_row + g).to(gl.int64) & -4)[:, None] + zero,
+    )
+    # which half of its word a token's norm is (rows need not be 4-byte aligned)
+    kpar = ((kn_row + g).to(gl.int64) // 2) % 2
+    vpar = ((vn_row + g).to(gl.int64) // 2) % 2
+    nshift = gl.where((c < 2)[None, :], kpar[:, None], vpar[:, None]).to(gl.int32) * 16
+    g4 = g[:, None] + 0 * c[None, :]
+    t4 = t[:, None] + 0 * c[None, :]
+    tw = (w * 32)[:, None] + 0 * c[None, :]
+    stop4 = tw * 0 + stop
     m = gl.full([32 * W, 4], -1.0e30, gl.float32, layout=L)
     l_sum = gl.zeros([32 * W, 4], gl.float32, layout=L)
     a0 = gl.zeros([32 * W, 4], gl.float32, layout=L)
@@ -216,26 +293,63 @@ def _mma_partials_kernel(
     a6 = gl.zeros([32 * W, 4], gl.float32, layout=L)
     a7 = gl.zeros([32 * W, 4], gl.float32, layout=L)
     STEP: gl.constexpr = 32 * W
+    STAGE_BYTES: gl.constexpr = _BLOCKS * 16 * 32 * W
+    PIPE: gl.constexpr = _LUT  # the stages follow the pair table
+    n_steps = (gl.maximum(stop - start, 0) + STEP - 1) // STEP
     # whole steps need no masks (no bounds); the rest of the split takes one masked step
-    full_end = start
+    n_full = 0
     if not HAS_BOUNDS:
-        full_end = start + (stop - start) // STEP * STEP
-    for it in range(start, full_end, STEP):
+        n_full = (stop - start) // STEP
+    # software pipeline: each thread copies its own operands STAGES - 1 steps ahead into its
+    # own shared-memory blocks (no barriers: no thread reads another's blocks)
+    for s in gl.static_range(STAGES - 1):
+        _copy_step(
+            bases,
+            tw + (start + s * STEP),
+            stop4,
+            g4,
+            t4,
+            tw * 0 + (PIPE + s * STAGE_BYTES),
+            W,
+            True,
+        )
+    for i in range(n_full):
+        ahead = i + STAGES - 1
+        at = tw + (start + ahead * STEP)
+        soff = tw * 0 + (PIPE + (ahead % STAGES) * STAGE_BYTES)
+        if ahead < n_full:
+            _copy_step(bases, at, stop4, g4, t4, soff, W, False)
+        else:
+            _copy_step(bases, at, stop4, g4, t4, soff, W, True)
         m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
-            kp_row, vp_row, kn_row, vn_row, it + w * 32, g, t, c, lo, stop,
-            q0, q1, q2, q3, klo, khi, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, False,
+            tw * 0 + (PIPE + (i % STAGES) * STAGE_BYTES), start + i * STEP + w * 32, g, t, c, nshift, lo, stop,
+            q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
+            W, STAGES, False,
         )  # fmt: skip
-    for it in range(full_end, stop, STEP):
+    for i in range(n_full, n_steps):
+        ahead = i + STAGES - 1
+        _copy_step(
+            bases, tw + (start + ahead * STEP), stop4, g4, t4,
+            tw * 0 + (PIPE + (ahead % STAGES) * STAGE_BYTES), W, True,
+        )  # fmt: skip
         m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
-            kp_row, vp_row, kn_row, vn_row, it + w * 32, g, t, c, lo, stop,
-            q0, q1, q2, q3, klo, khi, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, True,
+            tw * 0 + (PIPE + (i % STAGES) * STAGE_BYTES), start + i * STEP + w * 32, g, t, c, nshift, lo, stop,
+            q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
+            W, STAGES, True,
         )  # fmt: skip
+    # the copies beyond the split (zero-fill) land, and every warp is done with the table and
+    # its stages, before the buffer is reused below
+    gl.inline_asm_elementwise(_WAIT_ALL, "=r,f", [m], dtype=gl.int32, is_pure=False, pack=1)
+    gl.thread_barrier()
     # merge the warps through shared memory; one partial per program
     l_lanes = gl.inline_asm_elementwise(
         _LANE_SUM, "=f,f", [l_sum], dtype=gl.float32, is_pure=True, pack=1
     )
+    # also the pipeline's blocks (the kernel's only allocation: its size is the kernel's)
     buf = gl.allocate_shared_memory(
-        gl.float32, [10, 32 * W, 4], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        gl.float32,
+        [_LUT // (512 * W) + STAGES * _BLOCKS, 32 * W, 4],
+        gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
     )
     buf.index(0).store(a0)
     buf.index(1).store(a1)
@@ -304,8 +418,8 @@ _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-lane table arrays of a quantizer pair on a device, built once: keys ``(32, 8)``
-    (low bytes of the 16 fp16 centroids in 4 words, then high bytes), values ``(32, 4)``."""
+    """The tables of a quantizer pair on a device, built once: the key pair table ``(256,)``
+    (:func:`.decode_mma_ptx.pair_table`), the per-lane value table ``(32, 4)``."""
     per_key = _TABLES.get(key_q)
     if per_key is None:
         per_key = _TABLES[key_q] = weakref.WeakKeyDictionary()
@@ -314,15 +428,16 @@ def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tenso
         per_value = per_key[value_q] = {}
     found = per_value.get(device)
     if found is None:
-        klo, khi = table_words(key_q.codebook.centroids)
         vlo, vhi = table_words(value_q.codebook.centroids)
-        ktab = torch.tensor([klo + khi] * 32, dtype=torch.int32, device=device)
+        ktab = torch.tensor(pair_table(key_q.codebook.centroids), dtype=torch.int32, device=device)
         vtab = torch.tensor([vlo + vhi + [0, 0]] * 32, dtype=torch.int32, device=device)
         found = per_value[device] = (ktab, vtab)
     return found
 
 
 def _aligned(qt: Any, row_bytes: int) -> bool:
+    """Whole packed rows on 16-byte boundaries (the copies are 16-byte key groups and 4-byte
+    value words) and norms of unit token stride."""
     p, n = qt.packed, qt.norms
     return (
         p.shape[-1] == row_bytes
@@ -349,7 +464,7 @@ _GLUON_OK = _triton_at_least(3, 6)
 
 def serves_mma(query: torch.Tensor, keys: Any, values: Any, key_q: Any, value_q: Any) -> bool:
     """Whether this path serves the call (else the block kernel does): Triton >= 3.6, CUDA
-    tensors, K4/V2, head_dim 128, at most 8 query heads per KV head, aligned whole rows."""
+    tensors, K4/V2, head_dim 128, at most 8 query heads per KV head, aligned rows."""
     g = query.shape[1] // keys.shape[1]
     return (
         _GLUON_OK
@@ -380,8 +495,9 @@ def launch_mma_partials(
         query, query.stride(0), query.stride(1), rot, q_rot, n_kv, qscale, G=g, GP=16, CB=32
     )
     step = STEP_TOKENS * num_warps
-    if tokens_per_split is None:  # a whole wave: 2 programs per SM for few heads, else 4
-        want = max(1, (2 if bh < 32 else 4) * sm_count // bh)
+    if tokens_per_split is None:  # a whole wave: as many programs per SM as shared memory holds
+        per_sm = max(1, _SMEM_PER_SM // (LUT_BYTES + STAGES * STAGE_BLOCKS * 16 * 32 * num_warps))
+        want = max(1, per_sm * sm_count // bh)
         tokens_per_split = math.ceil(t / want)
     split_len = max(step, math.ceil(tokens_per_split / step) * step)
     splits = math.ceil(t / split_len)
@@ -394,6 +510,6 @@ def launch_mma_partials(
         t, split_len, n_kv, rows_per_seq, query if bounds is None else bounds, n_pre,
         kp.stride(0), kp.stride(1), kn.stride(0), kn.stride(1),
         vp.stride(0), vp.stride(1), vn.stride(0), vn.stride(1),
-        G=g, W=num_warps, HAS_BOUNDS=bounds is not None, num_warps=num_warps,
+        G=g, W=num_warps, STAGES=STAGES, HAS_BOUNDS=bounds is not None, num_warps=num_warps,
     )  # fmt: skip
     return ws, splits, m_off, l_off, acc_off
