@@ -838,7 +838,7 @@ def decode_attention_triton(
     of :mod:`.decode_partials_mma` (K4/V2, head_dim 128, at most 8 query heads per KV head,
     CUDA), ``"blocks"`` the block kernel here (every configuration), ``"auto"`` the first that
     serves. ``block_n`` and ``lookup`` apply to the block kernel only; ``num_warps`` defaults
-    to 4 for both (measured on H100 and H200, benchmarks/NOTES.md).
+    to 8 for the former and 4 for the latter (measured on H100 and H200, benchmarks/NOTES.md).
     """
     b, hq, tq, d = query.shape
     if tq != 1:
@@ -894,7 +894,7 @@ def decode_attention_triton(
         ws, splits, m_off, l_off, acc_off = launch_mma_partials(
             query, keys, values, key_quantizer, value_quantizer, c.rot, qscale,
             rows_per_seq=rows_per_seq, bounds=bounds, n_pre=n_pre,
-            tokens_per_split=tokens_per_split, num_warps=num_warps or 4,
+            tokens_per_split=tokens_per_split, num_warps=num_warps or 8,
             sm_count=_sm_count(device), workspace=_workspace,
         )  # fmt: skip
     else:

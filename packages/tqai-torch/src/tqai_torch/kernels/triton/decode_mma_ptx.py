@@ -25,7 +25,7 @@ __all__ = [
 
 STEP_TOKENS = 32  # tokens per warp and loop step (two tiles of 16)
 LUT_BYTES = 256 * 128  # the key pair table, one copy per lane, at the start of shared memory
-STAGE_BLOCKS = 8  # 16-byte blocks per thread and pipeline stage (keys 4, values 2, norms 2)
+STAGE_BLOCKS = 6  # 16-byte blocks per thread and pipeline stage (keys 4, values 2)
 _NEG = "0fF149F2CA"  # -1e30: the score of a token outside the visible range
 
 
@@ -94,29 +94,23 @@ def _slot_lines(stage: str) -> list[str]:
 def copy_asm(threads: int, masked: bool) -> str:
     """Asynchronous copies of one warp step (32 tokens from ``tb``) into this thread's blocks of
     a pipeline stage, then one commit (pack=4; one dummy output ``$0-$3``). In: ``$4`` / ``$8``
-    / ``$12`` / ``$16`` byte addresses of the key row of token ``g``, of value word ``g`` of token
-    ``2 t``, of the 4-byte-aligned key and value norm words holding token ``g`` (all at token 0;
-    ``tb`` must be even);
-    ``$20`` ``tb``, ``$24`` ``stop``, ``$28`` ``g``, ``$32`` ``t``, ``$36`` the stage's byte
-    offset. Blocks: 0-3 the key groups of tokens ``g, g + 8, g + 16, g + 24``; 4 / 5 the value
-    words of tokens ``2t, 2t+1, 2t+8, 2t+9`` (+16 for 5); 6 / 7 the norm words (key ``g``, key
-    ``g + 8``, value ``g``, value ``g + 8``; +16 for 7). ``masked``: tokens from ``stop`` on
-    are not read (zero-filled); else the whole step must lie before ``stop``. A norm word may
-    hold a neighbour outside the tensor, never outside its (4-byte aligned) allocation."""
+    byte addresses of the key row of token ``g`` and of value word ``g`` of token ``2 t`` (at
+    token 0); ``$12`` ``tb``, ``$16`` ``stop``, ``$20`` ``g``, ``$24`` ``t``, ``$28`` the stage's
+    byte offset. Blocks: 0-3 the key groups of tokens ``g, g + 8, g + 16, g + 24``; 4 / 5 the
+    value words of tokens ``2t, 2t+1, 2t+8, 2t+9`` (+16 for 5). ``masked``: tokens from
+    ``stop`` on are not read (zero-filled); else the whole step must lie before ``stop``."""
     blk = 16 * threads
     lines = [
         "{",
         ".reg .pred p;",
         ".reg .b32 sm, tid, r, tk, sz, t2;",
-        ".reg .b64 ka, va, kna, vna;",
-        *_slot_lines("$36"),
-        "mad.wide.s32 ka, $20, 64, $4;",
-        "mad.wide.s32 va, $20, 32, $8;",
-        "mad.wide.s32 kna, $20, 2, $12;",
-        "mad.wide.s32 vna, $20, 2, $16;",
+        ".reg .b64 ka, va;",
+        *_slot_lines("$28"),
+        "mad.wide.s32 ka, $12, 64, $4;",
+        "mad.wide.s32 va, $12, 32, $8;",
     ]
     if masked:
-        lines += ["sub.s32 r, $24, $20;", "shl.b32 t2, $32, 1;"]
+        lines += ["sub.s32 r, $16, $12;", "shl.b32 t2, $24, 1;"]
 
     def copy(size: int, dst: int, src: str, tok: str) -> None:
         kind = "cg" if size == 16 else "ca"
@@ -130,28 +124,23 @@ def copy_asm(threads: int, masked: bool) -> str:
         lines.append(f"cp.async.{kind}.shared.global [sm+{dst}], [{src}], {size}, sz;")
 
     for j, off in enumerate((0, 8, 16, 24)):
-        copy(16, j * blk, f"ka+{off * 64}", f"$28, {off}")
+        copy(16, j * blk, f"ka+{off * 64}", f"$20, {off}")
     for tile in range(2):
         for c in range(4):
             off = 16 * tile + c % 2 + 8 * (c // 2)
             copy(4, (4 + tile) * blk + 4 * c, f"va+{off * 32}", f"t2, {off}")
-    for tile in range(2):
-        for c in range(4):
-            off = 16 * tile + 8 * (c % 2)
-            src = f"{'kna' if c < 2 else 'vna'}+{off * 2}"
-            copy(4, (6 + tile) * blk + 4 * c, src, f"$28, {off}")
     lines += ["cp.async.commit_group;", *[f"mov.b32 ${i}, 0;" for i in range(4)], "}"]
     return "\n".join(lines)
 
 
 def stage_load_asm(threads: int) -> str:
-    """This thread's 8 blocks of a pipeline stage (pack=4), once its copies have landed: out
-    ``$0-$31`` blocks 0-7 (see :func:`copy_asm`), in ``$32`` the stage's byte offset."""
+    """This thread's blocks of a pipeline stage (pack=4), once its copies have landed: out
+    ``$0-$23`` blocks 0-5 (see :func:`copy_asm`), in ``$24`` the stage's byte offset."""
     blk = 16 * threads
     lines = [
         "{",
         ".reg .b32 sm, tid;",
-        *_slot_lines("$32"),
+        *_slot_lines("$24"),
     ]
     for j in range(STAGE_BLOCKS):
         regs = ", ".join(f"${4 * j + i}" for i in range(4))

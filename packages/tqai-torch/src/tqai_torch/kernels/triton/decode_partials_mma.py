@@ -10,9 +10,10 @@ warps merge once at the end through shared memory. Every tensor is a *per-thread
 tensor (``(32 * W, 4)``, row = thread), so each lane loads exactly the packed words its
 ``mma.m16n8k16`` fragments need, and PTX does the rest:
 
-* Operands arrive by a software pipeline: each thread copies (``cp.async``) exactly the bytes
-  its fragments need ``STAGES - 1`` steps ahead into its own shared-memory blocks, so no
-  barrier is needed in the loop and no register holds data in flight.
+* Operands arrive by a software pipeline: each thread copies (``cp.async``) exactly the key
+  and value bytes its fragments need ``STAGES - 1`` steps ahead into its own shared-memory
+  blocks, so no barrier is needed in the loop; the norms (8 words a step) are loaded into
+  registers one step ahead.
 * Scores ``S^T (16 tokens x 8 heads)``: A = key centroids (fp16), B = the rotated query. Lane
   ``(g, t) = (lane // 4, lane % 4)`` takes packing groups ``4 t .. 4 t + 3`` (16 bytes) of
   tokens ``g`` and ``g + 8``; each byte (two codes) indexes a 256-entry table of fp16 pairs in
@@ -34,7 +35,7 @@ bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and v
 fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and
 16-byte aligned; CUDA only (PTX; the interpreter runs the block
 kernel); Triton >= 3.6 (Gluon's API moves between releases; older versions take the block
-kernel). Shared memory: the table (32 KB) and ``STAGES`` stages of ``128 * 32 * W`` bytes.
+kernel). Shared memory: the table (32 KB) and ``STAGES`` stages of ``96 * 32 * W`` bytes.
 Measurements and the design history: ``benchmarks/NOTES.md`` (v9, v10).
 """
 
@@ -81,12 +82,12 @@ STAGES = 2  # pipeline depth: a thread's copies run STAGES - 1 steps ahead of it
 _BLOCKS = gl.constexpr(STAGE_BLOCKS)
 _LUT = gl.constexpr(LUT_BYTES)
 _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b32 [$0], $2;")
-_COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 16 + ",r" * 20)
+_COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 8 + ",r" * 20)
 _COPY4 = gl.constexpr(copy_asm(128, False))
 _COPY8 = gl.constexpr(copy_asm(256, False))
 _COPY4_MASKED = gl.constexpr(copy_asm(128, True))
 _COPY8_MASKED = gl.constexpr(copy_asm(256, True))
-_LOAD_CONS = gl.constexpr(",".join(["=r"] * 32) + ",r,r,r,r")
+_LOAD_CONS = gl.constexpr(",".join(["=r"] * 24) + ",r,r,r,r")
 _ZEROS = "mov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;"
 _WAIT1 = gl.constexpr("cp.async.wait_group 1;\n" + _ZEROS)
 _WAIT2 = gl.constexpr("cp.async.wait_group 2;\n" + _ZEROS)
@@ -100,8 +101,8 @@ _WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
 def _copy_step(bases, tb, stop, g, t, soff, W: gl.constexpr, MASKED: gl.constexpr):
     """Start the asynchronous copies of one warp step (tokens ``tb .. tb + 31``; ``MASKED``:
     nothing from ``stop`` on, else the whole step lies before it) into the stage at byte offset
-    ``soff``; ``bases``: the 4 per-thread byte addresses of :func:`.decode_mma_ptx.copy_asm`."""
-    kb, vb, knb, vnb = bases
+    ``soff``; ``bases``: the 2 per-thread byte addresses of :func:`.decode_mma_ptx.copy_asm`."""
+    kb, vb = bases
     if MASKED:
         if W == 8:
             asm: gl.constexpr = _COPY8_MASKED
@@ -112,9 +113,16 @@ def _copy_step(bases, tb, stop, g, t, soff, W: gl.constexpr, MASKED: gl.constexp
     else:
         asm: gl.constexpr = _COPY4
     gl.inline_asm_elementwise(
-        asm, _COPY_CONS, [kb, vb, knb, vnb, tb, stop, g, t, soff],
-        dtype=gl.int32, is_pure=False, pack=4,
-    )  # fmt: skip
+        asm, _COPY_CONS, [kb, vb, tb, stop, g, t, soff], dtype=gl.int32, is_pure=False, pack=4
+    )
+
+
+@gluon.jit
+def _norm_words(nptr, tok0, g, c, stop):
+    """The words holding the norms of a thread's tokens of one tile (key ``g``, key ``g + 8``,
+    value ``g``, value ``g + 8``), 0 from ``stop`` on; ``nptr``: the words of token ``g``."""
+    tok = (tok0 + g)[:, None] + 8 * (c % 2)[None, :]
+    return gl.load(nptr + (tok0 // 2)[:, None] + 4 * (c % 2)[None, :], mask=tok < stop, other=0)
 
 
 @gluon.jit
@@ -126,12 +134,13 @@ def _norms(words, shift):
 
 @gluon.jit
 def _step(
-    soff, tok0, g, t, c, nshift, lo, stop,
+    soff, n0, n1, tok0, g, t, c, nshift, lo, stop,
     q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
     W: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
 ):  # fmt: skip
     """32 tokens of one warp (tiles at tok0 and tok0 + 16), read from the pipeline stage at
-    byte offset ``soff`` once its copies have landed, folded into the warp's running state."""
+    byte offset ``soff`` once its copies have landed (norm words ``n0``, ``n1``: see
+    :func:`_norm_words`), folded into the warp's running state."""
     # wait until this stage's copies have landed (all but the STAGES - 1 newest groups)
     gl.static_assert(STAGES >= 2 and STAGES <= 4, "STAGES must be 2, 3 or 4")
     if STAGES == 2:
@@ -147,8 +156,8 @@ def _step(
         load: gl.constexpr = _LOAD8
     else:
         load: gl.constexpr = _LOAD4
-    ka0, kb0, ka1, kb1, v0, v1, n0, n1 = gl.inline_asm_elementwise(
-        load, _LOAD_CONS, [soff], dtype=(gl.int32,) * 8, is_pure=False, pack=4
+    ka0, kb0, ka1, kb1, v0, v1 = gl.inline_asm_elementwise(
+        load, _LOAD_CONS, [soff], dtype=(gl.int32,) * 6, is_pure=False, pack=4
     )
     nb0 = _norms(n0, nshift)
     nb1 = _norms(n1, nshift)
@@ -264,15 +273,19 @@ def _mma_partials_kernel(
         lo = gl.load(bounds_ptr + 2 * b) - n_pre
         stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
     # per-thread byte addresses at token 0 (copy_asm): key row of token g (group 4t), value
-    # word g of token 2t, the aligned norm words holding token g
+    # word g of token 2t
     kn_row = kn_ptr + bs * kn_sb + h * kn_sh
     vn_row = vn_ptr + bs * vn_sb + h * vn_sh
     zero = gl.zeros([32 * W, 4], gl.int64, layout=L)
     bases = (
         (kp_ptr + bs * kp_sb + h * kp_sh).to(gl.int64) + (g * 64 + 16 * t)[:, None] + zero,
         (vp_ptr + bs * vp_sb + h * vp_sh).to(gl.int64) + (t * 64 + 4 * g)[:, None] + zero,
-        ((kn_row + g).to(gl.int64) & -4)[:, None] + zero,
-        ((vn_row + g).to(gl.int64) & -4)[:, None] + zero,
+    )
+    # the norm words (int32) holding the key / value norms of token g, by column
+    kwords = (kn_row + g).to(gl.int64) & -4
+    vwords = (vn_row + g).to(gl.int64) & -4
+    nptr = gl.where((c < 2)[None, :], kwords[:, None], vwords[:, None]).to(
+        gl.pointer_type(gl.int32)
     )
     # which half of its word a token's norm is (rows need not be 4-byte aligned)
     kpar = ((kn_row + g).to(gl.int64) // 2) % 2
@@ -313,6 +326,10 @@ def _mma_partials_kernel(
             W,
             True,
         )
+    # norms travel in registers, loaded one step ahead
+    tok = start + w * 32
+    n0 = _norm_words(nptr, tok, g, c, stop)
+    n1 = _norm_words(nptr, tok + 16, g, c, stop)
     for i in range(n_full):
         ahead = i + STAGES - 1
         at = tw + (start + ahead * STEP)
@@ -321,22 +338,32 @@ def _mma_partials_kernel(
             _copy_step(bases, at, stop4, g4, t4, soff, W, False)
         else:
             _copy_step(bases, at, stop4, g4, t4, soff, W, True)
+        tok = start + i * STEP + w * 32
+        m0 = _norm_words(nptr, tok + STEP, g, c, stop)
+        m1 = _norm_words(nptr, tok + STEP + 16, g, c, stop)
         m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
-            tw * 0 + (PIPE + (i % STAGES) * STAGE_BYTES), start + i * STEP + w * 32, g, t, c, nshift, lo, stop,
+            tw * 0 + (PIPE + (i % STAGES) * STAGE_BYTES), n0, n1, tok, g, t, c, nshift, lo, stop,
             q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
             W, STAGES, False,
         )  # fmt: skip
+        n0 = m0
+        n1 = m1
     for i in range(n_full, n_steps):
         ahead = i + STAGES - 1
         _copy_step(
             bases, tw + (start + ahead * STEP), stop4, g4, t4,
             tw * 0 + (PIPE + (ahead % STAGES) * STAGE_BYTES), W, True,
         )  # fmt: skip
+        tok = start + i * STEP + w * 32
+        m0 = _norm_words(nptr, tok + STEP, g, c, stop)
+        m1 = _norm_words(nptr, tok + STEP + 16, g, c, stop)
         m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
-            tw * 0 + (PIPE + (i % STAGES) * STAGE_BYTES), start + i * STEP + w * 32, g, t, c, nshift, lo, stop,
+            tw * 0 + (PIPE + (i % STAGES) * STAGE_BYTES), n0, n1, tok, g, t, c, nshift, lo, stop,
             q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
             W, STAGES, True,
         )  # fmt: skip
+        n0 = m0
+        n1 = m1
     # the copies beyond the split (zero-fill) land, and every warp is done with the table and
     # its stages, before the buffer is reused below
     gl.inline_asm_elementwise(_WAIT_ALL, "=r,f", [m], dtype=gl.int32, is_pure=False, pack=1)
