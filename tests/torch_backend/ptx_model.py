@@ -24,3 +24,64 @@ def lop3(a: int, b: int, c: int, lut: int) -> int:
         idx = ((a >> bit & 1) << 2) | ((b >> bit & 1) << 1) | (c >> bit & 1)
         out |= ((lut >> idx) & 1) << bit
     return out
+
+
+def run_copy_and_load(
+    text: str, operands: dict[str, int], memory: bytes, smem: dict[int, int], tid: int
+) -> dict[str, int]:
+    """Run the copy / stage-load PTX of the fast path for one thread: ``operands`` maps ``$k`` to
+    its value, ``memory`` is global memory from address 0, ``smem`` byte address -> byte
+    (``global_smem`` at 0), ``tid`` is ``%tid.x``. Returns the registers, ``$k`` included; a
+    ``cp.async`` copies its ``src-size`` bytes and zero-fills the rest at once."""
+    regs: dict[str, int] = dict(operands)
+    preds: dict[str, bool] = {}
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        if tok in regs:
+            return regs[tok]
+        return int(tok, 0)
+
+    def addr(tok: str) -> int:
+        base, _, off = tok.strip("[] ").partition("+")
+        return val(base) + (int(off) if off else 0)
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, _, rest = line.partition(" ")
+        args = [a.strip() for a in rest.split(",")] if rest else []
+        if op == "mov.u32" and args[1] == "global_smem":
+            regs[args[0]] = 0
+        elif op == "mov.u32" and args[1] == "%tid.x":
+            regs[args[0]] = tid
+        elif op in ("mov.u32", "mov.b32"):
+            regs[args[0]] = val(args[1])
+        elif op in ("add.u32", "add.s32"):
+            regs[args[0]] = val(args[1]) + val(args[2])
+        elif op == "sub.s32":
+            regs[args[0]] = val(args[1]) - val(args[2])
+        elif op == "shl.b32":
+            regs[args[0]] = val(args[1]) << val(args[2])
+        elif op in ("mad.lo.u32", "mad.wide.s32"):
+            regs[args[0]] = val(args[1]) * val(args[2]) + val(args[3])
+        elif op == "setp.lt.s32":
+            preds[args[0]] = val(args[1]) < val(args[2])
+        elif op == "selp.b32":
+            regs[args[0]] = val(args[1]) if preds[args[3]] else val(args[2])
+        elif op.startswith("cp.async.c") and op.endswith(".shared.global"):
+            dst, src, size = addr(args[0]), addr(args[1]), val(args[2])
+            n = val(args[3]) if len(args) > 3 else size
+            for i in range(size):
+                smem[dst + i] = memory[src + i] if i < n else 0
+        elif op == "cp.async.commit_group":
+            pass
+        elif op == "ld.shared.v4.b32":
+            outs = [r.strip("{} ") for r in rest.split("}")[0].split(",")]
+            at = addr(rest.split("}")[1].strip(" ,"))
+            for k, reg in enumerate(outs):
+                regs[reg] = int.from_bytes(bytes(smem[at + 4 * k + i] for i in range(4)), "little")
+        else:
+            raise ValueError(f"not modelled: {line}")
+    return regs

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from kernel_parity import check_kernel_output
-from ptx_model import lop3, prmt
+from ptx_model import lop3, prmt, run_copy_and_load
 
 from tqai import TurboQuantMSE
 from tqai.attention import compressed_attention
@@ -205,3 +205,43 @@ def test_value_lookup_pairs_two_tokens_per_dim():
                 for k, dim in ((0, 8 * chunk + s), (1, 8 * chunk + 4 + s)):
                     pair = got[out[8 * chunk + 2 * s + k]]
                     assert [pair & 0xFFFF, pair >> 16] == [int(table[ca[dim]]), int(table[cb[dim]])]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked):
+    """copy_asm then stage_load_asm, run for single threads: block j of a thread holds what
+    the fragment lookups expect (key groups 4t..4t+3 of tokens g, g+8, g+16, g+24; value word g
+    of tokens 2t, 2t+1, 2t+8, 2t+9 and those + 16), tokens from ``stop`` on zero-filled."""
+    rng = np.random.default_rng(4)
+    tokens, threads = 96, 128
+    keys = rng.integers(0, 256, (tokens, 64), dtype=np.uint8)
+    values = rng.integers(0, 256, (tokens, 32), dtype=np.uint8)
+    kbase, vbase = 0, tokens * 64
+    memory = keys.tobytes() + values.tobytes()
+    copy = ptx.copy_asm(threads, masked)
+    load = ptx.stage_load_asm(threads)
+    for tid, tb, stop in ((0, 32, 96), (37, 0, 21), (101, 64, 77), (127, 32, 50)):
+        if not masked:
+            stop = tokens  # unmasked copies need the whole step before stop
+        lane = tid % 32
+        g, t = lane // 4, lane % 4
+        stage = 4096
+        ops = {"$4": kbase + 64 * g + 16 * t, "$8": vbase + 64 * t + 4 * g}
+        ops |= {"$12": tb, "$16": stop, "$20": g, "$24": t, "$28": stage}
+        smem: dict[int, int] = {}
+        run_copy_and_load(copy, ops, memory, smem, tid)
+        got = run_copy_and_load(load, {"$24": stage}, memory, smem, tid)
+        words = [got[f"${k}"] for k in range(4 * ptx.STAGE_BLOCKS)]
+
+        def word(row: np.ndarray, tok: int, byte: int, stop: int = stop) -> int:
+            if tok >= stop:
+                return 0
+            return int.from_bytes(row[tok, byte : byte + 4].tobytes(), "little")
+
+        for j, off in enumerate((0, 8, 16, 24)):
+            expect = [word(keys, tb + g + off, 16 * t + 4 * k) for k in range(4)]
+            assert words[4 * j : 4 * j + 4] == expect, (tid, j)
+        for tile in range(2):
+            toks = [tb + 16 * tile + 2 * t + d for d in (0, 1, 8, 9)]
+            expect = [word(values, tok, 4 * g) for tok in toks]
+            assert words[16 + 4 * tile : 20 + 4 * tile] == expect, (tid, tile)
