@@ -33,10 +33,10 @@ The query is rotated and scaled by a small kernel first (``tf32x3`` products, fp
 and values use fp16 operands with fp32 accumulation, as the block kernel does: the same parity
 bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits,
 fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and
-16-byte aligned; CUDA only (PTX; the interpreter runs the block
-kernel); Triton >= 3.6 (Gluon's API moves between releases; older versions take the block
-kernel). Shared memory: the table (32 KB) and ``STAGES`` stages of ``96 * 32 * W`` bytes.
-Measurements and the design history: ``benchmarks/NOTES.md`` (v9, v10).
+16-byte aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6
+(Gluon's API moves between releases; older versions take the block kernel). Shared memory:
+the table (32 KB) and ``STAGES`` stages of ``96 * 32 * W`` bytes (8 warps: 80 KB, two
+programs per SM). Measurements and the design history: ``benchmarks/NOTES.md`` (v9, v10).
 """
 
 from __future__ import annotations
