@@ -25,6 +25,8 @@ CASES = [
     (2, 8, 8, 77, 0, 2),  # G = 1, fewer tokens than one step
     (1, 16, 2, 3001, 2, 3),  # G = 8
     (2, 24, 8, 700, 1, 1),  # G = 3
+    (3, 24, 8, 1001, 0, 0),  # no segments: the kernel merges the splits itself
+    (1, 16, 2, 2048, 0, 0),  # the same, G = 8
 ]
 
 
@@ -81,11 +83,14 @@ def test_mma_partials_match_reference(index, dtype):
 
 
 @pytest.mark.gpu
-def test_mma_partials_left_padded_batch():
-    """``valid_from`` / ``valid_until`` hide what the reference's mask hides."""
+@pytest.mark.parametrize("segments", [(4, 3), (0, 0)])
+def test_mma_partials_left_padded_batch(segments):
+    """``valid_from`` / ``valid_until`` hide what the reference's mask hides (with sink and
+    window segments, merged by the combine; and without, merged in the kernel)."""
     from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
-    q, keys, values, kq, vq, kwargs = _inputs((3, 32, 8, 1500, 4, 3), torch.bfloat16, seed=21)
+    case = (3, 32, 8, 1500, *segments)
+    q, keys, values, kq, vq, kwargs = _inputs(case, torch.bfloat16, seed=21)
     starts = torch.tensor([0, 2, 700], device="cuda")
     until = torch.tensor([1500, 1400, 1499], device="cuda")
     pos = torch.arange(1500, device="cuda")[None, :]

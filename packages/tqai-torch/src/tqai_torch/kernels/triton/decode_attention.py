@@ -890,20 +890,24 @@ def decode_attention_triton(
     qscale = scale * _LOG2E
     n_pre = 0 if prefix is None else prefix[0].shape[2]
     bounds_arg = query if bounds is None else bounds  # a dummy pointer when unused
+    out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
+    no_segments = n_pre == 0 and (suffix is None or suffix[0].shape[2] == 0)
     if mma:
         ws, splits, m_off, l_off, acc_off = launch_mma_partials(
             query, keys, values, key_quantizer, value_quantizer, c.rot, qscale,
             rows_per_seq=rows_per_seq, bounds=bounds, n_pre=n_pre,
             tokens_per_split=tokens_per_split, num_warps=num_warps or 8,
             sm_count=_sm_count(device), workspace=_workspace,
+            fused_out=out if no_segments else None, unrot=c.unrot,
         )  # fmt: skip
+        if no_segments:  # merged in the kernel
+            return out
     else:
         ws, splits, m_off, l_off, acc_off = _launch_blocks(
             query, keys, values, key_quantizer, value_quantizer, c, qscale, lookup=lookup,
             rows_per_seq=rows_per_seq, bounds=bounds, n_pre=n_pre, block_n=block_n,
             tokens_per_split=tokens_per_split, num_warps=num_warps or 4,
         )  # fmt: skip
-    out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
     # combine: DC output columns per program; FMA tiles of at most ~8K elements (64 per thread);
     # SC splits read at once (all of a batch-1 call's splits at G = 4: one round of loads)
     dc = min(c.dp, 64)

@@ -95,6 +95,7 @@ _WAIT3 = gl.constexpr("cp.async.wait_group 3;\n" + _ZEROS)
 _LOAD4 = gl.constexpr(stage_load_asm(128))
 _LOAD8 = gl.constexpr(stage_load_asm(256))
 _WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
+_FENCE = gl.constexpr("fence.acq_rel.gpu;\nmov.b32 $0, 0;")
 
 
 @gluon.jit
@@ -201,6 +202,70 @@ def _merge_column(buf, j: gl.constexpr, wts, W: gl.constexpr, ML: gl.constexpr):
     return gl.sum(buf.index(j).reshape([W, 128]).load(ML) * wts, axis=0)
 
 
+@gluon.jit
+def _merge_splits(
+    ws_ptr, m_off, l_off, acc_off, bh, n_splits, unrot_ptr, out_ptr, row0,
+    G: gl.constexpr, W: gl.constexpr,
+):  # fmt: skip
+    """The last program of a KV head: its splits' partials merged (online softmax over the
+    splits, SC at a time, the split axis in registers), rotated back (``unrot``, fp32 FMAs,
+    ``DCH`` value dims at a time) and stored as output rows ``row0 .. row0 + G - 1``."""
+    GP: gl.constexpr = 8  # heads, padded (one warp row of the tiles per head)
+    SC: gl.constexpr = 2 * W  # splits a round (registers: SC * 4 * GP / W per thread)
+    S3: gl.constexpr = gl.BlockedLayout([SC, GP // W, 4], [1, 1, 32], [1, W, 1], [2, 1, 0])
+    MS: gl.constexpr = gl.SliceLayout(2, S3)  # (SC, GP)
+    AL: gl.constexpr = gl.SliceLayout(0, S3)  # (GP, 128)
+    sp = gl.arange(0, SC, layout=gl.SliceLayout(1, MS))
+    hm = gl.arange(0, GP, layout=gl.SliceLayout(0, MS))
+    s3 = gl.arange(0, SC, layout=gl.SliceLayout(1, gl.SliceLayout(2, S3)))[:, None, None]
+    h3 = gl.arange(0, GP, layout=gl.SliceLayout(0, gl.SliceLayout(2, S3)))[None, :, None]
+    d3 = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, S3)))[None, None, :]
+    m_run = gl.full([GP], -1.0e30, gl.float32, layout=gl.SliceLayout(0, MS))
+    l_run = gl.zeros([GP], gl.float32, layout=gl.SliceLayout(0, MS))
+    acc = gl.zeros([GP, 128], gl.float32, layout=AL)
+    for s0 in range(0, n_splits, SC):
+        ok = ((s0 + sp) < n_splits)[:, None] & (hm < G)[None, :]
+        rows = (bh * n_splits + s0 + sp)[:, None] * 16 + hm[None, :]
+        m_c = gl.load(ws_ptr + m_off + rows, mask=ok, other=-1.0e30, cache_modifier=".cg")
+        l_c = gl.load(ws_ptr + l_off + rows, mask=ok, other=0.0, cache_modifier=".cg")
+        ok3 = ((s0 + s3) < n_splits) & (h3 < G)
+        a_c = gl.load(
+            ws_ptr + acc_off + ((bh * n_splits + s0 + s3) * G + h3) * 128 + d3,
+            mask=ok3, other=0.0, cache_modifier=".cg",
+        )  # fmt: skip
+        m_new = gl.maximum(m_run, gl.max(m_c, axis=0))
+        scale = gl.exp2(m_run - m_new)
+        w = gl.exp2(m_c - m_new[None, :])  # (SC, GP)
+        l_run = l_run * scale + gl.sum(w * l_c, axis=0)
+        scale_a = gl.convert_layout(scale, gl.SliceLayout(1, AL))
+        acc = acc * scale_a[:, None] + gl.sum(w[:, :, None] * a_c, axis=0)
+        m_run = m_new
+    # rotate back: out[h, j] = sum_d acc[h, d] unrot[d, j] / l[h], through shared memory (each
+    # thread needs every value dim of its head)
+    buf = gl.allocate_shared_memory(gl.float32, [GP, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    buf.store(acc)
+    gl.thread_barrier()
+    DCH: gl.constexpr = 2 * W
+    P3: gl.constexpr = gl.BlockedLayout([GP // W, DCH, 4], [1, 1, 32], [W, 1, 1], [2, 1, 0])
+    OL: gl.constexpr = gl.SliceLayout(1, P3)  # (GP, 128)
+    dj = gl.arange(0, DCH, layout=gl.SliceLayout(1, gl.SliceLayout(0, P3)))
+    jj = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3)))
+    out = gl.zeros([GP, 128], gl.float32, layout=OL)
+    for d0 in gl.static_range(0, 128, DCH):
+        a = buf.slice(d0, DCH, dim=1).load(gl.SliceLayout(2, P3))  # (GP, DCH)
+        u = gl.load(unrot_ptr + (d0 + dj)[:, None] * 128 + jj[None, :])  # (DCH, 128)
+        out += gl.sum(a[:, :, None] * u[None, :, :], axis=1)
+    l_o = gl.convert_layout(l_run, gl.SliceLayout(1, OL))
+    out = out / l_o[:, None]
+    ho = gl.arange(0, GP, layout=gl.SliceLayout(1, OL))
+    jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
+    gl.store(
+        out_ptr + (row0 + ho)[:, None] * 128 + jo[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=(ho < G)[:, None],
+    )
+
+
 @gluon.jit(do_not_specialize=["T", "split_len", "n_pre"])
 def _mma_partials_kernel(
     qr_ptr,  # (B * Hkv * G, 128) fp16 rotated, scaled query rows, read as int32 pairs
@@ -228,10 +293,14 @@ def _mma_partials_kernel(
     vp_sh,
     vn_sb,
     vn_sh,
+    cnt_ptr,  # (>= B * Hkv,) int32 tickets, zero between calls (read when FUSED)
+    unrot_ptr,  # (128, 128) float32: the value rotation back (FUSED)
+    out_ptr,  # (B, Hq, 1, 128) contiguous, the query dtype (FUSED)
     G: gl.constexpr,
     W: gl.constexpr,
     STAGES: gl.constexpr,
     HAS_BOUNDS: gl.constexpr,
+    FUSED: gl.constexpr,  # the last program of a KV head merges the splits (no segments)
 ):
     L: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [W, 1], [1, 0])
     bh = gl.program_id(0)
@@ -412,6 +481,18 @@ def _mma_partials_kernel(
     gl.store(out + 9, _merge_column(buf, 5, wts, W, ML), mask=real)
     gl.store(out + 10, _merge_column(buf, 6, wts, W, ML), mask=real)
     gl.store(out + 11, _merge_column(buf, 7, wts, W, ML), mask=real)
+    if FUSED:
+        # publish this partial (every thread's stores, device-wide), then take a ticket: the
+        # program that takes the last one merges the KV head's splits
+        gl.inline_asm_elementwise(_FENCE, "=r,r", [col], dtype=gl.int32, is_pure=False, pack=1)
+        gl.thread_barrier()
+        ticket = gl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_splits - 1:
+            gl.inline_asm_elementwise(_FENCE, "=r,r", [col], dtype=gl.int32, is_pure=False, pack=1)
+            _merge_splits(
+                ws_ptr, m_off, l_off, acc_off, bh, n_splits, unrot_ptr, out_ptr, bh * G, G, W
+            )
+            gl.store(cnt_ptr + bh, 0)
 
 
 @triton.jit
@@ -505,13 +586,29 @@ def serves_mma(query: torch.Tensor, keys: Any, values: Any, key_q: Any, value_q:
     )
 
 
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-KV-head tickets of the fused merge, zero between calls (the last program resets
+    its own)."""
+    found = _COUNTERS.get(device)
+    if found is None or found.numel() < n:
+        found = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return found
+
+
 def launch_mma_partials(
     query, keys, values, key_q, value_q, rot, qscale, *,
     rows_per_seq, bounds, n_pre, tokens_per_split, num_warps, sm_count, workspace,
+    fused_out=None, unrot=None,
 ):  # fmt: skip
     """Rotate the query and write the split partials; returns ``(ws, splits, m_off, l_off,
     acc_off)`` in the layout :func:`.decode_attention._combine_kernel` reads (16 rows of m and l
-    per split, then G x 128 value-domain sums in dim order)."""
+    per split, then G x 128 value-domain sums in dim order). With ``fused_out`` (the output,
+    ``(B, Hq, 1, 128)`` contiguous) and ``unrot`` (the value rotation back, ``(128, 128)``
+    float32) the kernel also merges the splits and writes the output: no combine is needed
+    (calls without sink or window segments)."""
     b, hq, _, d = query.shape
     n_kv, t = keys.shape[1], keys.shape[2]
     g = hq // n_kv
@@ -537,6 +634,9 @@ def launch_mma_partials(
         t, split_len, n_kv, rows_per_seq, query if bounds is None else bounds, n_pre,
         kp.stride(0), kp.stride(1), kn.stride(0), kn.stride(1),
         vp.stride(0), vp.stride(1), vn.stride(0), vn.stride(1),
-        G=g, W=num_warps, STAGES=STAGES, HAS_BOUNDS=bounds is not None, num_warps=num_warps,
+        _counters(device, bh), query if unrot is None else unrot,
+        query if fused_out is None else fused_out,
+        G=g, W=num_warps, STAGES=STAGES, HAS_BOUNDS=bounds is not None,
+        FUSED=fused_out is not None, num_warps=num_warps,
     )  # fmt: skip
     return ws, splits, m_off, l_off, acc_off
