@@ -836,8 +836,9 @@ def decode_attention_triton(
     of a prefill chunk as rows of their own (:mod:`.prefill_attention`).
     ``partials``: which kernel writes the split partials: ``"mma"`` the fragment-lookup kernel
     of :mod:`.decode_partials_mma` (K4/V2, head_dim 128, at most 8 query heads per KV head,
-    CUDA), ``"blocks"`` the block kernel here (every configuration), ``"auto"`` the first that
-    serves. ``block_n`` and ``lookup`` apply to the block kernel only; ``num_warps`` defaults
+    CUDA; without ``prefix`` / ``suffix`` tokens it also merges the splits itself, else the
+    combine kernel here does), ``"blocks"`` the block kernel here (every configuration),
+    ``"auto"`` the first that serves. ``block_n`` and ``lookup`` apply to the block kernel only; ``num_warps`` defaults
     to 8 for the former and 4 for the latter (measured on H100 and H200, benchmarks/NOTES.md).
     """
     b, hq, tq, d = query.shape

@@ -29,7 +29,9 @@ tensor (``(32 * W, 4)``, row = thread), so each lane loads exactly the packed wo
   byte permutes of the 4-entry value table give fp16 pairs of two tokens, the A-fragment
   registers.
 
-The query is rotated and scaled by a small kernel first (``tf32x3`` products, fp16 out). Scores
+The query is rotated and scaled by a small kernel first (``tf32x3`` products, fp16 out). When
+the call has no sink or window segments, the program that finishes a KV head last (an atomic
+ticket) merges its splits, rotates them back and writes the output, so no combine kernel runs. Scores
 and values use fp16 operands with fp32 accumulation, as the block kernel does: the same parity
 bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits,
 fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and
