@@ -4,8 +4,9 @@ Reference: :func:`tqai.attention.compressed_attention` (the parity tests compare
 
 One query token per sequence. K4/V2 at head_dim 128 with at most 8 query heads per KV head
 takes the fragment-lookup partials kernel of :mod:`.decode_partials_mma` (a query-rotation
-launch, then the partials, then the combine below); everything else takes two launches, no
-other device work per call:
+launch, then the partials, which also merge the splits when there are no prefix / suffix
+tokens, else the combine below); everything else takes two launches, no other device work per
+call:
 
 1. ``_decode_attention_kernel`` (grid ``(B * Hkv, splits)``): each program rotates the query
    heads of its KV head into the keys' domain (times ``scale * log2(e)``), then walks its share
@@ -838,8 +839,9 @@ def decode_attention_triton(
     of :mod:`.decode_partials_mma` (K4/V2, head_dim 128, at most 8 query heads per KV head,
     CUDA; without ``prefix`` / ``suffix`` tokens it also merges the splits itself, else the
     combine kernel here does), ``"blocks"`` the block kernel here (every configuration),
-    ``"auto"`` the first that serves. ``block_n`` and ``lookup`` apply to the block kernel only; ``num_warps`` defaults
-    to 8 for the former and 4 for the latter (measured on H100 and H200, benchmarks/NOTES.md).
+    ``"auto"`` the first that serves. ``block_n`` and ``lookup`` apply to the block kernel
+    only; ``num_warps`` defaults to 8 for the former and 4 for the latter (measured on H100 and
+    H200, benchmarks/NOTES.md).
     """
     b, hq, tq, d = query.shape
     if tq != 1:

@@ -1,6 +1,6 @@
 """Decode-attention partials for K4/V2 at head_dim 128 with lookups straight into tensor-core
 fragments (Gluon + PTX): the fast path of :mod:`.decode_attention`, which falls back to its own
-block kernel for every other configuration and shares its combine kernel.
+block kernel for every other configuration and to its combine kernel for calls with segments.
 
 Reference: :func:`tqai.attention.compressed_attention` (the same parity tests cover this path).
 
@@ -10,8 +10,8 @@ warps merge once at the end through shared memory. Every tensor is a *per-thread
 tensor (``(32 * W, 4)``, row = thread), so each lane loads exactly the packed words its
 ``mma.m16n8k16`` fragments need, and PTX does the rest:
 
-* Operands arrive by a software pipeline: each thread copies (``cp.async``) exactly the key
-  and value bytes its fragments need ``STAGES - 1`` steps ahead into its own shared-memory
+* Operands arrive by a software pipeline: each thread copies (``cp.async``) exactly the key and
+  value bytes its fragments need ``STAGES - 1`` (one) steps ahead into its own shared-memory
   blocks, so no barrier is needed in the loop; the norms (8 words a step) are loaded into
   registers one step ahead.
 * Scores ``S^T (16 tokens x 8 heads)``: A = key centroids (fp16), B = the rotated query. Lane
@@ -31,14 +31,14 @@ tensor (``(32 * W, 4)``, row = thread), so each lane loads exactly the packed wo
 
 The query is rotated and scaled by a small kernel first (``tf32x3`` products, fp16 out). When
 the call has no sink or window segments, the program that finishes a KV head last (an atomic
-ticket) merges its splits, rotates them back and writes the output, so no combine kernel runs. Scores
-and values use fp16 operands with fp32 accumulation, as the block kernel does: the same parity
-bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits,
-fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and
-16-byte aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6
-(Gluon's API moves between releases; older versions take the block kernel). Shared memory:
-the table (32 KB) and ``STAGES`` stages of ``96 * 32 * W`` bytes (8 warps: 80 KB, two
-programs per SM). Measurements and the design history: ``benchmarks/NOTES.md`` (v9, v10).
+ticket) merges its splits, rotates them back and writes the output, so no combine kernel runs.
+Scores and values use fp16 operands with fp32 accumulation, as the block kernel does: the same
+parity bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of
+2 bits, fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole
+and 16-byte aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6
+(Gluon's API moves between releases; older versions take the block kernel). Shared memory: the
+table (32 KB) and ``STAGES`` stages of ``96 * 32 * W`` bytes (8 warps: 80 KB, two programs per
+SM). Measurements and the design history: ``benchmarks/NOTES.md`` (v9, v10).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ _VALUE_RESCALED_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 12 + ",f" * 3
 _VALUE_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 12 + ",f" * 32)
 _LANE_SUM = gl.constexpr(lane_sum_asm())
 _SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may hold together
-STAGES = 2  # pipeline depth: a thread's copies run STAGES - 1 steps ahead of its compute
+STAGES = 2  # pipeline depth: a thread's copies run one step ahead of its compute (3: no faster)
+_STAGES = gl.constexpr(STAGES)
 _BLOCKS = gl.constexpr(STAGE_BLOCKS)
 _LUT = gl.constexpr(LUT_BYTES)
 _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b32 [$0], $2;")
@@ -90,10 +91,10 @@ _COPY8 = gl.constexpr(copy_asm(256, False))
 _COPY4_MASKED = gl.constexpr(copy_asm(128, True))
 _COPY8_MASKED = gl.constexpr(copy_asm(256, True))
 _LOAD_CONS = gl.constexpr(",".join(["=r"] * 24) + ",r,r,r,r")
-_ZEROS = "mov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;"
-_WAIT1 = gl.constexpr("cp.async.wait_group 1;\n" + _ZEROS)
-_WAIT2 = gl.constexpr("cp.async.wait_group 2;\n" + _ZEROS)
-_WAIT3 = gl.constexpr("cp.async.wait_group 3;\n" + _ZEROS)
+# wait until a stage's copies have landed: all but the STAGES - 1 newest groups
+_WAIT = gl.constexpr(
+    f"cp.async.wait_group {STAGES - 1};\n" + "".join(f"mov.b32 ${i}, 0;\n" for i in range(4))
+)
 _LOAD4 = gl.constexpr(stage_load_asm(128))
 _LOAD8 = gl.constexpr(stage_load_asm(256))
 _WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
@@ -139,21 +140,13 @@ def _norms(words, shift):
 def _step(
     soff, n0, n1, tok0, g, t, c, nshift, lo, stop,
     q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-    W: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
+    W: gl.constexpr, MASKED: gl.constexpr,
 ):  # fmt: skip
     """32 tokens of one warp (tiles at tok0 and tok0 + 16), read from the pipeline stage at
     byte offset ``soff`` once its copies have landed (norm words ``n0``, ``n1``: see
     :func:`_norm_words`), folded into the warp's running state."""
-    # wait until this stage's copies have landed (all but the STAGES - 1 newest groups)
-    gl.static_assert(STAGES >= 2 and STAGES <= 4, "STAGES must be 2, 3 or 4")
-    if STAGES == 2:
-        wait: gl.constexpr = _WAIT1
-    elif STAGES == 3:
-        wait: gl.constexpr = _WAIT2
-    else:
-        wait: gl.constexpr = _WAIT3
     gl.inline_asm_elementwise(
-        wait, "=r,=r,=r,=r,r,r,r,r", [soff], dtype=gl.int32, is_pure=False, pack=4
+        _WAIT, "=r,=r,=r,=r,r,r,r,r", [soff], dtype=gl.int32, is_pure=False, pack=4
     )
     if W == 8:
         load: gl.constexpr = _LOAD8
@@ -195,6 +188,37 @@ def _step(
         dtype=(gl.float32,) * 8, is_pure=True, pack=4,
     )  # fmt: skip
     return m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@gluon.jit
+def _pipelined_step(
+    i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo, stop,
+    q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
+    W: gl.constexpr, MASKED: gl.constexpr,
+):  # fmt: skip
+    """Step ``i`` of a program: start the copies of step ``i + STAGES - 1`` (unmasked while it
+    is a whole step, i.e. before ``n_full``; always masked in a ``MASKED`` step, which lies
+    past them), load the norm words of step ``i + 1``, fold step ``i`` into the warp's state.
+    Returns the state and the next step's norm words."""
+    STEP: gl.constexpr = 32 * W
+    STAGE_BYTES: gl.constexpr = _BLOCKS * 16 * 32 * W
+    ahead = i + _STAGES - 1
+    at = tw + (start + ahead * STEP)
+    soff = tw * 0 + (_LUT + (ahead % _STAGES) * STAGE_BYTES)
+    if MASKED:
+        _copy_step(bases, at, stop4, g4, t4, soff, W, True)
+    elif ahead < n_full:
+        _copy_step(bases, at, stop4, g4, t4, soff, W, False)
+    else:
+        _copy_step(bases, at, stop4, g4, t4, soff, W, True)
+    tok = start + i * STEP + w * 32
+    m0 = _norm_words(nptr, tok + STEP, g, c, stop)
+    m1 = _norm_words(nptr, tok + STEP + 16, g, c, stop)
+    m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
+        tw * 0 + (_LUT + (i % _STAGES) * STAGE_BYTES), n0, n1, tok, g, t, c, nshift, lo, stop,
+        q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, W, MASKED,
+    )  # fmt: skip
+    return m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, m0, m1
 
 
 @gluon.jit
@@ -300,7 +324,6 @@ def _mma_partials_kernel(
     out_ptr,  # (B, Hq, 1, 128) contiguous, the query dtype (FUSED)
     G: gl.constexpr,
     W: gl.constexpr,
-    STAGES: gl.constexpr,
     HAS_BOUNDS: gl.constexpr,
     FUSED: gl.constexpr,  # the last program of a KV head merges the splits (no segments)
 ):
@@ -378,7 +401,6 @@ def _mma_partials_kernel(
     a7 = gl.zeros([32 * W, 4], gl.float32, layout=L)
     STEP: gl.constexpr = 32 * W
     STAGE_BYTES: gl.constexpr = _BLOCKS * 16 * 32 * W
-    PIPE: gl.constexpr = _LUT  # the stages follow the pair table
     n_steps = (gl.maximum(stop - start, 0) + STEP - 1) // STEP
     # whole steps need no masks (no bounds); the rest of the split takes one masked step
     n_full = 0
@@ -386,14 +408,14 @@ def _mma_partials_kernel(
         n_full = (stop - start) // STEP
     # software pipeline: each thread copies its own operands STAGES - 1 steps ahead into its
     # own shared-memory blocks (no barriers: no thread reads another's blocks)
-    for s in gl.static_range(STAGES - 1):
+    for s in gl.static_range(_STAGES - 1):
         _copy_step(
             bases,
             tw + (start + s * STEP),
             stop4,
             g4,
             t4,
-            tw * 0 + (PIPE + s * STAGE_BYTES),
+            tw * 0 + (_LUT + s * STAGE_BYTES),  # the stages follow the pair table
             W,
             True,
         )
@@ -402,39 +424,17 @@ def _mma_partials_kernel(
     n0 = _norm_words(nptr, tok, g, c, stop)
     n1 = _norm_words(nptr, tok + 16, g, c, stop)
     for i in range(n_full):
-        ahead = i + STAGES - 1
-        at = tw + (start + ahead * STEP)
-        soff = tw * 0 + (PIPE + (ahead % STAGES) * STAGE_BYTES)
-        if ahead < n_full:
-            _copy_step(bases, at, stop4, g4, t4, soff, W, False)
-        else:
-            _copy_step(bases, at, stop4, g4, t4, soff, W, True)
-        tok = start + i * STEP + w * 32
-        m0 = _norm_words(nptr, tok + STEP, g, c, stop)
-        m1 = _norm_words(nptr, tok + STEP + 16, g, c, stop)
-        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
-            tw * 0 + (PIPE + (i % STAGES) * STAGE_BYTES), n0, n1, tok, g, t, c, nshift, lo, stop,
-            q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-            W, STAGES, False,
+        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, n0, n1 = _pipelined_step(
+            i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo,
+            stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
+            W, False,
         )  # fmt: skip
-        n0 = m0
-        n1 = m1
     for i in range(n_full, n_steps):
-        ahead = i + STAGES - 1
-        _copy_step(
-            bases, tw + (start + ahead * STEP), stop4, g4, t4,
-            tw * 0 + (PIPE + (ahead % STAGES) * STAGE_BYTES), W, True,
+        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, n0, n1 = _pipelined_step(
+            i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo,
+            stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
+            W, True,
         )  # fmt: skip
-        tok = start + i * STEP + w * 32
-        m0 = _norm_words(nptr, tok + STEP, g, c, stop)
-        m1 = _norm_words(nptr, tok + STEP + 16, g, c, stop)
-        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
-            tw * 0 + (PIPE + (i % STAGES) * STAGE_BYTES), n0, n1, tok, g, t, c, nshift, lo, stop,
-            q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-            W, STAGES, True,
-        )  # fmt: skip
-        n0 = m0
-        n1 = m1
     # the copies beyond the split (zero-fill) land, and every warp is done with the table and
     # its stages, before the buffer is reused below
     gl.inline_asm_elementwise(_WAIT_ALL, "=r,f", [m], dtype=gl.int32, is_pure=False, pack=1)
@@ -446,7 +446,7 @@ def _mma_partials_kernel(
     # also the pipeline's blocks (the kernel's only allocation: its size is the kernel's)
     buf = gl.allocate_shared_memory(
         gl.float32,
-        [_LUT // (512 * W) + STAGES * _BLOCKS, 32 * W, 4],
+        [_LUT // (512 * W) + _STAGES * _BLOCKS, 32 * W, 4],
         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
     )
     buf.index(0).store(a0)
@@ -638,7 +638,7 @@ def launch_mma_partials(
         vp.stride(0), vp.stride(1), vn.stride(0), vn.stride(1),
         _counters(device, bh), query if unrot is None else unrot,
         query if fused_out is None else fused_out,
-        G=g, W=num_warps, STAGES=STAGES, HAS_BOUNDS=bounds is not None,
+        G=g, W=num_warps, HAS_BOUNDS=bounds is not None,
         FUSED=fused_out is not None, num_warps=num_warps,
     )  # fmt: skip
     return ws, splits, m_off, l_off, acc_off
