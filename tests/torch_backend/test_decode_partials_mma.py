@@ -27,6 +27,8 @@ CASES = [
     (2, 24, 8, 700, 1, 1),  # G = 3
     (3, 24, 8, 1001, 0, 0),  # no segments: the kernel merges the splits itself
     (1, 16, 2, 2048, 0, 0),  # the same, G = 8
+    (1, 32, 8, 2000, 4, 37),  # a window longer than several rounds of the segments' program
+    (2, 32, 8, 600, 0, 5),  # a window and no sinks
 ]
 
 
@@ -83,15 +85,18 @@ def test_mma_partials_match_reference(index, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("segments", [(4, 3), (0, 0)])
-def test_mma_partials_left_padded_batch(segments):
-    """``valid_from`` / ``valid_until`` hide what the reference's mask hides (with sink and
-    window segments, merged by the combine; and without, merged in the kernel)."""
+@pytest.mark.parametrize(
+    ("segments", "last_start"),
+    [((4, 3), 700), ((0, 0), 700), ((4, 3), 1497)],  # 1497: the third sees only window tokens
+)
+def test_mma_partials_left_padded_batch(segments, last_start):
+    """``valid_from`` / ``valid_until`` hide what the reference's mask hides, in the history and
+    in the sink and window segments."""
     from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
     case = (3, 32, 8, 1500, *segments)
     q, keys, values, kq, vq, kwargs = _inputs(case, torch.bfloat16, seed=21)
-    starts = torch.tensor([0, 2, 700], device="cuda")
+    starts = torch.tensor([0, 2, last_start], device="cuda")
     until = torch.tensor([1500, 1400, 1499], device="cuda")
     pos = torch.arange(1500, device="cuda")[None, :]
     mask = ((pos >= starts[:, None]) & (pos < until[:, None]))[:, None, None, :]

@@ -3,10 +3,8 @@
 Reference: :func:`tqai.attention.compressed_attention` (the parity tests compare against it).
 
 One query token per sequence. K4/V2 at head_dim 128 with at most 8 query heads per KV head
-takes the fragment-lookup partials kernel of :mod:`.decode_partials_mma` (a query-rotation
-launch, then the partials, which also merge the splits when there are no prefix / suffix
-tokens, else the combine below); everything else takes two launches, no other device work per
-call:
+takes the fragment-lookup kernel of :mod:`.decode_partials_mma` (one launch: history splits,
+segments and merge); everything else takes two launches, no other device work per call:
 
 1. ``_decode_attention_kernel`` (grid ``(B * Hkv, splits)``): each program rotates the query
    heads of its KV head into the keys' domain (times ``scale * log2(e)``), then walks its share
@@ -61,9 +59,9 @@ import triton.language as tl
 from tqai_torch.kernels.triton.decode_mma_ptx import table_words
 
 try:  # Gluon (Triton >= 3.6): the fragment-lookup fast path for K4/V2 at head_dim 128
-    from tqai_torch.kernels.triton.decode_partials_mma import launch_mma_partials, serves_mma
+    from tqai_torch.kernels.triton.decode_partials_mma import launch_mma_decode, serves_mma
 except ImportError:  # older Triton: the block kernel serves every configuration
-    launch_mma_partials = serves_mma = None
+    launch_mma_decode = serves_mma = None
 
 __all__ = ["SUPPORTED_BITS", "decode_attention_triton", "group_layout", "supports"]
 
@@ -835,11 +833,10 @@ def decode_attention_triton(
     ``rows_per_seq``: query rows per sequence of ``keys`` / ``values`` / the segments (``query``
     holds ``B * rows_per_seq`` rows; row ``r`` reads sequence ``r // rows_per_seq``): the tokens
     of a prefill chunk as rows of their own (:mod:`.prefill_attention`).
-    ``partials``: which kernel writes the split partials: ``"mma"`` the fragment-lookup kernel
-    of :mod:`.decode_partials_mma` (K4/V2, head_dim 128, at most 8 query heads per KV head,
-    CUDA; without ``prefix`` / ``suffix`` tokens it also merges the splits itself, else the
-    combine kernel here does), ``"blocks"`` the block kernel here (every configuration),
-    ``"auto"`` the first that serves. ``block_n`` and ``lookup`` apply to the block kernel
+    ``partials``: which kernel reads the history: ``"mma"`` the fragment-lookup kernel of
+    :mod:`.decode_partials_mma` (K4/V2, head_dim 128, at most 8 query heads per KV head, CUDA;
+    one launch that also takes the segments and merges), ``"blocks"`` the block kernel here
+    and the combine (every configuration), ``"auto"`` the first that serves. ``block_n`` and ``lookup`` apply to the block kernel
     only; ``num_warps`` defaults to 8 for the former and 4 for the latter (measured on H100 and
     H200, benchmarks/NOTES.md).
     """
@@ -894,23 +891,19 @@ def decode_attention_triton(
     n_pre = 0 if prefix is None else prefix[0].shape[2]
     bounds_arg = query if bounds is None else bounds  # a dummy pointer when unused
     out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
-    no_segments = n_pre == 0 and (suffix is None or suffix[0].shape[2] == 0)
-    if mma:
-        ws, splits, m_off, l_off, acc_off = launch_mma_partials(
-            query, keys, values, key_quantizer, value_quantizer, c.rot, qscale,
-            rows_per_seq=rows_per_seq, bounds=bounds, n_pre=n_pre,
-            tokens_per_split=tokens_per_split, num_warps=num_warps or 8,
-            sm_count=_sm_count(device), workspace=_workspace,
-            fused_out=out if no_segments else None, unrot=c.unrot,
+    if mma:  # one launch: partials, segments and merge
+        launch_mma_decode(
+            query, keys, values, key_quantizer, value_quantizer, c.rot, c.unrot, qscale, out,
+            _segment_args(prefix, query), _segment_args(suffix, query),
+            rows_per_seq=rows_per_seq, bounds=bounds, tokens_per_split=tokens_per_split,
+            num_warps=num_warps or 8, sm_count=_sm_count(device), workspace=_workspace,
         )  # fmt: skip
-        if no_segments:  # merged in the kernel
-            return out
-    else:
-        ws, splits, m_off, l_off, acc_off = _launch_blocks(
-            query, keys, values, key_quantizer, value_quantizer, c, qscale, lookup=lookup,
-            rows_per_seq=rows_per_seq, bounds=bounds, n_pre=n_pre, block_n=block_n,
-            tokens_per_split=tokens_per_split, num_warps=num_warps or 4,
-        )  # fmt: skip
+        return out
+    ws, splits, m_off, l_off, acc_off = _launch_blocks(
+        query, keys, values, key_quantizer, value_quantizer, c, qscale, lookup=lookup,
+        rows_per_seq=rows_per_seq, bounds=bounds, n_pre=n_pre, block_n=block_n,
+        tokens_per_split=tokens_per_split, num_warps=num_warps or 4,
+    )  # fmt: skip
     # combine: DC output columns per program; FMA tiles of at most ~8K elements (64 per thread);
     # SC splits read at once (all of a batch-1 call's splits at G = 4: one round of loads)
     dc = min(c.dp, 64)

@@ -1,15 +1,22 @@
-"""Decode-attention partials for K4/V2 at head_dim 128 with lookups straight into tensor-core
-fragments (Gluon + PTX): the fast path of :mod:`.decode_attention`, which falls back to its own
-block kernel for every other configuration and to its combine kernel for calls with segments.
+"""Decode attention for K4/V2 at head_dim 128 with lookups straight into tensor-core fragments
+(Gluon + PTX), in one launch: the fast path of :mod:`.decode_attention`, which falls back to its
+own block kernel (and combine) for every other configuration.
 
 Reference: :func:`tqai.attention.compressed_attention` (the same parity tests cover this path).
 
-Per program (one KV head, one split of the history) each warp walks its own tokens, 32 per step
-(two tiles of 16), and keeps its own running max, sum and value accumulator in registers; the
-warps merge once at the end through shared memory. Every tensor is a *per-thread* register
-tensor (``(32 * W, 4)``, row = thread), so each lane loads exactly the packed words its
-``mma.m16n8k16`` fragments need, and PTX does the rest:
+Grid ``(B * Hkv, parts)``: each KV head's history is split across programs, plus one program for
+the full-precision segments (sinks, recent window, staged tokens) when the call has any; the
+program that finishes a KV head last (an atomic ticket) merges its parts and writes the output.
 
+Per history program, each warp walks its own tokens, 32 per step (two tiles of 16), and keeps
+its own running max, sum and value accumulator in registers; the warps merge once at the end
+through shared memory. Every tensor is a *per-thread* register tensor (``(32 * W, 4)``, row =
+thread), so each lane loads exactly the packed words its ``mma.m16n8k16`` fragments need, and
+PTX does the rest:
+
+* The program first rotates and scales the query heads of its KV head itself (fp32 FMAs, the
+  rotation read once per program) and hands each lane its B-fragment words through shared
+  memory, while its first copies are in flight.
 * Operands arrive by a software pipeline: each thread copies (``cp.async``) exactly the key and
   value bytes its fragments need ``STAGES - 1`` (one) steps ahead into its own shared-memory
   blocks, so no barrier is needed in the loop; the norms (8 words a step) are loaded into
@@ -29,16 +36,15 @@ tensor (``(32 * W, 4)``, row = thread), so each lane loads exactly the packed wo
   byte permutes of the 4-entry value table give fp16 pairs of two tokens, the A-fragment
   registers.
 
-The query is rotated and scaled by a small kernel first (``tf32x3`` products, fp16 out). When
-the call has no sink or window segments, the program that finishes a KV head last (an atomic
-ticket) merges its splits, rotates them back and writes the output, so no combine kernel runs.
-Scores and values use fp16 operands with fp32 accumulation, as the block kernel does: the same
-parity bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of
-2 bits, fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole
-and 16-byte aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6
-(Gluon's API moves between releases; older versions take the block kernel). Shared memory: the
-table (32 KB) and ``STAGES`` stages of ``96 * 32 * W`` bytes (8 warps: 80 KB, two programs per
-SM). Measurements and the design history: ``benchmarks/NOTES.md`` (v9, v10).
+The segments' program scores its tokens in the original domain (fp32 FMAs); the merge rotates
+the history's value sum back (fp32 FMAs) and joins both in one softmax. Scores and values of the
+history use fp16 operands with fp32 accumulation, as the block kernel does: the same parity
+bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits,
+fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte
+aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's API
+moves between releases; older versions take the block kernel). Shared memory: the table (32 KB)
+and ``STAGES`` stages of ``96 * 32 * W`` bytes (8 warps: 80 KB, two programs per SM).
+Measurements and the design history: ``benchmarks/NOTES.md`` (v9-v11).
 """
 
 from __future__ import annotations
@@ -49,7 +55,6 @@ from typing import Any
 
 import torch
 import triton
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
@@ -67,7 +72,7 @@ from tqai_torch.kernels.triton.decode_mma_ptx import (
     value_asm,
 )
 
-__all__ = ["launch_mma_partials", "serves_mma"]
+__all__ = ["launch_mma_decode", "serves_mma"]
 
 _KEY = gl.constexpr(key_asm(False))
 _KEY_MASKED = gl.constexpr(key_asm(True))
@@ -80,6 +85,9 @@ _VALUE_RESCALED_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 12 + ",f" * 3
 _VALUE_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 12 + ",f" * 32)
 _LANE_SUM = gl.constexpr(lane_sum_asm())
 _SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may hold together
+# 16 warps per SM (2 programs of 8 warps, 4 of 4) need at most 128 registers a thread; without the
+# cap ptxas takes ~200 for the builds with segments (their cold code) and one program fits
+_MAX_REGISTERS = 128
 STAGES = 2  # pipeline depth: a thread's copies run one step ahead of its compute (3: no faster)
 _STAGES = gl.constexpr(STAGES)
 _BLOCKS = gl.constexpr(STAGE_BLOCKS)
@@ -229,18 +237,135 @@ def _merge_column(buf, j: gl.constexpr, wts, W: gl.constexpr, ML: gl.constexpr):
 
 
 @gluon.jit
-def _merge_splits(
-    ws_ptr, m_off, l_off, acc_off, bh, n_splits, unrot_ptr, out_ptr, row0,
-    G: gl.constexpr, W: gl.constexpr,
+def _rows_times(
+    x_ptr, x_stride, x_rows, x_smem, mat_ptr,
+    GP: gl.constexpr, DPT: gl.constexpr, W: gl.constexpr, FROM_SMEM: gl.constexpr,
 ):  # fmt: skip
-    """The last program of a KV head: its splits' partials merged (online softmax over the
-    splits, SC at a time, the split axis in registers), rotated back (``unrot``, fp32 FMAs,
-    ``DCH`` value dims at a time) and stored as output rows ``row0 .. row0 + G - 1``."""
+    """``x (GP, 128) @ mat (128, 128)`` in fp32 FMAs, ``(GP, 128)`` float32: the rotations of
+    the query (``x`` rows from global memory, rows ``>= x_rows`` zero) and of the merged value
+    sums (``x_smem``, shared memory). Warps and lanes split the matrix's columns, lanes also its
+    rows (``DPT`` each per round): every matrix element is loaded once per program and the sum
+    over rows stays inside a warp (shuffles, no shared memory)."""
+    JPT: gl.constexpr = 128 // (4 * W)
+    DC: gl.constexpr = 8 * DPT
+    P3: gl.constexpr = gl.BlockedLayout([GP, DPT, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
+    XL: gl.constexpr = gl.SliceLayout(2, P3)  # (GP, DC)
+    UL: gl.constexpr = gl.SliceLayout(0, P3)  # (DC, 128)
+    xr = gl.arange(0, GP, layout=gl.SliceLayout(1, XL))
+    xd = gl.arange(0, DC, layout=gl.SliceLayout(0, XL))
+    ud = gl.arange(0, DC, layout=gl.SliceLayout(1, UL))
+    uj = gl.arange(0, 128, layout=gl.SliceLayout(0, UL))
+    acc = gl.zeros([GP, DC, 128], gl.float32, layout=P3)
+    for d0 in gl.static_range(0, 128, DC):
+        if FROM_SMEM:
+            x = x_smem.slice(d0, DC, dim=1).load(XL)
+        else:
+            x = gl.load(
+                x_ptr + xr[:, None] * x_stride + (d0 + xd)[None, :],
+                mask=(xr < x_rows)[:, None],
+                other=0.0,
+            ).to(gl.float32)
+        u = gl.load(mat_ptr + (d0 + ud)[:, None] * 128 + uj[None, :])
+        acc += x[:, :, None] * u[None, :, :]
+    return gl.sum(acc, axis=1)
+
+
+@gluon.jit
+def _segment_scan(
+    q, k_ptr, v_ptr, k_st, v_st, n, lo, m, l_sum, acc,
+    SEG_N: gl.constexpr, K3: gl.constexpr,
+):  # fmt: skip
+    """Fold the visible tokens ``[lo, n)`` of a full-precision segment (``(n, 128)`` rows at
+    token strides ``k_st`` / ``v_st``) into the running state of all heads: ``q (8, 1, 128)``
+    scaled queries, ``m`` / ``l_sum (8, 1, 1)``, ``acc (8, 1, 128)``; fp32, base 2, ``SEG_N``
+    tokens a round. Original (unrotated) domain."""
+    TL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, K3))
+    DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, K3))
+    tt = gl.arange(0, SEG_N, layout=TL)[None, :, None]
+    dd = gl.arange(0, 128, layout=DL)[None, None, :]
+    for t0 in range(0, n, SEG_N):
+        tok = t0 + tt
+        ok = (tok < n) & (tok >= lo)
+        k = gl.load(k_ptr + tok * k_st + dd, mask=ok, other=0.0).to(gl.float32)
+        s = gl.sum(q * k, axis=2, keep_dims=True)  # (8, SEG_N, 1)
+        s = gl.where(ok, s, -1.0e30)
+        m_new = gl.maximum(m, gl.max(s, axis=1, keep_dims=True))
+        alpha = gl.exp2(m - m_new)
+        p = gl.where(ok, gl.exp2(s - m_new), 0.0)
+        v = gl.load(v_ptr + tok * v_st + dd, mask=ok, other=0.0).to(gl.float32)
+        l_sum = l_sum * alpha + gl.sum(p, axis=1, keep_dims=True)
+        acc = acc * alpha + gl.sum(p * v, axis=1, keep_dims=True)
+        m = m_new
+    return m, l_sum, acc
+
+
+@gluon.jit
+def _segment_partial(
+    query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off, acc_off, part,
+    pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
+    sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st,
+    bounds_ptr, T,
+    G: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
+):  # fmt: skip
+    """The partial of the full-precision segments (sinks before the history, the recent window
+    and staged tokens after it) for the query heads of one KV head, in the original domain, at
+    workspace part ``part`` (m / l rows as the history's, ``G x 128`` sums): the program a call
+    with segments adds to each KV head, beside the history's splits."""
+    SEG_N: gl.constexpr = 4
+    K3: gl.constexpr = gl.BlockedLayout([8 // W, SEG_N, 4], [1, 1, 32], [W, 1, 1], [2, 1, 0])
+    HL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, K3))
+    DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, K3))
+    hh = gl.arange(0, 8, layout=HL)[:, None, None]
+    dd = gl.arange(0, 128, layout=DL)[None, None, :]
+    q = gl.load(
+        query_ptr + b * stride_qb + (h * G + hh) * stride_qh + dd, mask=hh < G, other=0.0
+    ).to(gl.float32)
+    q = q * qscale
+    pre_lo = 0  # visible tokens of the prefix [pre_lo, pre_n) and of the suffix [suf_lo, suf_n)
+    pre_n = n_pre
+    suf_lo = 0
+    suf_n = n_suf
+    if HAS_BOUNDS:
+        first = gl.load(bounds_ptr + 2 * b)
+        until = gl.load(bounds_ptr + 2 * b + 1)
+        pre_lo = first
+        pre_n = gl.minimum(n_pre, until)
+        suf_lo = first - n_pre - T
+        suf_n = gl.minimum(n_suf, until - n_pre - T)
+    m = gl.full([8, 1, 1], -1.0e30, gl.float32, layout=K3)
+    l_sum = gl.zeros([8, 1, 1], gl.float32, layout=K3)
+    acc = gl.zeros([8, 1, 128], gl.float32, layout=K3)
+    m, l_sum, acc = _segment_scan(
+        q, pk_ptr + bs * pk_sb + h * pk_sh, pv_ptr + bs * pv_sb + h * pv_sh, pk_st, pv_st,
+        pre_n, pre_lo, m, l_sum, acc, SEG_N, K3,
+    )  # fmt: skip
+    m, l_sum, acc = _segment_scan(
+        q, sk_ptr + bs * sk_sb + h * sk_sh, sv_ptr + bs * sv_sb + h * sv_sh, sk_st, sv_st,
+        suf_n, suf_lo, m, l_sum, acc, SEG_N, K3,
+    )  # fmt: skip
+    real = hh < G
+    gl.store(ws_ptr + m_off + part * 16 + hh, m, mask=real)
+    gl.store(ws_ptr + l_off + part * 16 + hh, l_sum, mask=real)
+    gl.store(ws_ptr + acc_off + (part * G + hh) * 128 + dd, acc, mask=real)
+
+
+@gluon.jit
+def _merge_splits(
+    ws_ptr, m_off, l_off, acc_off, bh, n_parts, unrot_ptr, out_ptr, row0,
+    G: gl.constexpr, W: gl.constexpr, HAS_SEG: gl.constexpr,
+):  # fmt: skip
+    """The last program of a KV head: the history's split partials merged (online softmax over
+    the splits, SC at a time, the split axis in registers), rotated back (``unrot``, fp32
+    FMAs), joined with the segments' partial (the last part, when ``HAS_SEG``) in one softmax,
+    and stored as output rows ``row0 .. row0 + G - 1``."""
     GP: gl.constexpr = 8  # heads, padded (one warp row of the tiles per head)
     SC: gl.constexpr = 2 * W  # splits a round (registers: SC * 4 * GP / W per thread)
     S3: gl.constexpr = gl.BlockedLayout([SC, GP // W, 4], [1, 1, 32], [1, W, 1], [2, 1, 0])
     MS: gl.constexpr = gl.SliceLayout(2, S3)  # (SC, GP)
     AL: gl.constexpr = gl.SliceLayout(0, S3)  # (GP, 128)
+    n_hist = n_parts
+    if HAS_SEG:
+        n_hist = n_parts - 1
     sp = gl.arange(0, SC, layout=gl.SliceLayout(1, MS))
     hm = gl.arange(0, GP, layout=gl.SliceLayout(0, MS))
     s3 = gl.arange(0, SC, layout=gl.SliceLayout(1, gl.SliceLayout(2, S3)))[:, None, None]
@@ -249,14 +374,14 @@ def _merge_splits(
     m_run = gl.full([GP], -1.0e30, gl.float32, layout=gl.SliceLayout(0, MS))
     l_run = gl.zeros([GP], gl.float32, layout=gl.SliceLayout(0, MS))
     acc = gl.zeros([GP, 128], gl.float32, layout=AL)
-    for s0 in range(0, n_splits, SC):
-        ok = ((s0 + sp) < n_splits)[:, None] & (hm < G)[None, :]
-        rows = (bh * n_splits + s0 + sp)[:, None] * 16 + hm[None, :]
+    for s0 in range(0, n_hist, SC):
+        ok = ((s0 + sp) < n_hist)[:, None] & (hm < G)[None, :]
+        rows = (bh * n_parts + s0 + sp)[:, None] * 16 + hm[None, :]
         m_c = gl.load(ws_ptr + m_off + rows, mask=ok, other=-1.0e30, cache_modifier=".cg")
         l_c = gl.load(ws_ptr + l_off + rows, mask=ok, other=0.0, cache_modifier=".cg")
-        ok3 = ((s0 + s3) < n_splits) & (h3 < G)
+        ok3 = ((s0 + s3) < n_hist) & (h3 < G)
         a_c = gl.load(
-            ws_ptr + acc_off + ((bh * n_splits + s0 + s3) * G + h3) * 128 + d3,
+            ws_ptr + acc_off + ((bh * n_parts + s0 + s3) * G + h3) * 128 + d3,
             mask=ok3, other=0.0, cache_modifier=".cg",
         )  # fmt: skip
         m_new = gl.maximum(m_run, gl.max(m_c, axis=0))
@@ -266,25 +391,36 @@ def _merge_splits(
         scale_a = gl.convert_layout(scale, gl.SliceLayout(1, AL))
         acc = acc * scale_a[:, None] + gl.sum(w[:, :, None] * a_c, axis=0)
         m_run = m_new
-    # rotate back: out[h, j] = sum_d acc[h, d] unrot[d, j] / l[h], through shared memory (each
-    # thread needs every value dim of its head)
+    # rotate back: every thread needs every value dim of its rows, so through shared memory
     buf = gl.allocate_shared_memory(gl.float32, [GP, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     buf.store(acc)
     gl.thread_barrier()
-    DCH: gl.constexpr = 2 * W
-    P3: gl.constexpr = gl.BlockedLayout([GP // W, DCH, 4], [1, 1, 32], [W, 1, 1], [2, 1, 0])
-    OL: gl.constexpr = gl.SliceLayout(1, P3)  # (GP, 128)
-    dj = gl.arange(0, DCH, layout=gl.SliceLayout(1, gl.SliceLayout(0, P3)))
-    jj = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3)))
-    out = gl.zeros([GP, 128], gl.float32, layout=OL)
-    for d0 in gl.static_range(0, 128, DCH):
-        a = buf.slice(d0, DCH, dim=1).load(gl.SliceLayout(2, P3))  # (GP, DCH)
-        u = gl.load(unrot_ptr + (d0 + dj)[:, None] * 128 + jj[None, :])  # (DCH, 128)
-        out += gl.sum(a[:, :, None] * u[None, :, :], axis=1)
-    l_o = gl.convert_layout(l_run, gl.SliceLayout(1, OL))
-    out = out / l_o[:, None]
+    out = _rows_times(unrot_ptr, 0, GP, buf, unrot_ptr, GP, 1, W, True)
+    JPT: gl.constexpr = 128 // (4 * W)
+    OL: gl.constexpr = gl.SliceLayout(
+        1, gl.BlockedLayout([GP, 1, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
+    )
     ho = gl.arange(0, GP, layout=gl.SliceLayout(1, OL))
     jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
+    m_h = gl.convert_layout(m_run, gl.SliceLayout(1, OL))
+    l_h = gl.convert_layout(l_run, gl.SliceLayout(1, OL))
+    if HAS_SEG:
+        seg = bh * n_parts + n_parts - 1
+        real = ho < G
+        m_s = gl.load(
+            ws_ptr + m_off + seg * 16 + ho, mask=real, other=-1.0e30, cache_modifier=".cg"
+        )
+        l_s = gl.load(ws_ptr + l_off + seg * 16 + ho, mask=real, other=0.0, cache_modifier=".cg")
+        a_s = gl.load(
+            ws_ptr + acc_off + (seg * G + ho)[:, None] * 128 + jo[None, :],
+            mask=real[:, None], other=0.0, cache_modifier=".cg",
+        )  # fmt: skip
+        m_all = gl.maximum(m_h, m_s)
+        w_h = gl.exp2(m_h - m_all)
+        w_s = gl.exp2(m_s - m_all)
+        out = (out * w_h[:, None] + a_s * w_s[:, None]) / (l_h * w_h + l_s * w_s)[:, None]
+    else:
+        out = out / l_h[:, None]
     gl.store(
         out_ptr + (row0 + ho)[:, None] * 128 + jo[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -292,60 +428,117 @@ def _merge_splits(
     )
 
 
-@gluon.jit(do_not_specialize=["T", "split_len", "n_pre"])
-def _mma_partials_kernel(
-    qr_ptr,  # (B * Hkv * G, 128) fp16 rotated, scaled query rows, read as int32 pairs
-    ws_ptr,  # float32 workspace: partials at m_off / l_off / acc_off (the combine's layout)
-    m_off,
-    l_off,
-    acc_off,
-    kp_ptr,  # packed key rows, 64 bytes each (16-byte aligned)
-    kn_ptr,  # key norms, fp16, unit token stride
-    vp_ptr,  # packed value rows, 32 bytes each
-    vn_ptr,  # value norms, fp16
-    ktab_ptr,  # (256,) int32: the key pair table (pair_table)
-    vtab_ptr,  # (32, 4) int32: per lane, the value table's low bytes, high bytes, 0, 0
-    T,
-    split_len,  # tokens per program, a multiple of 32 * W
-    n_kv,
-    rows_per_seq,
-    bounds_ptr,  # (B, 2) int32 visible positions [from, until), read when HAS_BOUNDS
-    n_pre,
-    kp_sb,  # strides in bytes (packed rows) and elements (norms)
-    kp_sh,
-    kn_sb,
-    kn_sh,
-    vp_sb,
-    vp_sh,
-    vn_sb,
-    vn_sh,
-    cnt_ptr,  # (>= B * Hkv,) int32 tickets, zero between calls (read when FUSED)
-    unrot_ptr,  # (128, 128) float32: the value rotation back (FUSED)
-    out_ptr,  # (B, Hq, 1, 128) contiguous, the query dtype (FUSED)
-    G: gl.constexpr,
-    W: gl.constexpr,
-    HAS_BOUNDS: gl.constexpr,
-    FUSED: gl.constexpr,  # the last program of a KV head merges the splits (no segments)
-):
+_STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
+_LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
+
+
+@gluon.jit
+def _rotated_query(
+    query_ptr, stride_qb, stride_qh, rot_ptr, qscale, b, h, g, t, c,
+    G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr,
+):  # fmt: skip
+    """The B-fragment words of the scaled query rotated into the keys' domain (fp16 pairs,
+    int32 ``(32 W, 4)`` x 4: head ``g``, dims ``32 t .. 32 t + 31``; 0 for heads ``>= G``),
+    computed by the program itself (fp32 FMAs over the ``GQ`` padded heads) and handed to the
+    lanes through the first 2 KB of shared memory (the pair table's, filled after: the caller
+    puts a barrier before it)."""
+    JPT: gl.constexpr = 128 // (4 * W)
+    DPT: gl.constexpr = 32 // (GQ * JPT) if GQ * JPT < 32 else 1  # 32 products in flight
+    P3: gl.constexpr = gl.BlockedLayout([GQ, DPT, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
+    OL: gl.constexpr = gl.SliceLayout(1, P3)
+    rq = _rows_times(
+        query_ptr + b * stride_qb + h * G * stride_qh, stride_qh, G, None, rot_ptr,
+        GQ, DPT, W, False,
+    )  # fmt: skip
+    rq = (rq * qscale).to(gl.float16)
+    ho = gl.arange(0, GQ, layout=gl.SliceLayout(1, OL))
+    jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
+    gl.inline_asm_elementwise(
+        _STORE_HALF, "=r,r,h", [ho[:, None] * 256 + 2 * jo[None, :], rq],
+        dtype=gl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+    gl.thread_barrier()
+    addr = (g * 256 + 64 * t)[:, None] + 4 * c[None, :]
+    ok = (g < G)[:, None]
+    q0 = gl.inline_asm_elementwise(
+        _LOAD_WORD, "=r,r", [addr], dtype=gl.int32, is_pure=False, pack=1
+    )
+    q1 = gl.inline_asm_elementwise(
+        _LOAD_WORD, "=r,r", [addr + 16], dtype=gl.int32, is_pure=False, pack=1
+    )
+    q2 = gl.inline_asm_elementwise(
+        _LOAD_WORD, "=r,r", [addr + 32], dtype=gl.int32, is_pure=False, pack=1
+    )
+    q3 = gl.inline_asm_elementwise(
+        _LOAD_WORD, "=r,r", [addr + 48], dtype=gl.int32, is_pure=False, pack=1
+    )
+    return gl.where(ok, q0, 0), gl.where(ok, q1, 0), gl.where(ok, q2, 0), gl.where(ok, q3, 0)
+
+
+@gluon.jit
+def _history_partial(
+    query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off, acc_off, part,
+    kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs, start, stop, lo,
+    kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
+    G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
+):  # fmt: skip
+    """The partial of history tokens ``[start, stop)`` (visible from ``lo``) for the query
+    heads of one KV head: the program's walk, then its warps merged and stored at workspace
+    part ``part`` (m / l: 16 rows; sums: ``G x 128`` in the values' rotated domain)."""
     L: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [W, 1], [1, 0])
-    bh = gl.program_id(0)
-    split = gl.program_id(1)
-    n_splits = gl.num_programs(1)
-    b = bh // n_kv
-    h = bh % n_kv
-    bs = (b // rows_per_seq).to(gl.int64)  # offsets of big caches pass 2**31 bytes
     r = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, L))
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, L))
     lane = r % 32
     w = r // 32
     g = lane // 4
     t = lane % 4
-    qrow = qr_ptr + (bh * G + g) * 64 + 16 * t
-    qok = (g < G)[:, None]
-    q0 = gl.load(qrow[:, None] + c[None, :], mask=qok, other=0)
-    q1 = gl.load(qrow[:, None] + 4 + c[None, :], mask=qok, other=0)
-    q2 = gl.load(qrow[:, None] + 8 + c[None, :], mask=qok, other=0)
-    q3 = gl.load(qrow[:, None] + 12 + c[None, :], mask=qok, other=0)
+    # per-thread byte addresses at token 0 (copy_asm): key row of token g (group 4t), value
+    # word g of token 2t
+    kn_row = kn_ptr + bs * kn_sb + h * kn_sh
+    vn_row = vn_ptr + bs * vn_sb + h * vn_sh
+    zero = gl.zeros([32 * W, 4], gl.int64, layout=L)
+    bases = (
+        (kp_ptr + bs * kp_sb + h * kp_sh).to(gl.int64) + (g * 64 + 16 * t)[:, None] + zero,
+        (vp_ptr + bs * vp_sb + h * vp_sh).to(gl.int64) + (t * 64 + 4 * g)[:, None] + zero,
+    )
+    g4 = g[:, None] + 0 * c[None, :]
+    t4 = t[:, None] + 0 * c[None, :]
+    tw = (w * 32)[:, None] + 0 * c[None, :]
+    stop4 = tw * 0 + stop
+    STEP: gl.constexpr = 32 * W
+    STAGE_BYTES: gl.constexpr = _BLOCKS * 16 * 32 * W
+    # software pipeline: each thread copies its own operands STAGES - 1 steps ahead into its
+    # own shared-memory blocks (no barriers: no thread reads another's blocks); the first
+    # copies fly while the program rotates its query and fills the table
+    for s in gl.static_range(_STAGES - 1):
+        _copy_step(
+            bases,
+            tw + (start + s * STEP),
+            stop4,
+            g4,
+            t4,
+            tw * 0 + (_LUT + s * STAGE_BYTES),  # the stages follow the pair table
+            W,
+            True,
+        )
+    # the norm words (int32) holding the key / value norms of token g, by column
+    kwords = (kn_row + g).to(gl.int64) & -4
+    vwords = (vn_row + g).to(gl.int64) & -4
+    nptr = gl.where((c < 2)[None, :], kwords[:, None], vwords[:, None]).to(
+        gl.pointer_type(gl.int32)
+    )
+    # which half of its word a token's norm is (rows need not be 4-byte aligned)
+    kpar = ((kn_row + g).to(gl.int64) // 2) % 2
+    vpar = ((vn_row + g).to(gl.int64) // 2) % 2
+    nshift = gl.where((c < 2)[None, :], kpar[:, None], vpar[:, None]).to(gl.int32) * 16
+    # norms travel in registers, loaded one step ahead
+    tok = start + w * 32
+    n0 = _norm_words(nptr, tok, g, c, stop)
+    n1 = _norm_words(nptr, tok + 16, g, c, stop)
+    q0, q1, q2, q3 = _rotated_query(
+        query_ptr, stride_qb, stride_qh, rot_ptr, qscale, b, h, g, t, c, G, GQ, W
+    )
+    gl.thread_barrier()  # every lane has its query words before the table overwrites them
     # the key pair table into shared memory, one copy per lane (entry e of lane l at byte
     # 128 e + 4 l): thread (warp w, lane l) writes entries w, w + W, ... of column l
     FL: gl.constexpr = gl.BlockedLayout([1, 256 // W], [32, 1], [W, 1], [1, 0])
@@ -360,35 +553,6 @@ def _mma_partials_kernel(
     # the value table per lane: distinct addresses keep it in ordinary registers (from a
     # uniform load the compiler would move it out of uniform registers before every permute)
     vtab = gl.load(vtab_ptr + (lane * 4)[:, None] + c[None, :])
-    start = split * split_len
-    stop = gl.minimum(start + split_len, T)
-    lo = 0
-    if HAS_BOUNDS:
-        lo = gl.load(bounds_ptr + 2 * b) - n_pre
-        stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
-    # per-thread byte addresses at token 0 (copy_asm): key row of token g (group 4t), value
-    # word g of token 2t
-    kn_row = kn_ptr + bs * kn_sb + h * kn_sh
-    vn_row = vn_ptr + bs * vn_sb + h * vn_sh
-    zero = gl.zeros([32 * W, 4], gl.int64, layout=L)
-    bases = (
-        (kp_ptr + bs * kp_sb + h * kp_sh).to(gl.int64) + (g * 64 + 16 * t)[:, None] + zero,
-        (vp_ptr + bs * vp_sb + h * vp_sh).to(gl.int64) + (t * 64 + 4 * g)[:, None] + zero,
-    )
-    # the norm words (int32) holding the key / value norms of token g, by column
-    kwords = (kn_row + g).to(gl.int64) & -4
-    vwords = (vn_row + g).to(gl.int64) & -4
-    nptr = gl.where((c < 2)[None, :], kwords[:, None], vwords[:, None]).to(
-        gl.pointer_type(gl.int32)
-    )
-    # which half of its word a token's norm is (rows need not be 4-byte aligned)
-    kpar = ((kn_row + g).to(gl.int64) // 2) % 2
-    vpar = ((vn_row + g).to(gl.int64) // 2) % 2
-    nshift = gl.where((c < 2)[None, :], kpar[:, None], vpar[:, None]).to(gl.int32) * 16
-    g4 = g[:, None] + 0 * c[None, :]
-    t4 = t[:, None] + 0 * c[None, :]
-    tw = (w * 32)[:, None] + 0 * c[None, :]
-    stop4 = tw * 0 + stop
     m = gl.full([32 * W, 4], -1.0e30, gl.float32, layout=L)
     l_sum = gl.zeros([32 * W, 4], gl.float32, layout=L)
     a0 = gl.zeros([32 * W, 4], gl.float32, layout=L)
@@ -399,30 +563,11 @@ def _mma_partials_kernel(
     a5 = gl.zeros([32 * W, 4], gl.float32, layout=L)
     a6 = gl.zeros([32 * W, 4], gl.float32, layout=L)
     a7 = gl.zeros([32 * W, 4], gl.float32, layout=L)
-    STEP: gl.constexpr = 32 * W
-    STAGE_BYTES: gl.constexpr = _BLOCKS * 16 * 32 * W
     n_steps = (gl.maximum(stop - start, 0) + STEP - 1) // STEP
     # whole steps need no masks (no bounds); the rest of the split takes one masked step
     n_full = 0
     if not HAS_BOUNDS:
         n_full = (stop - start) // STEP
-    # software pipeline: each thread copies its own operands STAGES - 1 steps ahead into its
-    # own shared-memory blocks (no barriers: no thread reads another's blocks)
-    for s in gl.static_range(_STAGES - 1):
-        _copy_step(
-            bases,
-            tw + (start + s * STEP),
-            stop4,
-            g4,
-            t4,
-            tw * 0 + (_LUT + s * STAGE_BYTES),  # the stages follow the pair table
-            W,
-            True,
-        )
-    # norms travel in registers, loaded one step ahead
-    tok = start + w * 32
-    n0 = _norm_words(nptr, tok, g, c, stop)
-    n1 = _norm_words(nptr, tok + 16, g, c, stop)
     for i in range(n_full):
         m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, n0, n1 = _pipelined_step(
             i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo,
@@ -470,7 +615,6 @@ def _mma_partials_kernel(
     cr = col % 4
     head = 2 * (cl % 4) + cr % 2
     real = head < G
-    part = bh * n_splits + split
     once = (cl < 4) & (cr < 2) & real
     gl.store(ws_ptr + m_off + part * 16 + head, m_tot, mask=once)
     gl.store(ws_ptr + l_off + part * 16 + head, _merge_column(buf, 9, wts, W, ML), mask=once)
@@ -483,45 +627,113 @@ def _mma_partials_kernel(
     gl.store(out + 9, _merge_column(buf, 5, wts, W, ML), mask=real)
     gl.store(out + 10, _merge_column(buf, 6, wts, W, ML), mask=real)
     gl.store(out + 11, _merge_column(buf, 7, wts, W, ML), mask=real)
-    if FUSED:
-        # publish this partial (every thread's stores, device-wide), then take a ticket: the
-        # program that takes the last one merges the KV head's splits
-        gl.inline_asm_elementwise(_FENCE, "=r,r", [col], dtype=gl.int32, is_pure=False, pack=1)
-        gl.thread_barrier()
-        ticket = gl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
-        if ticket == n_splits - 1:
-            gl.inline_asm_elementwise(_FENCE, "=r,r", [col], dtype=gl.int32, is_pure=False, pack=1)
-            _merge_splits(
-                ws_ptr, m_off, l_off, acc_off, bh, n_splits, unrot_ptr, out_ptr, bh * G, G, W
-            )
-            gl.store(cnt_ptr + bh, 0)
 
 
-@triton.jit
-def _rotate_query_kernel(
-    query_ptr, stride_qb, stride_qh, rot_ptr, out_ptr, n_kv, qscale,
-    G: tl.constexpr, GP: tl.constexpr, CB: tl.constexpr,
-):  # fmt: skip
-    """Columns ``[CB j, CB j + CB)`` (j = program 1) of the query heads of one KV head rotated
-    into the keys' domain and scaled, fp16 rows: one round of loads, one ``tf32x3`` product."""
-    bh = tl.program_id(0)
+@gluon.jit(do_not_specialize=["T", "split_len", "n_pre", "n_suf"])
+def _mma_decode_kernel(
+    query_ptr,  # (B, Hq, 1, 128), last stride 1
+    stride_qb,
+    stride_qh,
+    qscale,  # scale * log2(e)
+    rot_ptr,  # (128, 128) float32: the key rotation, q_rot = q @ rot
+    unrot_ptr,  # (128, 128) float32: the value rotation back
+    ws_ptr,  # float32 workspace: partials at m_off / l_off / acc_off
+    m_off,
+    l_off,
+    acc_off,
+    cnt_ptr,  # (>= B * Hkv,) int32 tickets, zero between calls
+    out_ptr,  # (B, Hq, 1, 128) contiguous, the query dtype
+    kp_ptr,  # packed key rows, 64 bytes each (16-byte aligned)
+    kn_ptr,  # key norms, fp16, unit token stride
+    vp_ptr,  # packed value rows, 32 bytes each
+    vn_ptr,  # value norms, fp16
+    ktab_ptr,  # (256,) int32: the key pair table (pair_table)
+    vtab_ptr,  # (32, 4) int32: per lane, the value table's low bytes, high bytes, 0, 0
+    T,
+    split_len,  # tokens per program, a multiple of 32 * W
+    n_kv,
+    rows_per_seq,
+    bounds_ptr,  # (B, 2) int32 visible positions [from, until), read when HAS_BOUNDS
+    kp_sb,  # strides in bytes (packed rows) and elements (norms)
+    kp_sh,
+    kn_sb,
+    kn_sh,
+    vp_sb,
+    vp_sh,
+    vn_sb,
+    vn_sh,
+    pk_ptr,  # prefix (sink) keys / values (B, Hkv, n_pre, 128), last stride 1 (HAS_SEG)
+    pv_ptr,
+    n_pre,
+    pk_sb,
+    pk_sh,
+    pk_st,
+    pv_sb,
+    pv_sh,
+    pv_st,
+    sk_ptr,  # suffix (window, staged) keys / values (B, Hkv, n_suf, 128) (HAS_SEG)
+    sv_ptr,
+    n_suf,
+    sk_sb,
+    sk_sh,
+    sk_st,
+    sv_sb,
+    sv_sh,
+    sv_st,
+    G: gl.constexpr,
+    GQ: gl.constexpr,  # G padded to a power of two
+    W: gl.constexpr,
+    HAS_BOUNDS: gl.constexpr,
+    HAS_SEG: gl.constexpr,  # the last program of each KV head takes the segments
+):
+    bh = gl.program_id(0)
+    split = gl.program_id(1)
+    n_parts = gl.num_programs(1)
     b = bh // n_kv
     h = bh % n_kv
-    rows = tl.arange(0, GP)
-    dims = tl.arange(0, 128)
-    cols = tl.program_id(1) * CB + tl.arange(0, CB)
-    q = tl.load(
-        query_ptr + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dims[None, :],
-        mask=(rows < G)[:, None],
-        other=0.0,
-    ).to(tl.float32)
-    rot = tl.load(rot_ptr + dims[:, None] * 128 + cols[None, :])
-    q = tl.dot(q, rot, input_precision="tf32x3")
-    tl.store(
-        out_ptr + (bh * G + rows[:, None]) * 128 + cols[None, :],
-        (q * qscale).to(tl.float16),
-        mask=(rows < G)[:, None],
-    )
+    bs = (b // rows_per_seq).to(gl.int64)  # offsets of big caches pass 2**31 bytes
+    part = bh * n_parts + split
+    start = split * split_len
+    stop = gl.minimum(start + split_len, T)
+    lo = 0
+    if HAS_BOUNDS:
+        lo = gl.load(bounds_ptr + 2 * b) - n_pre
+        stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
+    if HAS_SEG:
+        if split == n_parts - 1:
+            _segment_partial(
+                query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off,
+                acc_off, part, pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
+                sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st, bounds_ptr, T,
+                G, W, HAS_BOUNDS,
+            )  # fmt: skip
+        else:
+            _history_partial(
+                query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
+                acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
+                start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
+                G, GQ, W, HAS_BOUNDS,
+            )  # fmt: skip
+    else:
+        _history_partial(
+            query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
+            acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
+            start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
+            G, GQ, W, HAS_BOUNDS,
+        )  # fmt: skip
+    # publish this partial (every thread's stores, device-wide), then take a ticket: the
+    # program that takes the last one merges the KV head's parts
+    one = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
+    gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
+    gl.thread_barrier()
+    ticket = gl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_parts - 1:
+        gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
+        _merge_splits(
+            ws_ptr, m_off, l_off, acc_off, bh, n_parts, unrot_ptr, out_ptr, bh * G, G, W,
+            HAS_SEG,
+        )  # fmt: skip
+        gl.store(cnt_ptr + bh, 0)
 
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -600,45 +812,40 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return found
 
 
-def launch_mma_partials(
-    query, keys, values, key_q, value_q, rot, qscale, *,
-    rows_per_seq, bounds, n_pre, tokens_per_split, num_warps, sm_count, workspace,
-    fused_out=None, unrot=None,
+def launch_mma_decode(
+    query, keys, values, key_q, value_q, rot, unrot, qscale, out, prefix, suffix, *,
+    rows_per_seq, bounds, tokens_per_split, num_warps, sm_count, workspace,
 ):  # fmt: skip
-    """Rotate the query and write the split partials; returns ``(ws, splits, m_off, l_off,
-    acc_off)`` in the layout :func:`.decode_attention._combine_kernel` reads (16 rows of m and l
-    per split, then G x 128 value-domain sums in dim order). With ``fused_out`` (the output,
-    ``(B, Hq, 1, 128)`` contiguous) and ``unrot`` (the value rotation back, ``(128, 128)``
-    float32) the kernel also merges the splits and writes the output: no combine is needed
-    (calls without sink or window segments)."""
+    """One launch: the history's split partials, the segments' partial (``prefix`` / ``suffix``:
+    the argument lists of :func:`.decode_attention._segment_args`; one more program per KV head
+    when either holds tokens), and the merge by the last program of each KV head into ``out``
+    (``(B, Hq, 1, 128)`` contiguous). ``rot`` / ``unrot``: the key rotation and the value
+    rotation back, ``(128, 128)`` float32."""
     b, hq, _, d = query.shape
     n_kv, t = keys.shape[1], keys.shape[2]
     g = hq // n_kv
     bh = b * n_kv
     device = query.device
-    q_rot = torch.empty(bh * g, d, device=device, dtype=torch.float16)
-    _rotate_query_kernel[(bh, 4)](
-        query, query.stride(0), query.stride(1), rot, q_rot, n_kv, qscale, G=g, GP=16, CB=32
-    )
     step = STEP_TOKENS * num_warps
     if tokens_per_split is None:  # a whole wave: as many programs per SM as shared memory holds
         per_sm = max(1, _SMEM_PER_SM // (LUT_BYTES + STAGES * STAGE_BLOCKS * 16 * 32 * num_warps))
         want = max(1, per_sm * sm_count // bh)
         tokens_per_split = math.ceil(t / want)
     split_len = max(step, math.ceil(tokens_per_split / step) * step)
-    splits = math.ceil(t / split_len)
-    m_off, l_off, acc_off = 0, bh * splits * 16, 2 * bh * splits * 16
-    ws = workspace(device, acc_off + bh * splits * g * d)
+    has_seg = bool(prefix[2] or suffix[2])
+    parts = math.ceil(t / split_len) + has_seg
+    m_off, l_off, acc_off = 0, bh * parts * 16, 2 * bh * parts * 16
+    ws = workspace(device, acc_off + bh * parts * g * d)
     ktab, vtab = _tables(key_q, value_q, device)
     kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
-    _mma_partials_kernel[(bh, splits)](
-        q_rot.view(torch.int32), ws, m_off, l_off, acc_off, kp, kn, vp, vn, ktab, vtab,
-        t, split_len, n_kv, rows_per_seq, query if bounds is None else bounds, n_pre,
+    _mma_decode_kernel[(bh, parts)](
+        query, query.stride(0), query.stride(1), qscale, rot, unrot,
+        ws, m_off, l_off, acc_off, _counters(device, bh), out,
+        kp, kn, vp, vn, ktab, vtab,
+        t, split_len, n_kv, rows_per_seq, query if bounds is None else bounds,
         kp.stride(0), kp.stride(1), kn.stride(0), kn.stride(1),
         vp.stride(0), vp.stride(1), vn.stride(0), vn.stride(1),
-        _counters(device, bh), query if unrot is None else unrot,
-        query if fused_out is None else fused_out,
-        G=g, W=num_warps, HAS_BOUNDS=bounds is not None,
-        FUSED=fused_out is not None, num_warps=num_warps,
+        *prefix, *suffix,
+        G=g, GQ=triton.next_power_of_2(g), W=num_warps, HAS_BOUNDS=bounds is not None,
+        HAS_SEG=has_seg, num_warps=num_warps, maxnreg=_MAX_REGISTERS,
     )  # fmt: skip
-    return ws, splits, m_off, l_off, acc_off
