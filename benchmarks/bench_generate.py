@@ -26,13 +26,20 @@ Per context (8K, 32K, 64K; 128K with ``--long``) and config, in this order:
    ``model.generate`` (whose per-step overhead differs between caches); CUDA synchronized before
    and after the loop. Both configs run eager (Python launches every kernel of every layer;
    no static cache, no CUDA graph), so host overhead is in ``ms_per_token``.
+4. with ``--rounds R`` (default 4): every config's cache is kept (peaks leave out what the kept
+   caches of earlier configs hold), and after the last config the configs go on decoding in
+   alternating blocks of ``--steps`` steps, R blocks each, in ABBA order: a host that speeds up
+   or slows down during the run (eager decode here is host-bound, and the host's speed drifts
+   between runs minutes apart) weighs on every config alike. ``interleaved_ms`` per block,
+   ``interleaved_median_ms``, and ``interleaved_speed``: the median over the rounds of
+   baseline ms / config ms of the same round.
 
 Memory: ``peak_gib`` is ``torch.cuda.max_memory_allocated`` over prefill and decode (peak stats
 reset after freeing the previous config's cache; the 15 GiB of weights included);
 ``decode_peak_gib`` the same over the decode steps only; ``cache_bytes`` what the cache holds
 after the last step (baseline: its K/V tensors; tqai: ``TqaiCache.nbytes()``: codes, norms,
 sinks and window). The model is built once; configs run one after another in the same process
-with their cache deleted, ``gc.collect`` and ``torch.cuda.empty_cache`` in between.
+with their cache deleted (kept instead with ``--rounds``), ``gc.collect`` and ``torch.cuda.empty_cache`` in between.
 
 Run time on one H100 (measured, baseline and K4/V2 at 8K/32K/64K with 16 timed steps): 131 s,
 of which tqai's prefill took 105 s (its chunks after the first run the reference attention:
@@ -53,6 +60,7 @@ from __future__ import annotations
 import argparse
 import gc
 import re
+import statistics
 import time
 from typing import Any
 
@@ -158,11 +166,15 @@ def measure(
     steps: int,
     warmup: int,
     prefill_chunk: int,
-) -> dict[str, Any]:
+    held_before: int = 0,
+    keep: bool = False,
+) -> tuple[dict[str, Any], Any]:
     """Prefill ``prompt (B, T)`` in chunks, then ``warmup`` + ``steps`` greedy one-token steps.
 
     Returns ``ms_per_token``, ``tokens_per_s`` (over the timed steps, all sequences of the
-    batch), ``prefill_s``, ``peak_gib``, ``decode_peak_gib`` (None off CUDA), ``cache_bytes``.
+    batch), ``prefill_s``, ``peak_gib``, ``decode_peak_gib`` (None off CUDA), ``cache_bytes``;
+    and, with ``keep``, the state to go on decoding (:func:`interleaved`), else None. Peaks
+    leave out ``held_before`` bytes (what kept caches of other configs hold meanwhile).
     """
     device = prompt.device.type
     gc.collect()
@@ -190,8 +202,12 @@ def measure(
     seconds = time.perf_counter() - start
     decode_peak = _peak_gib(device)
     held = cache_bytes(cache)
+    state = (bits, cache, kw, token) if keep else None
     del cache, kw, logits
     tqai_torch.unpatch(model)
+    if prefill_peak is not None:
+        prefill_peak -= held_before / 2**30
+        decode_peak -= held_before / 2**30
     return {
         "ms_per_token": seconds / steps * 1e3,
         "tokens_per_s": prompt.shape[0] * steps / seconds,
@@ -199,7 +215,33 @@ def measure(
         "peak_gib": None if prefill_peak is None else max(prefill_peak, decode_peak),
         "decode_peak_gib": decode_peak,
         "cache_bytes": held,
-    }
+    }, state
+
+
+@torch.no_grad()
+def interleaved(model: torch.nn.Module, states: dict[str, Any], steps: int, rounds: int) -> dict:
+    """Go on decoding every kept config (``states``: name -> :func:`measure`'s state) in
+    alternating blocks of ``steps`` timed greedy steps, ``rounds`` blocks each, in ABBA order
+    (the order reverses every round), so that a host that speeds up or slows down over the run
+    weighs on every config alike. Returns name -> list of ms per token, one per block."""
+    device = next(model.parameters()).device.type
+    times: dict[str, list[float]] = {name: [] for name in states}
+    order = list(states)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            bits, cache, kw, token = states[name]
+            tqai_torch.unpatch(model)
+            if bits is not None:  # the model reads tqai caches (the fresh one returned is unused)
+                tqai_torch.patch(model, bits_k=bits[0], bits_v=bits[1])
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = model(input_ids=token, **kw).logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / steps * 1e3)
+            states[name] = (bits, cache, kw, token)
+    tqai_torch.unpatch(model)
+    return times
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -219,6 +261,12 @@ def main() -> None:
         default=None,
         help="prompt tokens per forward (4096; tiny: 128)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="then that many interleaved blocks of --steps steps per config (0: none)",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="tiny Llama on the CPU (a check)")
     parser.add_argument("--no-json", action="store_true")
@@ -228,8 +276,9 @@ def main() -> None:
     for name in ("steps", "prefill_chunk", "batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("warmup", "rounds"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (torch.cuda.is_available() is False); --tiny runs on CPU")
@@ -248,24 +297,46 @@ def main() -> None:
     info["device"] = card
     generator = torch.Generator().manual_seed(1)
     rows = []
+    held_by_model = torch.cuda.memory_allocated() if device == "cuda" else 0
     for context in contexts:
         prompt = torch.randint(0, shape["vocab_size"], (args.batch, context), generator=generator)
         prompt = prompt.to(device)
+        states: dict[str, Any] = {}
         for name in args.configs:
-            result = measure(
+            held = torch.cuda.memory_allocated() - held_by_model if device == "cuda" else 0
+            result, state = measure(
                 model,
                 prompt,
                 CONFIGS[name],
                 steps=args.steps,
                 warmup=args.warmup,
                 prefill_chunk=args.prefill_chunk,
+                held_before=held,
+                keep=args.rounds > 0,
             )
+            if state is not None:
+                states[name] = state
             rows.append(
                 {"card": card, "context": context, "batch": args.batch, "config": name, **result}
             )
             r = rows[-1]
             print(f"{context:>7} {name:>8}: {r['ms_per_token']:.1f} ms/token, "
                   f"prefill {r['prefill_s']:.1f} s, peak {_fmt(r['peak_gib'], '.2f')} GiB")  # fmt: skip
+        if states:
+            blocks = interleaved(model, states, args.steps, args.rounds)
+            for r in rows:
+                if r["context"] == context and r["config"] in blocks:
+                    r["interleaved_ms"] = blocks[r["config"]]
+                    r["interleaved_median_ms"] = statistics.median(blocks[r["config"]])
+                    print(f"{context:>7} {r['config']:>8}: interleaved ms/token "
+                          + " ".join(f"{x:.1f}" for x in r["interleaved_ms"]))  # fmt: skip
+            base_ms = blocks.get("baseline")
+            for r in rows:
+                if r["context"] == context and base_ms and r["config"] in blocks:
+                    # block r of every config ran in the same round: paired ratios
+                    pairs = zip(base_ms, blocks[r["config"]], strict=True)
+                    r["interleaved_speed"] = statistics.median(b / x for b, x in pairs)
+        del states
     total_s = time.perf_counter() - wall
     base = {r["context"]: r for r in rows if r["config"] == "baseline"}
     table = []
@@ -275,6 +346,8 @@ def main() -> None:
             [r["config"], r["context"], r["batch"], f"{r['ms_per_token']:.2f}",
              f"{r['tokens_per_s']:.2f}",
              "-" if ref is None else f"{ref['ms_per_token'] / r['ms_per_token']:.2f}x",
+             _fmt(r.get("interleaved_median_ms"), ".2f"),
+             "-" if "interleaved_speed" not in r else f"{r['interleaved_speed']:.2f}x",
              _fmt(r["peak_gib"], ".2f"), _fmt(r["decode_peak_gib"], ".2f"),
              f"{r['cache_bytes'] / 2**20:.4g}", f"{r['prefill_s']:.1f}"]
         )  # fmt: skip
@@ -283,7 +356,8 @@ def main() -> None:
         f"weights, on {card}: {args.steps} eager steps after {args.warmup} warm-up; prefill in "
         f"chunks of {args.prefill_chunk}; baseline = DynamicCache + sdpa",
         ["config", "context", "batch", "ms/token", "tokens/s", "speed vs baseline",
-         "peak GiB", "decode peak GiB", "cache MiB", "prefill s"],
+         "interleaved ms/token", "speed, interleaved", "peak GiB", "decode peak GiB",
+         "cache MiB", "prefill s"],
         table,
     )  # fmt: skip
     print(f"total {total_s:.0f} s")
@@ -302,6 +376,12 @@ def main() -> None:
                 f"prefill in chunks of {args.prefill_chunk} (logits_to_keep=1), {args.warmup} "
                 f"warm-up steps, {args.steps} timed eager greedy steps (manual loop, CUDA "
                 "synchronized around it)"
+                + (
+                    f"; then {args.rounds} interleaved blocks of {args.steps} steps per config "
+                    "(ABBA order; median ms/token, and the median of the per-round ratios)"
+                    if args.rounds
+                    else ""
+                )
             ),
             "transformers": transformers.__version__,
             "torch": torch.__version__,

@@ -473,6 +473,10 @@ def render_attention(doc: Any) -> str:
     return _join(_table(columns, rows), " ".join(notes), _machine(doc))
 
 
+def _speed(name: str) -> Callable[[Row], Any]:
+    return lambda r: None if r.get(name) is None else f"{r[name]:.2f}x"
+
+
 def render_generate(doc: Any) -> str:
     """End-to-end greedy decode (bench_generate): ms/token, speed and peak memory vs baseline."""
     rows = _rows(doc)
@@ -498,6 +502,14 @@ def render_generate(doc: Any) -> str:
         ("ms/token", _key("ms_per_token"), True),
         ("tokens/s", _key("tokens_per_s"), True),
         ("speed vs baseline", speed, True),
+        *(
+            [
+                ("interleaved ms/token", _key("interleaved_median_ms"), True),
+                ("speed, interleaved", _speed("interleaved_speed"), True),
+            ]
+            if any("interleaved_median_ms" in r for r in rows)
+            else []
+        ),
         ("peak GiB", gib("peak_gib"), True),
         ("decode peak GiB", gib("decode_peak_gib"), True),
         ("cache MiB", _mib("cache_bytes"), True),

@@ -271,6 +271,25 @@ def test_generate_renderer_compares_repeated_runs_within_a_run() -> None:
     assert "Note: 8K ran twice." in text
 
 
+def test_generate_renderer_shows_interleaved_blocks() -> None:
+    module = _script_module()
+    row = {"card": "Test GPU", "context": 8192, "batch": 1, "tokens_per_s": 1.0}
+    doc = {
+        "rows": [
+            {**row, "config": "baseline", "ms_per_token": 80.0, "interleaved_median_ms": 70.0},
+            {**row, "config": "K4/V2", "ms_per_token": 40.0, "interleaved_median_ms": 50.0,
+             "interleaved_speed": 1.4},
+        ],
+    }  # fmt: skip
+    text = module.render("generate_test-gpu", doc)
+    assert (
+        "| ms/token | tokens/s | speed vs baseline | interleaved ms/token | speed, interleaved |"
+        in text
+    )
+    assert "| baseline | 8192 | 1 | 80 | 1 | 1.00x | 70 |  |" in text
+    assert "| K4/V2 | 8192 | 1 | 40 | 1 | 2.00x | 50 | 1.40x |" in text
+
+
 def test_pipeline_perplexity_renderer() -> None:
     module = _script_module()
     row = {"model": "M", "context": 1024, "residual_window": 0, "baseline_ppl": 10.0}

@@ -55,8 +55,10 @@ from typing import Any
 
 import torch
 import triton
+from triton import knobs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.runtime import driver
 
 from tqai_torch.kernels.triton.decode_mma_ptx import (
     LUT_BYTES,
@@ -391,20 +393,13 @@ def _merge_splits(
         scale_a = gl.convert_layout(scale, gl.SliceLayout(1, AL))
         acc = acc * scale_a[:, None] + gl.sum(w[:, :, None] * a_c, axis=0)
         m_run = m_new
-    # rotate back: every thread needs every value dim of its rows, so through shared memory
-    buf = gl.allocate_shared_memory(gl.float32, [GP, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    buf.store(acc)
-    gl.thread_barrier()
-    out = _rows_times(unrot_ptr, 0, GP, buf, unrot_ptr, GP, 1, W, True)
     JPT: gl.constexpr = 128 // (4 * W)
     OL: gl.constexpr = gl.SliceLayout(
         1, gl.BlockedLayout([GP, 1, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
-    )
+    )  # the layout of _rows_times' result
     ho = gl.arange(0, GP, layout=gl.SliceLayout(1, OL))
     jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
-    m_h = gl.convert_layout(m_run, gl.SliceLayout(1, OL))
-    l_h = gl.convert_layout(l_run, gl.SliceLayout(1, OL))
-    if HAS_SEG:
+    if HAS_SEG:  # the segments' partial, loaded before the rotation back (its latency hidden)
         seg = bh * n_parts + n_parts - 1
         real = ho < G
         m_s = gl.load(
@@ -415,6 +410,14 @@ def _merge_splits(
             ws_ptr + acc_off + (seg * G + ho)[:, None] * 128 + jo[None, :],
             mask=real[:, None], other=0.0, cache_modifier=".cg",
         )  # fmt: skip
+    # rotate back: every thread needs every value dim of its rows, so through shared memory
+    buf = gl.allocate_shared_memory(gl.float32, [GP, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    buf.store(acc)
+    gl.thread_barrier()
+    out = _rows_times(unrot_ptr, 0, GP, buf, unrot_ptr, GP, 1, W, True)
+    m_h = gl.convert_layout(m_run, gl.SliceLayout(1, OL))
+    l_h = gl.convert_layout(l_run, gl.SliceLayout(1, OL))
+    if HAS_SEG:
         m_all = gl.maximum(m_h, m_s)
         w_h = gl.exp2(m_h - m_all)
         w_s = gl.exp2(m_s - m_all)
@@ -629,7 +632,17 @@ def _history_partial(
     gl.store(out + 11, _merge_column(buf, 7, wts, W, ML), mask=real)
 
 
-@gluon.jit(do_not_specialize=["T", "split_len", "n_pre", "n_suf"])
+# every integer argument is a run-time value (never specialized on): a compiled kernel then depends
+# only on the constexprs, the pointers' dtypes and alignments (see _launch)
+_INT_ARGS = (
+    "stride_qb", "stride_qh", "m_off", "l_off", "acc_off", "T", "split_len", "n_kv",
+    "rows_per_seq", "kp_sb", "kp_sh", "kn_sb", "kn_sh", "vp_sb", "vp_sh", "vn_sb", "vn_sh",
+    "n_pre", "pk_sb", "pk_sh", "pk_st", "pv_sb", "pv_sh", "pv_st",
+    "n_suf", "sk_sb", "sk_sh", "sk_st", "sv_sb", "sv_sh", "sv_st",
+)  # fmt: skip
+
+
+@gluon.jit(do_not_specialize=list(_INT_ARGS))
 def _mma_decode_kernel(
     query_ptr,  # (B, Hq, 1, 128), last stride 1
     stride_qb,
@@ -838,7 +851,7 @@ def launch_mma_decode(
     ws = workspace(device, acc_off + bh * parts * g * d)
     ktab, vtab = _tables(key_q, value_q, device)
     kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
-    _mma_decode_kernel[(bh, parts)](
+    args = (
         query, query.stride(0), query.stride(1), qscale, rot, unrot,
         ws, m_off, l_off, acc_off, _counters(device, bh), out,
         kp, kn, vp, vn, ktab, vtab,
@@ -846,6 +859,44 @@ def launch_mma_decode(
         kp.stride(0), kp.stride(1), kn.stride(0), kn.stride(1),
         vp.stride(0), vp.stride(1), vn.stride(0), vn.stride(1),
         *prefix, *suffix,
-        G=g, GQ=triton.next_power_of_2(g), W=num_warps, HAS_BOUNDS=bounds is not None,
-        HAS_SEG=has_seg, num_warps=num_warps, maxnreg=_MAX_REGISTERS,
+    )  # fmt: skip
+    constexprs = (g, triton.next_power_of_2(g), num_warps, bounds is not None, has_seg)
+    _launch(device, (bh, parts, 1), args, constexprs)
+
+
+_COMPILED: dict = {}
+_I32 = (-(2**31), 2**31 - 1)
+
+
+def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -> None:
+    """Launch ``_mma_decode_kernel``: through Triton's JIT the first time for a specialization,
+    then straight through the compiled kernel's launcher, skipping the JIT's argument binder
+    and cache lookup (most of a call's host time; decode is one call per layer and token).
+
+    A compiled kernel depends only on the constexprs, the dtypes and 16-byte alignment of the
+    pointer arguments and whether the integers fit in int32 (no integer is specialized on:
+    ``_INT_ARGS``), so that is the key. With launch hooks set (profilers) every call takes
+    the JIT."""
+    pointers = [a for a in args if isinstance(a, torch.Tensor)]
+    ints = [a for a in args if type(a) is int]
+    key = (
+        device.index,
+        constexprs,
+        tuple(p.dtype for p in pointers),
+        tuple(p.data_ptr() % 16 == 0 for p in pointers),
+        _I32[0] <= min(ints) and max(ints) <= _I32[1],
+    )
+    kernel = _COMPILED.get(key)
+    hooked = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook
+    if kernel is None or hooked:
+        g, gq, w, has_bounds, has_seg = constexprs
+        _COMPILED[key] = _mma_decode_kernel[grid[:2]](
+            *args, G=g, GQ=gq, W=w, HAS_BOUNDS=has_bounds, HAS_SEG=has_seg, num_warps=w,
+            maxnreg=_MAX_REGISTERS,
+        )  # fmt: skip
+        return
+    stream = driver.active.get_current_stream(device.index)
+    kernel.run(
+        grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+        None, None, None, *args, *constexprs,
     )  # fmt: skip
