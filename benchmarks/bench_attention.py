@@ -11,6 +11,10 @@ several times over); the graph is replayed and the time divided by the calls. Bo
 are timed the same way. Host (Python) overhead is not in these numbers; the eager per-call
 time of one call is reported separately (``eager`` in the JSON).
 
+The tqai calls carry what the cache passes: ``--sinks`` (4) full-precision tokens before the
+packed history and ``--window`` (33: the 32-token window and the staged token) after it, bf16;
+the history is the rest of the context, and SDPA reads the same number of tokens.
+
 ``tqai_gbps`` counts the bytes the kernel must read: packed codes and fp16 norms of K and V
 (plus nothing else of size). The roofline is a device-to-device copy measured in the same run
 (bytes read + written over time).
@@ -117,6 +121,10 @@ def qt_bytes(qt: QuantizedTensor) -> int:
     return qt.packed.numel() + qt.norms.numel() * qt.norms.element_size()
 
 
+SINKS = 4  # the cache's defaults: 4 sink tokens,
+WINDOW = 33  # a 32-token full-precision window and the token being decoded (staged)
+
+
 def tokens_per_split(context: int, batch: int, per_sm: float, block_n: int) -> int:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     want = max(1, math.ceil(per_sm * sms / (batch * KV_HEADS)))
@@ -133,6 +141,12 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep block/warps/splits, no JSON")
     parser.add_argument("--no-json", action="store_true")
     parser.add_argument("--profile", action="store_true", help="per-kernel GPU times (tune runs)")
+    parser.add_argument(
+        "--sinks", type=int, default=SINKS, help="full-precision tokens before the history"
+    )
+    parser.add_argument(
+        "--window", type=int, default=WINDOW, help="full-precision tokens after the history"
+    )
     args = parser.parse_args()
     from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
@@ -167,13 +181,23 @@ def main() -> None:
             sdpa = graph_us(sdpa_calls)
             sdpa_eager = eager_us(sdpa_calls)
             del copies, sdpa_calls
+            # what the cache passes: sinks and the window + staged tokens in full precision
+            stop = context - args.window
+            segments = {
+                "prefix": (k[:, :, : args.sinks].clone(), v[:, :, : args.sinks].clone()),
+                "suffix": (k[:, :, stop:].clone(), v[:, :, stop:].clone()),
+            }
             codes = {}
             for name in args.configs:
                 bk, bv = CONFIGS[name]
                 if ("k", bk) not in codes:
-                    codes[("k", bk)] = quantize_chunked(quantizers[("k", bk)], k)
+                    codes[("k", bk)] = quantize_chunked(
+                        quantizers[("k", bk)], k[:, :, args.sinks : stop]
+                    )
                 if ("v", bv) not in codes:
-                    codes[("v", bv)] = quantize_chunked(quantizers[("v", bv)], v)
+                    codes[("v", bv)] = quantize_chunked(
+                        quantizers[("v", bv)], v[:, :, args.sinks : stop]
+                    )
             del k, v
             torch.cuda.empty_cache()
             for name in args.configs:
@@ -184,8 +208,12 @@ def main() -> None:
                 n = max(1, min(64, math.ceil(TARGET_BYTES / nbytes)))
                 hist = [(keys, values)] + [(clone_qt(keys), clone_qt(values)) for _ in range(n - 1)]
                 if batch == 1 and context == min(args.contexts):
-                    ref = compressed_attention(qs[0].float(), keys, values, kq, vq, scale=scale)
-                    out = decode_attention_triton(qs[0], keys, values, kq, vq, scale=scale)
+                    ref = compressed_attention(
+                        qs[0].float(), keys, values, kq, vq, scale=scale, **segments
+                    )
+                    out = decode_attention_triton(
+                        qs[0], keys, values, kq, vq, scale=scale, **segments
+                    )
                     rel = ((out.float() - ref).norm() / ref.norm()).item()
                     checks.append({"config": name, "context": context, "rel_err": rel})
                 settings = [(None, None, None)]  # the library's defaults
@@ -199,7 +227,12 @@ def main() -> None:
                         if per_sm is None
                         else tokens_per_split(context, batch, per_sm, block_n)
                     )
-                    options = {"scale": scale, "block_n": block_n, "tokens_per_split": tps}
+                    options = {
+                        "scale": scale,
+                        "block_n": block_n,
+                        "tokens_per_split": tps,
+                        **segments,
+                    }
                     calls = [
                         functools.partial(
                             decode_attention_triton,
@@ -284,6 +317,10 @@ def main() -> None:
             "machine": info,
             "copy_gbps": roof,
             "method": "CUDA graph over per-layer cache copies (L2-cold), median per call",
+            "segments": (
+                f"{args.sinks} sink and {args.window} window tokens in bf16 around the packed "
+                "history (as the cache passes them), SDPA over the same number of tokens"
+            ),
             "rows": rows,
             "eager": eager,
             "encode": encode,

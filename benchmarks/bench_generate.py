@@ -39,7 +39,8 @@ reset after freeing the previous config's cache; the 15 GiB of weights included)
 ``decode_peak_gib`` the same over the decode steps only; ``cache_bytes`` what the cache holds
 after the last step (baseline: its K/V tensors; tqai: ``TqaiCache.nbytes()``: codes, norms,
 sinks and window). The model is built once; configs run one after another in the same process
-with their cache deleted (kept instead with ``--rounds``), ``gc.collect`` and ``torch.cuda.empty_cache`` in between.
+with their cache deleted (kept instead with ``--rounds``), ``gc.collect`` and
+``torch.cuda.empty_cache`` in between.
 
 Run time on one H100 (measured, baseline and K4/V2 at 8K/32K/64K with 16 timed steps): 131 s,
 of which tqai's prefill took 105 s (its chunks after the first run the reference attention:

@@ -470,6 +470,8 @@ def render_attention(doc: Any) -> str:
     if isinstance(doc, dict) and doc.get("method"):
         roof_note = f" Roofline: device-to-device copy, {roof:.0f} GB/s." if roof else ""
         notes.append(f"Timing: {doc['method']}.{roof_note}")
+    if isinstance(doc, dict) and doc.get("segments"):
+        notes.append(f"Segments: {doc['segments']}.")
     return _join(_table(columns, rows), " ".join(notes), _machine(doc))
 
 

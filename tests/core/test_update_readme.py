@@ -233,6 +233,21 @@ def test_vae_memory_and_video_renderers() -> None:
     assert "tiny. Device: Test GPU." in text
 
 
+def test_attention_renderer_names_the_segments() -> None:
+    module = _script_module()
+    row = {"card": "Test GPU", "config": "K4/V2", "batch": 1, "context": 4096}
+    doc = {
+        "copy_gbps": 4000.0,
+        "method": "CUDA graph",
+        "segments": "4 sink and 33 window tokens",
+        "rows": [{**row, "sdpa_us": 12.0, "tqai_us": 10.0, "tqai_gbps": 400.0}],
+    }
+    text = module.render("attention_test-gpu", doc)
+    assert "| K4/V2 | 1 | 4096 | 12 | 10 | 1.20x | 400 | 10% |" in text
+    assert "Timing: CUDA graph. Roofline: device-to-device copy, 4000 GB/s." in text
+    assert "Segments: 4 sink and 33 window tokens." in text
+
+
 def test_generate_renderer() -> None:
     module = _script_module()
     row = {"card": "Test GPU", "context": 8192, "batch": 1, "prefill_s": 1.0}
