@@ -273,32 +273,20 @@ def _rows_times(
 
 
 @gluon.jit
-def _segment_scan(
-    q, k_ptr, v_ptr, k_st, v_st, n, lo, m, l_sum, acc,
-    SEG_N: gl.constexpr, K3: gl.constexpr,
+def _segment_tokens(
+    j, n_pre, pk_base, pv_base, pk_st, pv_st, sk_base, sv_base, sk_st, sv_st,
+    pre_lo, pre_n, suf_lo, suf_n, dd,
 ):  # fmt: skip
-    """Fold the visible tokens ``[lo, n)`` of a full-precision segment (``(n, 128)`` rows at
-    token strides ``k_st`` / ``v_st``) into the running state of all heads: ``q (8, 1, 128)``
-    scaled queries, ``m`` / ``l_sum (8, 1, 1)``, ``acc (8, 1, 128)``; fp32, base 2, ``SEG_N``
-    tokens a round. Original (unrotated) domain."""
-    TL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, K3))
-    DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, K3))
-    tt = gl.arange(0, SEG_N, layout=TL)[None, :, None]
-    dd = gl.arange(0, 128, layout=DL)[None, None, :]
-    for t0 in range(0, n, SEG_N):
-        tok = t0 + tt
-        ok = (tok < n) & (tok >= lo)
-        k = gl.load(k_ptr + tok * k_st + dd, mask=ok, other=0.0).to(gl.float32)
-        s = gl.sum(q * k, axis=2, keep_dims=True)  # (8, SEG_N, 1)
-        s = gl.where(ok, s, -1.0e30)
-        m_new = gl.maximum(m, gl.max(s, axis=1, keep_dims=True))
-        alpha = gl.exp2(m - m_new)
-        p = gl.where(ok, gl.exp2(s - m_new), 0.0)
-        v = gl.load(v_ptr + tok * v_st + dd, mask=ok, other=0.0).to(gl.float32)
-        l_sum = l_sum * alpha + gl.sum(p, axis=1, keep_dims=True)
-        acc = acc * alpha + gl.sum(p * v, axis=1, keep_dims=True)
-        m = m_new
-    return m, l_sum, acc
+    """Keys and values (fp32, ``(1, W, 128)``) of segment tokens ``j`` (``(1, W, 1)``: the
+    sinks first, then the window and staged tokens) and whether each is visible (0 where not)."""
+    pre = j < n_pre
+    i = gl.where(pre, j, j - n_pre)
+    ok = gl.where(pre, (i >= pre_lo) & (i < pre_n), (i >= suf_lo) & (i < suf_n))
+    k_ptr = gl.where(pre, pk_base + i * pk_st, sk_base + i * sk_st)
+    v_ptr = gl.where(pre, pv_base + i * pv_st, sv_base + i * sv_st)
+    k = gl.load(k_ptr + dd, mask=ok, other=0.0).to(gl.float32)
+    v = gl.load(v_ptr + dd, mask=ok, other=0.0).to(gl.float32)
+    return k, v, ok
 
 
 @gluon.jit
@@ -307,22 +295,25 @@ def _segment_partial(
     pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
     sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st,
     bounds_ptr, T,
-    G: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
+    G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
 ):  # fmt: skip
     """The partial of the full-precision segments (sinks before the history, the recent window
     and staged tokens after it) for the query heads of one KV head, in the original domain, at
     workspace part ``part`` (m / l rows as the history's, ``G x 128`` sums): the program a call
-    with segments adds to each KV head, beside the history's splits."""
-    SEG_N: gl.constexpr = 4
-    K3: gl.constexpr = gl.BlockedLayout([8 // W, SEG_N, 4], [1, 1, 32], [W, 1, 1], [2, 1, 0])
+    with segments adds to each KV head, beside the history's splits. Each warp takes every
+    ``W``-th token (the next round's loaded before this one is folded in) and keeps its own
+    running state; the warps merge at the end. fp32 FMAs, base 2."""
+    K3: gl.constexpr = gl.BlockedLayout([GQ, 1, 4], [1, 1, 32], [1, W, 1], [2, 1, 0])
     HL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, K3))
+    TL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, K3))
     DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, K3))
-    hh = gl.arange(0, 8, layout=HL)[:, None, None]
+    hh = gl.arange(0, GQ, layout=HL)[:, None, None]
+    tt = gl.arange(0, W, layout=TL)[None, :, None]
     dd = gl.arange(0, 128, layout=DL)[None, None, :]
     q = gl.load(
         query_ptr + b * stride_qb + (h * G + hh) * stride_qh + dd, mask=hh < G, other=0.0
     ).to(gl.float32)
-    q = q * qscale
+    q = q * qscale  # (GQ, 1, 128)
     pre_lo = 0  # visible tokens of the prefix [pre_lo, pre_n) and of the suffix [suf_lo, suf_n)
     pre_n = n_pre
     suf_lo = 0
@@ -334,21 +325,41 @@ def _segment_partial(
         pre_n = gl.minimum(n_pre, until)
         suf_lo = first - n_pre - T
         suf_n = gl.minimum(n_suf, until - n_pre - T)
-    m = gl.full([8, 1, 1], -1.0e30, gl.float32, layout=K3)
-    l_sum = gl.zeros([8, 1, 1], gl.float32, layout=K3)
-    acc = gl.zeros([8, 1, 128], gl.float32, layout=K3)
-    m, l_sum, acc = _segment_scan(
-        q, pk_ptr + bs * pk_sb + h * pk_sh, pv_ptr + bs * pv_sb + h * pv_sh, pk_st, pv_st,
-        pre_n, pre_lo, m, l_sum, acc, SEG_N, K3,
+    pk_base = pk_ptr + bs * pk_sb + h * pk_sh
+    pv_base = pv_ptr + bs * pv_sb + h * pv_sh
+    sk_base = sk_ptr + bs * sk_sb + h * sk_sh
+    sv_base = sv_ptr + bs * sv_sb + h * sv_sh
+    m = gl.full([GQ, W, 1], -1.0e30, gl.float32, layout=K3)
+    l_sum = gl.zeros([GQ, W, 1], gl.float32, layout=K3)
+    acc = gl.zeros([GQ, W, 128], gl.float32, layout=K3)
+    n = n_pre + n_suf
+    k, v, ok = _segment_tokens(
+        tt, n_pre, pk_base, pv_base, pk_st, pv_st, sk_base, sv_base, sk_st, sv_st,
+        pre_lo, pre_n, suf_lo, suf_n, dd,
     )  # fmt: skip
-    m, l_sum, acc = _segment_scan(
-        q, sk_ptr + bs * sk_sb + h * sk_sh, sv_ptr + bs * sv_sb + h * sv_sh, sk_st, sv_st,
-        suf_n, suf_lo, m, l_sum, acc, SEG_N, K3,
-    )  # fmt: skip
+    for j0 in range(0, n, W):
+        k_nx, v_nx, ok_nx = _segment_tokens(
+            j0 + W + tt, n_pre, pk_base, pv_base, pk_st, pv_st, sk_base, sv_base, sk_st, sv_st,
+            pre_lo, pre_n, suf_lo, suf_n, dd,
+        )  # fmt: skip
+        s = gl.sum(q * k, axis=2, keep_dims=True)  # (GQ, W, 1): one token per warp
+        s = gl.where(ok, s, -1.0e30)
+        m_new = gl.maximum(m, s)
+        alpha = gl.exp2(m - m_new)
+        p = gl.where(ok, gl.exp2(s - m_new), 0.0)
+        l_sum = l_sum * alpha + p
+        acc = acc * alpha + p * v
+        m = m_new
+        k, v, ok = k_nx, v_nx, ok_nx
+    # merge the warps' states
+    m_tot = gl.max(m, axis=1, keep_dims=True)  # (GQ, 1, 1)
+    wts = gl.exp2(m - m_tot)
+    l_tot = gl.sum(l_sum * wts, axis=1, keep_dims=True)
+    acc_tot = gl.sum(acc * wts, axis=1, keep_dims=True)  # (GQ, 1, 128)
     real = hh < G
-    gl.store(ws_ptr + m_off + part * 16 + hh, m, mask=real)
-    gl.store(ws_ptr + l_off + part * 16 + hh, l_sum, mask=real)
-    gl.store(ws_ptr + acc_off + (part * G + hh) * 128 + dd, acc, mask=real)
+    gl.store(ws_ptr + m_off + part * 16 + hh, m_tot, mask=real)
+    gl.store(ws_ptr + l_off + part * 16 + hh, l_tot, mask=real)
+    gl.store(ws_ptr + acc_off + (part * G + hh) * 128 + dd, acc_tot, mask=real)
 
 
 @gluon.jit
@@ -718,7 +729,7 @@ def _mma_decode_kernel(
                 query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off,
                 acc_off, part, pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
                 sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st, bounds_ptr, T,
-                G, W, HAS_BOUNDS,
+                G, GQ, W, HAS_BOUNDS,
             )  # fmt: skip
         else:
             _history_partial(
