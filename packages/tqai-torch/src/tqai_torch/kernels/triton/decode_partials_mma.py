@@ -277,7 +277,7 @@ def _segment_tokens(
     j, n_pre, pk_base, pv_base, pk_st, pv_st, sk_base, sv_base, sk_st, sv_st,
     pre_lo, pre_n, suf_lo, suf_n, dd,
 ):  # fmt: skip
-    """Keys and values (fp32, ``(1, W, 128)``) of segment tokens ``j`` (``(1, W, 1)``: the
+    """Keys and values (fp32, ``(1, W, R, 128)``) of segment tokens ``j`` (``(1, W, R, 1)``: the
     sinks first, then the window and staged tokens) and whether each is visible (0 where not)."""
     pre = j < n_pre
     i = gl.where(pre, j, j - n_pre)
@@ -300,20 +300,21 @@ def _segment_partial(
     """The partial of the full-precision segments (sinks before the history, the recent window
     and staged tokens after it) for the query heads of one KV head, in the original domain, at
     workspace part ``part`` (m / l rows as the history's, ``G x 128`` sums): the program a call
-    with segments adds to each KV head, beside the history's splits. Each warp takes every
-    ``W``-th token (the next round's loaded before this one is folded in) and keeps its own
-    running state; the warps merge at the end. fp32 FMAs, base 2."""
-    K3: gl.constexpr = gl.BlockedLayout([GQ, 1, 4], [1, 1, 32], [1, W, 1], [2, 1, 0])
-    HL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, K3))
-    TL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, K3))
-    DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, K3))
-    hh = gl.arange(0, GQ, layout=HL)[:, None, None]
-    tt = gl.arange(0, W, layout=TL)[None, :, None]
-    dd = gl.arange(0, 128, layout=DL)[None, None, :]
+    with segments adds to each KV head, beside the history's splits. Blocks of ``R * W`` tokens
+    (``R`` per warp), every load of a block issued at once (the cache's 37 tokens: two blocks);
+    each warp keeps its own running state, the warps merge at the end. fp32 FMAs, base 2."""
+    R: gl.constexpr = 4
+    K4: gl.constexpr = gl.BlockedLayout([GQ, 1, R, 4], [1, 1, 1, 32], [1, W, 1, 1], [3, 2, 1, 0])
+    S3: gl.constexpr = gl.SliceLayout(3, K4)
+    hh = gl.arange(0, GQ, layout=gl.SliceLayout(1, gl.SliceLayout(2, S3)))[:, None, None, None]
+    ww = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, S3)))[None, :, None, None]
+    rr = gl.arange(0, R, layout=gl.SliceLayout(0, gl.SliceLayout(1, S3)))[None, None, :, None]
+    DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, K4)))
+    dd = gl.arange(0, 128, layout=DL)[None, None, None, :]
     q = gl.load(
         query_ptr + b * stride_qb + (h * G + hh) * stride_qh + dd, mask=hh < G, other=0.0
     ).to(gl.float32)
-    q = q * qscale  # (GQ, 1, 128)
+    q = q * qscale  # (GQ, 1, 1, 128)
     pre_lo = 0  # visible tokens of the prefix [pre_lo, pre_n) and of the suffix [suf_lo, suf_n)
     pre_n = n_pre
     suf_lo = 0
@@ -329,33 +330,27 @@ def _segment_partial(
     pv_base = pv_ptr + bs * pv_sb + h * pv_sh
     sk_base = sk_ptr + bs * sk_sb + h * sk_sh
     sv_base = sv_ptr + bs * sv_sb + h * sv_sh
-    m = gl.full([GQ, W, 1], -1.0e30, gl.float32, layout=K3)
-    l_sum = gl.zeros([GQ, W, 1], gl.float32, layout=K3)
-    acc = gl.zeros([GQ, W, 128], gl.float32, layout=K3)
-    n = n_pre + n_suf
-    k, v, ok = _segment_tokens(
-        tt, n_pre, pk_base, pv_base, pk_st, pv_st, sk_base, sv_base, sk_st, sv_st,
-        pre_lo, pre_n, suf_lo, suf_n, dd,
-    )  # fmt: skip
-    for j0 in range(0, n, W):
-        k_nx, v_nx, ok_nx = _segment_tokens(
-            j0 + W + tt, n_pre, pk_base, pv_base, pk_st, pv_st, sk_base, sv_base, sk_st, sv_st,
-            pre_lo, pre_n, suf_lo, suf_n, dd,
+    m = gl.full([GQ, W, 1, 1], -1.0e30, gl.float32, layout=K4)
+    l_sum = gl.zeros([GQ, W, 1, 1], gl.float32, layout=K4)
+    acc = gl.zeros([GQ, W, 1, 128], gl.float32, layout=K4)
+    for j0 in range(0, n_pre + n_suf, R * W):
+        k, v, ok = _segment_tokens(
+            j0 + ww * R + rr, n_pre, pk_base, pv_base, pk_st, pv_st, sk_base, sv_base,
+            sk_st, sv_st, pre_lo, pre_n, suf_lo, suf_n, dd,
         )  # fmt: skip
-        s = gl.sum(q * k, axis=2, keep_dims=True)  # (GQ, W, 1): one token per warp
+        s = gl.sum(q * k, axis=3, keep_dims=True)  # (GQ, W, R, 1): R tokens per warp
         s = gl.where(ok, s, -1.0e30)
-        m_new = gl.maximum(m, s)
+        m_new = gl.maximum(m, gl.max(s, axis=2, keep_dims=True))
         alpha = gl.exp2(m - m_new)
         p = gl.where(ok, gl.exp2(s - m_new), 0.0)
-        l_sum = l_sum * alpha + p
-        acc = acc * alpha + p * v
+        l_sum = l_sum * alpha + gl.sum(p, axis=2, keep_dims=True)
+        acc = acc * alpha + gl.sum(p * v, axis=2, keep_dims=True)
         m = m_new
-        k, v, ok = k_nx, v_nx, ok_nx
     # merge the warps' states
-    m_tot = gl.max(m, axis=1, keep_dims=True)  # (GQ, 1, 1)
+    m_tot = gl.max(m, axis=1, keep_dims=True)  # (GQ, 1, 1, 1)
     wts = gl.exp2(m - m_tot)
     l_tot = gl.sum(l_sum * wts, axis=1, keep_dims=True)
-    acc_tot = gl.sum(acc * wts, axis=1, keep_dims=True)  # (GQ, 1, 128)
+    acc_tot = gl.sum(acc * wts, axis=1, keep_dims=True)  # (GQ, 1, 1, 128)
     real = hh < G
     gl.store(ws_ptr + m_off + part * 16 + hh, m_tot, mask=real)
     gl.store(ws_ptr + l_off + part * 16 + hh, l_tot, mask=real)
@@ -549,24 +544,26 @@ def _history_partial(
     tok = start + w * 32
     n0 = _norm_words(nptr, tok, g, c, stop)
     n1 = _norm_words(nptr, tok + 16, g, c, stop)
+    # the tables' loads are issued before the query's rotation, to overlap their latency:
+    # the key pair table goes into shared memory, one copy per lane (entry e of lane l at byte
+    # 128 e + 4 l; thread (warp w, lane l) writes entries w, w + W, ... of column l)
+    FL: gl.constexpr = gl.BlockedLayout([1, 256 // W], [32, 1], [W, 1], [1, 0])
+    fr = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, FL))
+    fe = (fr // 32)[:, None] + W * gl.arange(0, 256 // W, layout=gl.SliceLayout(0, FL))[None, :]
+    pairs = gl.load(ktab_ptr + fe)
+    # the value table per lane: distinct addresses keep it in ordinary registers (from a
+    # uniform load the compiler would move it out of uniform registers before every permute)
+    vtab = gl.load(vtab_ptr + (lane * 4)[:, None] + c[None, :])
     q0, q1, q2, q3 = _rotated_query(
         query_ptr, stride_qb, stride_qh, rot_ptr, qscale, b, h, g, t, c, G, GQ, W
     )
     gl.thread_barrier()  # every lane has its query words before the table overwrites them
-    # the key pair table into shared memory, one copy per lane (entry e of lane l at byte
-    # 128 e + 4 l): thread (warp w, lane l) writes entries w, w + W, ... of column l
-    FL: gl.constexpr = gl.BlockedLayout([1, 256 // W], [32, 1], [W, 1], [1, 0])
-    fr = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, FL))
-    fe = (fr // 32)[:, None] + W * gl.arange(0, 256 // W, layout=gl.SliceLayout(0, FL))[None, :]
     gl.inline_asm_elementwise(
-        _STORE, "=r,r,r", [fe * 128 + ((fr % 32) * 4)[:, None], gl.load(ktab_ptr + fe)],
+        _STORE, "=r,r,r", [fe * 128 + ((fr % 32) * 4)[:, None], pairs],
         dtype=gl.int32, is_pure=False, pack=1,
     )  # fmt: skip
     gl.thread_barrier()
     lane4 = (lane * 4)[:, None] + 0 * c[None, :]
-    # the value table per lane: distinct addresses keep it in ordinary registers (from a
-    # uniform load the compiler would move it out of uniform registers before every permute)
-    vtab = gl.load(vtab_ptr + (lane * 4)[:, None] + c[None, :])
     m = gl.full([32 * W, 4], -1.0e30, gl.float32, layout=L)
     l_sum = gl.zeros([32 * W, 4], gl.float32, layout=L)
     a0 = gl.zeros([32 * W, 4], gl.float32, layout=L)
@@ -643,17 +640,12 @@ def _history_partial(
     gl.store(out + 11, _merge_column(buf, 7, wts, W, ML), mask=real)
 
 
-# every integer argument is a run-time value (never specialized on): a compiled kernel then depends
-# only on the constexprs, the pointers' dtypes and alignments (see _launch)
-_INT_ARGS = (
-    "stride_qb", "stride_qh", "m_off", "l_off", "acc_off", "T", "split_len", "n_kv",
-    "rows_per_seq", "kp_sb", "kp_sh", "kn_sb", "kn_sh", "vp_sb", "vp_sh", "vn_sb", "vn_sh",
-    "n_pre", "pk_sb", "pk_sh", "pk_st", "pv_sb", "pv_sh", "pv_st",
-    "n_suf", "sk_sb", "sk_sh", "sk_st", "sv_sb", "sv_sh", "sv_st",
-)  # fmt: skip
+# run-time values the kernel is never specialized on (each call has its own); the other integer
+# arguments are, on divisibility by 16 (see _launch)
+_RUNTIME_INTS = ("T", "split_len", "n_pre", "n_suf")
 
 
-@gluon.jit(do_not_specialize=list(_INT_ARGS))
+@gluon.jit(do_not_specialize=list(_RUNTIME_INTS))
 def _mma_decode_kernel(
     query_ptr,  # (B, Hq, 1, 128), last stride 1
     stride_qb,
@@ -879,14 +871,29 @@ _COMPILED: dict = {}
 _I32 = (-(2**31), 2**31 - 1)
 
 
+def _specialized_ints() -> tuple[int, ...]:
+    """Positions (in the kernel's arguments) of the integers Triton specializes on."""
+    names = [p.name for p in _mma_decode_kernel.params if not p.is_constexpr]
+    ints = (
+        "stride_qb", "stride_qh", "m_off", "l_off", "acc_off", "n_kv", "rows_per_seq",
+        "kp_sb", "kp_sh", "kn_sb", "kn_sh", "vp_sb", "vp_sh", "vn_sb", "vn_sh",
+        "pk_sb", "pk_sh", "pk_st", "pv_sb", "pv_sh", "pv_st",
+        "sk_sb", "sk_sh", "sk_st", "sv_sb", "sv_sh", "sv_st",
+    )  # fmt: skip
+    return tuple(names.index(n) for n in ints)
+
+
+_SPECIALIZED = _specialized_ints()
+
+
 def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -> None:
     """Launch ``_mma_decode_kernel``: through Triton's JIT the first time for a specialization,
     then straight through the compiled kernel's launcher, skipping the JIT's argument binder
     and cache lookup (most of a call's host time; decode is one call per layer and token).
 
-    A compiled kernel depends only on the constexprs, the dtypes and 16-byte alignment of the
-    pointer arguments and whether the integers fit in int32 (no integer is specialized on:
-    ``_INT_ARGS``), so that is the key. With launch hooks set (profilers) every call takes
+    The key is what Triton 3.6 specializes a compiled kernel on: the constexprs, each pointer's
+    dtype and 16-byte alignment, each integer's divisibility by 16 (but ``_RUNTIME_INTS``) and
+    whether every integer fits in int32. With launch hooks set (profilers) every call takes
     the JIT."""
     pointers = [a for a in args if isinstance(a, torch.Tensor)]
     ints = [a for a in args if type(a) is int]
@@ -895,6 +902,7 @@ def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -
         constexprs,
         tuple(p.dtype for p in pointers),
         tuple(p.data_ptr() % 16 == 0 for p in pointers),
+        tuple(args[i] % 16 == 0 for i in _SPECIALIZED),
         _I32[0] <= min(ints) and max(ints) <= _I32[1],
     )
     kernel = _COMPILED.get(key)
