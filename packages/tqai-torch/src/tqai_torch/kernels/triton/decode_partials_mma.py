@@ -364,7 +364,7 @@ def _merge_splits(
 ):  # fmt: skip
     """The last program of a KV head: the history's split partials merged (online softmax over
     the splits, SC at a time, the split axis in registers), rotated back (``unrot``, fp32
-    FMAs), joined with the segments' partial (the last part, when ``HAS_SEG``) in one softmax,
+    FMAs), joined with the segments' partial (the first part, when ``HAS_SEG``) in one softmax,
     and stored as output rows ``row0 .. row0 + G - 1``."""
     GP: gl.constexpr = 8  # heads, padded (one warp row of the tiles per head)
     SC: gl.constexpr = 2 * W  # splits a round (registers: SC * 4 * GP / W per thread)
@@ -372,8 +372,10 @@ def _merge_splits(
     MS: gl.constexpr = gl.SliceLayout(2, S3)  # (SC, GP)
     AL: gl.constexpr = gl.SliceLayout(0, S3)  # (GP, 128)
     n_hist = n_parts
+    first = bh * n_parts  # the history's first part (after the segments' one, with segments)
     if HAS_SEG:
         n_hist = n_parts - 1
+        first = bh * n_parts + 1
     sp = gl.arange(0, SC, layout=gl.SliceLayout(1, MS))
     hm = gl.arange(0, GP, layout=gl.SliceLayout(0, MS))
     s3 = gl.arange(0, SC, layout=gl.SliceLayout(1, gl.SliceLayout(2, S3)))[:, None, None]
@@ -384,12 +386,12 @@ def _merge_splits(
     acc = gl.zeros([GP, 128], gl.float32, layout=AL)
     for s0 in range(0, n_hist, SC):
         ok = ((s0 + sp) < n_hist)[:, None] & (hm < G)[None, :]
-        rows = (bh * n_parts + s0 + sp)[:, None] * 16 + hm[None, :]
+        rows = (first + s0 + sp)[:, None] * 16 + hm[None, :]
         m_c = gl.load(ws_ptr + m_off + rows, mask=ok, other=-1.0e30, cache_modifier=".cg")
         l_c = gl.load(ws_ptr + l_off + rows, mask=ok, other=0.0, cache_modifier=".cg")
         ok3 = ((s0 + s3) < n_hist) & (h3 < G)
         a_c = gl.load(
-            ws_ptr + acc_off + ((bh * n_parts + s0 + s3) * G + h3) * 128 + d3,
+            ws_ptr + acc_off + ((first + s0 + s3) * G + h3) * 128 + d3,
             mask=ok3, other=0.0, cache_modifier=".cg",
         )  # fmt: skip
         m_new = gl.maximum(m_run, gl.max(m_c, axis=0))
@@ -406,7 +408,7 @@ def _merge_splits(
     ho = gl.arange(0, GP, layout=gl.SliceLayout(1, OL))
     jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
     if HAS_SEG:  # the segments' partial, loaded before the rotation back (its latency hidden)
-        seg = bh * n_parts + n_parts - 1
+        seg = bh * n_parts
         real = ho < G
         m_s = gl.load(
             ws_ptr + m_off + seg * 16 + ho, mask=real, other=-1.0e30, cache_modifier=".cg"
@@ -700,7 +702,7 @@ def _mma_decode_kernel(
     GQ: gl.constexpr,  # G padded to a power of two
     W: gl.constexpr,
     HAS_BOUNDS: gl.constexpr,
-    HAS_SEG: gl.constexpr,  # the last program of each KV head takes the segments
+    HAS_SEG: gl.constexpr,  # the first program of each KV head takes the segments
 ):
     bh = gl.program_id(0)
     split = gl.program_id(1)
@@ -709,14 +711,18 @@ def _mma_decode_kernel(
     h = bh % n_kv
     bs = (b // rows_per_seq).to(gl.int64)  # offsets of big caches pass 2**31 bytes
     part = bh * n_parts + split
+    # with segments, part 0 of each KV head is theirs: launched first, it is not starved of
+    # issue slots by the history programs sharing its SM (it was 5-6 us late as the last part)
     start = split * split_len
+    if HAS_SEG:
+        start = (split - 1) * split_len
     stop = gl.minimum(start + split_len, T)
     lo = 0
     if HAS_BOUNDS:
         lo = gl.load(bounds_ptr + 2 * b) - n_pre
         stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
     if HAS_SEG:
-        if split == n_parts - 1:
+        if split == 0:
             _segment_partial(
                 query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off,
                 acc_off, part, pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
