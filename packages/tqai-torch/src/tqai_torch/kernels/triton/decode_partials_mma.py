@@ -4,9 +4,11 @@ own block kernel (and combine) for every other configuration.
 
 Reference: :func:`tqai.attention.compressed_attention` (the same parity tests cover this path).
 
-Grid ``(B * Hkv, parts)``: each KV head's history is split across programs, plus one program for
-the full-precision segments (sinks, recent window, staged tokens) when the call has any; the
-program that finishes a KV head last (an atomic ticket) merges its parts and writes the output.
+Grid ``(B * Hkv, splits)``: each KV head's history is split across programs; each takes an
+atomic ticket when its partial is stored. With full-precision segments (sinks, recent window,
+staged tokens), the program that takes a KV head's first ticket then scores them (its SM has
+nothing else left to do) and takes one more. The program with the last ticket merges the parts
+and writes the output.
 
 Per history program, each warp walks its own tokens, 32 per step (two tiles of 16), and keeps
 its own running max, sum and value accumulator in registers; the warps merge once at the end
@@ -36,7 +38,7 @@ PTX does the rest:
   byte permutes of the 4-entry value table give fp16 pairs of two tokens, the A-fragment
   registers.
 
-The segments' program scores its tokens in the original domain (fp32 FMAs); the merge rotates
+The segments are scored in the original domain (fp32 FMAs); the merge rotates
 the history's value sum back (fp32 FMAs) and joins both in one softmax. Scores and values of the
 history use fp16 operands with fp32 accumulation, as the block kernel does: the same parity
 bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits,
@@ -299,8 +301,8 @@ def _segment_partial(
 ):  # fmt: skip
     """The partial of the full-precision segments (sinks before the history, the recent window
     and staged tokens after it) for the query heads of one KV head, in the original domain, at
-    workspace part ``part`` (m / l rows as the history's, ``G x 128`` sums): the program a call
-    with segments adds to each KV head, beside the history's splits. Blocks of ``R * W`` tokens
+    workspace part ``part`` (m / l rows as the history's, ``G x 128`` sums), by the program
+    that finished the KV head's history first. Blocks of ``R * W`` tokens
     (``R`` per warp), every load of a block issued at once (the cache's 37 tokens: two blocks);
     each warp keeps its own running state, the warps merge at the end. fp32 FMAs, base 2."""
     R: gl.constexpr = 4
@@ -359,23 +361,21 @@ def _segment_partial(
 
 @gluon.jit
 def _merge_splits(
-    ws_ptr, m_off, l_off, acc_off, bh, n_parts, unrot_ptr, out_ptr, row0,
+    ws_ptr, m_off, l_off, acc_off, bh, n_hist, unrot_ptr, out_ptr, row0,
     G: gl.constexpr, W: gl.constexpr, HAS_SEG: gl.constexpr,
 ):  # fmt: skip
-    """The last program of a KV head: the history's split partials merged (online softmax over
-    the splits, SC at a time, the split axis in registers), rotated back (``unrot``, fp32
-    FMAs), joined with the segments' partial (the first part, when ``HAS_SEG``) in one softmax,
-    and stored as output rows ``row0 .. row0 + G - 1``."""
+    """The last program of a KV head: the history's ``n_hist`` split partials merged (online
+    softmax over the splits, SC at a time, the split axis in registers), rotated back
+    (``unrot``, fp32 FMAs), joined with the segments' partial (part ``n_hist``, when
+    ``HAS_SEG``) in one softmax, and stored as output rows ``row0 .. row0 + G - 1``."""
     GP: gl.constexpr = 8  # heads, padded (one warp row of the tiles per head)
     SC: gl.constexpr = 2 * W  # splits a round (registers: SC * 4 * GP / W per thread)
     S3: gl.constexpr = gl.BlockedLayout([SC, GP // W, 4], [1, 1, 32], [1, W, 1], [2, 1, 0])
     MS: gl.constexpr = gl.SliceLayout(2, S3)  # (SC, GP)
     AL: gl.constexpr = gl.SliceLayout(0, S3)  # (GP, 128)
-    n_hist = n_parts
-    first = bh * n_parts  # the history's first part (after the segments' one, with segments)
+    first = bh * n_hist  # the KV head's parts: the history's splits, then the segments'
     if HAS_SEG:
-        n_hist = n_parts - 1
-        first = bh * n_parts + 1
+        first = bh * (n_hist + 1)
     sp = gl.arange(0, SC, layout=gl.SliceLayout(1, MS))
     hm = gl.arange(0, GP, layout=gl.SliceLayout(0, MS))
     s3 = gl.arange(0, SC, layout=gl.SliceLayout(1, gl.SliceLayout(2, S3)))[:, None, None]
@@ -408,7 +408,7 @@ def _merge_splits(
     ho = gl.arange(0, GP, layout=gl.SliceLayout(1, OL))
     jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
     if HAS_SEG:  # the segments' partial, loaded before the rotation back (its latency hidden)
-        seg = bh * n_parts
+        seg = first + n_hist
         real = ho < G
         m_s = gl.load(
             ws_ptr + m_off + seg * 16 + ho, mask=real, other=-1.0e30, cache_modifier=".cg"
@@ -702,57 +702,54 @@ def _mma_decode_kernel(
     GQ: gl.constexpr,  # G padded to a power of two
     W: gl.constexpr,
     HAS_BOUNDS: gl.constexpr,
-    HAS_SEG: gl.constexpr,  # the first program of each KV head takes the segments
+    HAS_SEG: gl.constexpr,  # the first program of each KV head to finish takes the segments
 ):
     bh = gl.program_id(0)
     split = gl.program_id(1)
-    n_parts = gl.num_programs(1)
+    n_hist = gl.num_programs(1)
     b = bh // n_kv
     h = bh % n_kv
     bs = (b // rows_per_seq).to(gl.int64)  # offsets of big caches pass 2**31 bytes
-    part = bh * n_parts + split
-    # with segments, part 0 of each KV head is theirs: launched first, it is not starved of
-    # issue slots by the history programs sharing its SM (it was 5-6 us late as the last part)
-    start = split * split_len
+    n_slots = n_hist  # workspace parts per KV head: the splits, then the segments'
     if HAS_SEG:
-        start = (split - 1) * split_len
+        n_slots = n_hist + 1
+    start = split * split_len
     stop = gl.minimum(start + split_len, T)
     lo = 0
     if HAS_BOUNDS:
         lo = gl.load(bounds_ptr + 2 * b) - n_pre
         stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
-    if HAS_SEG:
-        if split == 0:
-            _segment_partial(
-                query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off,
-                acc_off, part, pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
-                sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st, bounds_ptr, T,
-                G, GQ, W, HAS_BOUNDS,
-            )  # fmt: skip
-        else:
-            _history_partial(
-                query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
-                acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
-                start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
-                G, GQ, W, HAS_BOUNDS,
-            )  # fmt: skip
-    else:
-        _history_partial(
-            query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
-            acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
-            start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
-            G, GQ, W, HAS_BOUNDS,
-        )  # fmt: skip
-    # publish this partial (every thread's stores, device-wide), then take a ticket: the
-    # program that takes the last one merges the KV head's parts
+    _history_partial(
+        query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
+        acc_off, bh * n_slots + split, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr,
+        b, h, bs, start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
+        G, GQ, W, HAS_BOUNDS,
+    )  # fmt: skip
+    # publish this partial (every thread's stores, device-wide), then take a ticket
     one = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
     gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
     gl.thread_barrier()
     ticket = gl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
-    if ticket == n_parts - 1:
+    if HAS_SEG:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        # the first program of a KV head to finish takes the segments (its SM is otherwise
+        # idle; a program of its own for them shared an SM with a history program and was the
+        # last to finish at 4K), then a ticket more
+        if ticket == 0:
+            gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
+            _segment_partial(
+                query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off,
+                acc_off, bh * n_slots + n_hist, pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st,
+                pv_sb, pv_sh, pv_st, sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh,
+                sv_st, bounds_ptr, T, G, GQ, W, HAS_BOUNDS,
+            )  # fmt: skip
+            gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
+            gl.thread_barrier()
+            ticket = gl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
+    # the program that takes the last ticket merges the KV head's parts
+    if ticket == n_slots - 1:
         gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
         _merge_splits(
-            ws_ptr, m_off, l_off, acc_off, bh, n_parts, unrot_ptr, out_ptr, bh * G, G, W,
+            ws_ptr, m_off, l_off, acc_off, bh, n_hist, unrot_ptr, out_ptr, bh * G, G, W,
             HAS_SEG,
         )  # fmt: skip
         gl.store(cnt_ptr + bh, 0)
@@ -839,8 +836,8 @@ def launch_mma_decode(
     rows_per_seq, bounds, tokens_per_split, num_warps, sm_count, workspace,
 ):  # fmt: skip
     """One launch: the history's split partials, the segments' partial (``prefix`` / ``suffix``:
-    the argument lists of :func:`.decode_attention._segment_args`; one more program per KV head
-    when either holds tokens), and the merge by the last program of each KV head into ``out``
+    the argument lists of :func:`.decode_attention._segment_args`; by the first program of a
+    KV head to finish), and the merge by the last program of each KV head into ``out``
     (``(B, Hq, 1, 128)`` contiguous). ``rot`` / ``unrot``: the key rotation and the value
     rotation back, ``(128, 128)`` float32."""
     b, hq, _, d = query.shape
@@ -855,9 +852,10 @@ def launch_mma_decode(
         tokens_per_split = math.ceil(t / want)
     split_len = max(step, math.ceil(tokens_per_split / step) * step)
     has_seg = bool(prefix[2] or suffix[2])
-    parts = math.ceil(t / split_len) + has_seg
-    m_off, l_off, acc_off = 0, bh * parts * 16, 2 * bh * parts * 16
-    ws = workspace(device, acc_off + bh * parts * g * d)
+    splits = math.ceil(t / split_len)
+    slots = splits + has_seg  # workspace parts per KV head: the splits, then the segments'
+    m_off, l_off, acc_off = 0, bh * slots * 16, 2 * bh * slots * 16
+    ws = workspace(device, acc_off + bh * slots * g * d)
     ktab, vtab = _tables(key_q, value_q, device)
     kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
     args = (
@@ -870,7 +868,7 @@ def launch_mma_decode(
         *prefix, *suffix,
     )  # fmt: skip
     constexprs = (g, triton.next_power_of_2(g), num_warps, bounds is not None, has_seg)
-    _launch(device, (bh, parts, 1), args, constexprs)
+    _launch(device, (bh, splits, 1), args, constexprs)
 
 
 _COMPILED: dict = {}
