@@ -4,11 +4,9 @@ own block kernel (and combine) for every other configuration.
 
 Reference: :func:`tqai.attention.compressed_attention` (the same parity tests cover this path).
 
-Grid ``(B * Hkv, splits)``: each KV head's history is split across programs; each takes an
-atomic ticket when its partial is stored. With full-precision segments (sinks, recent window,
-staged tokens), the program that takes a KV head's first ticket then scores them (its SM has
-nothing else left to do) and takes one more. The program with the last ticket merges the parts
-and writes the output.
+Grid ``(B * Hkv, parts)``: each KV head's history is split across programs, plus one program
+for the full-precision segments (sinks, recent window, staged tokens) when the call has any; the
+program that finishes a KV head last (an atomic ticket) merges its parts and writes the output.
 
 Per history program, each warp walks its own tokens, 32 per step (two tiles of 16), and keeps
 its own running max, sum and value accumulator in registers; the warps merge once at the end
@@ -275,20 +273,32 @@ def _rows_times(
 
 
 @gluon.jit
-def _segment_tokens(
-    j, n_pre, pk_base, pv_base, pk_st, pv_st, sk_base, sv_base, sk_st, sv_st,
-    pre_lo, pre_n, suf_lo, suf_n, dd,
+def _segment_scan(
+    q, k_ptr, v_ptr, k_st, v_st, n, lo, m, l_sum, acc,
+    SEG_N: gl.constexpr, K3: gl.constexpr,
 ):  # fmt: skip
-    """Keys and values (fp32, ``(1, W, R, 128)``) of segment tokens ``j`` (``(1, W, R, 1)``: the
-    sinks first, then the window and staged tokens) and whether each is visible (0 where not)."""
-    pre = j < n_pre
-    i = gl.where(pre, j, j - n_pre)
-    ok = gl.where(pre, (i >= pre_lo) & (i < pre_n), (i >= suf_lo) & (i < suf_n))
-    k_ptr = gl.where(pre, pk_base + i * pk_st, sk_base + i * sk_st)
-    v_ptr = gl.where(pre, pv_base + i * pv_st, sv_base + i * sv_st)
-    k = gl.load(k_ptr + dd, mask=ok, other=0.0).to(gl.float32)
-    v = gl.load(v_ptr + dd, mask=ok, other=0.0).to(gl.float32)
-    return k, v, ok
+    """Fold the visible tokens ``[lo, n)`` of a full-precision segment (``(n, 128)`` rows at
+    token strides ``k_st`` / ``v_st``) into the running state of all heads: ``q (8, 1, 128)``
+    scaled queries, ``m`` / ``l_sum (8, 1, 1)``, ``acc (8, 1, 128)``; fp32, base 2, ``SEG_N``
+    tokens a round. Original (unrotated) domain."""
+    TL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, K3))
+    DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, K3))
+    tt = gl.arange(0, SEG_N, layout=TL)[None, :, None]
+    dd = gl.arange(0, 128, layout=DL)[None, None, :]
+    for t0 in range(0, n, SEG_N):
+        tok = t0 + tt
+        ok = (tok < n) & (tok >= lo)
+        k = gl.load(k_ptr + tok * k_st + dd, mask=ok, other=0.0).to(gl.float32)
+        s = gl.sum(q * k, axis=2, keep_dims=True)  # (8, SEG_N, 1)
+        s = gl.where(ok, s, -1.0e30)
+        m_new = gl.maximum(m, gl.max(s, axis=1, keep_dims=True))
+        alpha = gl.exp2(m - m_new)
+        p = gl.where(ok, gl.exp2(s - m_new), 0.0)
+        v = gl.load(v_ptr + tok * v_st + dd, mask=ok, other=0.0).to(gl.float32)
+        l_sum = l_sum * alpha + gl.sum(p, axis=1, keep_dims=True)
+        acc = acc * alpha + gl.sum(p * v, axis=1, keep_dims=True)
+        m = m_new
+    return m, l_sum, acc
 
 
 @gluon.jit
@@ -297,26 +307,22 @@ def _segment_partial(
     pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
     sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st,
     bounds_ptr, T,
-    G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
+    G: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
 ):  # fmt: skip
     """The partial of the full-precision segments (sinks before the history, the recent window
     and staged tokens after it) for the query heads of one KV head, in the original domain, at
-    workspace part ``part`` (m / l rows as the history's, ``G x 128`` sums), by the program
-    that finished the KV head's history first. Blocks of ``R * W`` tokens
-    (``R`` per warp), every load of a block issued at once (the cache's 37 tokens: two blocks);
-    each warp keeps its own running state, the warps merge at the end. fp32 FMAs, base 2."""
-    R: gl.constexpr = 4
-    K4: gl.constexpr = gl.BlockedLayout([GQ, 1, R, 4], [1, 1, 1, 32], [1, W, 1, 1], [3, 2, 1, 0])
-    S3: gl.constexpr = gl.SliceLayout(3, K4)
-    hh = gl.arange(0, GQ, layout=gl.SliceLayout(1, gl.SliceLayout(2, S3)))[:, None, None, None]
-    ww = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, S3)))[None, :, None, None]
-    rr = gl.arange(0, R, layout=gl.SliceLayout(0, gl.SliceLayout(1, S3)))[None, None, :, None]
-    DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, K4)))
-    dd = gl.arange(0, 128, layout=DL)[None, None, None, :]
+    workspace part ``part`` (m / l rows as the history's, ``G x 128`` sums): the program a call
+    with segments adds to each KV head, beside the history's splits."""
+    SEG_N: gl.constexpr = 4
+    K3: gl.constexpr = gl.BlockedLayout([8 // W, SEG_N, 4], [1, 1, 32], [W, 1, 1], [2, 1, 0])
+    HL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, K3))
+    DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, K3))
+    hh = gl.arange(0, 8, layout=HL)[:, None, None]
+    dd = gl.arange(0, 128, layout=DL)[None, None, :]
     q = gl.load(
         query_ptr + b * stride_qb + (h * G + hh) * stride_qh + dd, mask=hh < G, other=0.0
     ).to(gl.float32)
-    q = q * qscale  # (GQ, 1, 1, 128)
+    q = q * qscale
     pre_lo = 0  # visible tokens of the prefix [pre_lo, pre_n) and of the suffix [suf_lo, suf_n)
     pre_n = n_pre
     suf_lo = 0
@@ -328,35 +334,21 @@ def _segment_partial(
         pre_n = gl.minimum(n_pre, until)
         suf_lo = first - n_pre - T
         suf_n = gl.minimum(n_suf, until - n_pre - T)
-    pk_base = pk_ptr + bs * pk_sb + h * pk_sh
-    pv_base = pv_ptr + bs * pv_sb + h * pv_sh
-    sk_base = sk_ptr + bs * sk_sb + h * sk_sh
-    sv_base = sv_ptr + bs * sv_sb + h * sv_sh
-    m = gl.full([GQ, W, 1, 1], -1.0e30, gl.float32, layout=K4)
-    l_sum = gl.zeros([GQ, W, 1, 1], gl.float32, layout=K4)
-    acc = gl.zeros([GQ, W, 1, 128], gl.float32, layout=K4)
-    for j0 in range(0, n_pre + n_suf, R * W):
-        k, v, ok = _segment_tokens(
-            j0 + ww * R + rr, n_pre, pk_base, pv_base, pk_st, pv_st, sk_base, sv_base,
-            sk_st, sv_st, pre_lo, pre_n, suf_lo, suf_n, dd,
-        )  # fmt: skip
-        s = gl.sum(q * k, axis=3, keep_dims=True)  # (GQ, W, R, 1): R tokens per warp
-        s = gl.where(ok, s, -1.0e30)
-        m_new = gl.maximum(m, gl.max(s, axis=2, keep_dims=True))
-        alpha = gl.exp2(m - m_new)
-        p = gl.where(ok, gl.exp2(s - m_new), 0.0)
-        l_sum = l_sum * alpha + gl.sum(p, axis=2, keep_dims=True)
-        acc = acc * alpha + gl.sum(p * v, axis=2, keep_dims=True)
-        m = m_new
-    # merge the warps' states
-    m_tot = gl.max(m, axis=1, keep_dims=True)  # (GQ, 1, 1, 1)
-    wts = gl.exp2(m - m_tot)
-    l_tot = gl.sum(l_sum * wts, axis=1, keep_dims=True)
-    acc_tot = gl.sum(acc * wts, axis=1, keep_dims=True)  # (GQ, 1, 1, 128)
+    m = gl.full([8, 1, 1], -1.0e30, gl.float32, layout=K3)
+    l_sum = gl.zeros([8, 1, 1], gl.float32, layout=K3)
+    acc = gl.zeros([8, 1, 128], gl.float32, layout=K3)
+    m, l_sum, acc = _segment_scan(
+        q, pk_ptr + bs * pk_sb + h * pk_sh, pv_ptr + bs * pv_sb + h * pv_sh, pk_st, pv_st,
+        pre_n, pre_lo, m, l_sum, acc, SEG_N, K3,
+    )  # fmt: skip
+    m, l_sum, acc = _segment_scan(
+        q, sk_ptr + bs * sk_sb + h * sk_sh, sv_ptr + bs * sv_sb + h * sv_sh, sk_st, sv_st,
+        suf_n, suf_lo, m, l_sum, acc, SEG_N, K3,
+    )  # fmt: skip
     real = hh < G
-    gl.store(ws_ptr + m_off + part * 16 + hh, m_tot, mask=real)
-    gl.store(ws_ptr + l_off + part * 16 + hh, l_tot, mask=real)
-    gl.store(ws_ptr + acc_off + (part * G + hh) * 128 + dd, acc_tot, mask=real)
+    gl.store(ws_ptr + m_off + part * 16 + hh, m, mask=real)
+    gl.store(ws_ptr + l_off + part * 16 + hh, l_sum, mask=real)
+    gl.store(ws_ptr + acc_off + (part * G + hh) * 128 + dd, acc, mask=real)
 
 
 @gluon.jit
@@ -702,52 +694,54 @@ def _mma_decode_kernel(
     GQ: gl.constexpr,  # G padded to a power of two
     W: gl.constexpr,
     HAS_BOUNDS: gl.constexpr,
-    HAS_SEG: gl.constexpr,  # the first program of each KV head to finish takes the segments
+    HAS_SEG: gl.constexpr,  # the last program of each KV head takes the segments
 ):
     bh = gl.program_id(0)
     split = gl.program_id(1)
-    n_hist = gl.num_programs(1)
+    n_parts = gl.num_programs(1)
     b = bh // n_kv
     h = bh % n_kv
     bs = (b // rows_per_seq).to(gl.int64)  # offsets of big caches pass 2**31 bytes
-    n_slots = n_hist  # workspace parts per KV head: the splits, then the segments'
-    if HAS_SEG:
-        n_slots = n_hist + 1
+    part = bh * n_parts + split
     start = split * split_len
     stop = gl.minimum(start + split_len, T)
     lo = 0
     if HAS_BOUNDS:
         lo = gl.load(bounds_ptr + 2 * b) - n_pre
         stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
-    _history_partial(
-        query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
-        acc_off, bh * n_slots + split, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr,
-        b, h, bs, start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
-        G, GQ, W, HAS_BOUNDS,
-    )  # fmt: skip
-    # publish this partial (every thread's stores, device-wide), then take a ticket
+    if HAS_SEG:
+        if split == n_parts - 1:
+            _segment_partial(
+                query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off,
+                acc_off, part, pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
+                sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st, bounds_ptr, T,
+                G, W, HAS_BOUNDS,
+            )  # fmt: skip
+        else:
+            _history_partial(
+                query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
+                acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
+                start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
+                G, GQ, W, HAS_BOUNDS,
+            )  # fmt: skip
+    else:
+        _history_partial(
+            query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
+            acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
+            start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
+            G, GQ, W, HAS_BOUNDS,
+        )  # fmt: skip
+    # publish this partial (every thread's stores, device-wide), then take a ticket: the
+    # program that takes the last one merges the KV head's parts
     one = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
     gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
     gl.thread_barrier()
     ticket = gl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
-    if HAS_SEG:  # noqa: SIM102 (a compile-time branch around a run-time one)
-        # the first program of a KV head to finish takes the segments (its SM is otherwise
-        # idle; a program of its own for them shared an SM with a history program and was the
-        # last to finish at 4K), then a ticket more
-        if ticket == 0:
-            gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
-            _segment_partial(
-                query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off,
-                acc_off, bh * n_slots + n_hist, pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st,
-                pv_sb, pv_sh, pv_st, sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh,
-                sv_st, bounds_ptr, T, G, GQ, W, HAS_BOUNDS,
-            )  # fmt: skip
-            gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
-            gl.thread_barrier()
-            ticket = gl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
-    # the program that takes the last ticket merges the KV head's parts
-    if ticket == n_slots - 1:
+    if ticket == n_parts - 1:
         gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
+        n_hist = n_parts
+        if HAS_SEG:
+            n_hist = n_parts - 1
         _merge_splits(
             ws_ptr, m_off, l_off, acc_off, bh, n_hist, unrot_ptr, out_ptr, bh * G, G, W,
             HAS_SEG,
@@ -836,8 +830,8 @@ def launch_mma_decode(
     rows_per_seq, bounds, tokens_per_split, num_warps, sm_count, workspace,
 ):  # fmt: skip
     """One launch: the history's split partials, the segments' partial (``prefix`` / ``suffix``:
-    the argument lists of :func:`.decode_attention._segment_args`; by the first program of a
-    KV head to finish), and the merge by the last program of each KV head into ``out``
+    the argument lists of :func:`.decode_attention._segment_args`; one more program per KV head
+    when either holds tokens), and the merge by the last program of each KV head into ``out``
     (``(B, Hq, 1, 128)`` contiguous). ``rot`` / ``unrot``: the key rotation and the value
     rotation back, ``(128, 128)`` float32."""
     b, hq, _, d = query.shape
@@ -853,7 +847,7 @@ def launch_mma_decode(
     split_len = max(step, math.ceil(tokens_per_split / step) * step)
     has_seg = bool(prefix[2] or suffix[2])
     splits = math.ceil(t / split_len)
-    slots = splits + has_seg  # workspace parts per KV head: the splits, then the segments'
+    slots = splits + has_seg  # parts per KV head: the splits, then the segments' program
     m_off, l_off, acc_off = 0, bh * slots * 16, 2 * bh * slots * 16
     ws = workspace(device, acc_off + bh * slots * g * d)
     ktab, vtab = _tables(key_q, value_q, device)
@@ -868,7 +862,7 @@ def launch_mma_decode(
         *prefix, *suffix,
     )  # fmt: skip
     constexprs = (g, triton.next_power_of_2(g), num_warps, bounds is not None, has_seg)
-    _launch(device, (bh, splits, 1), args, constexprs)
+    _launch(device, (bh, slots, 1), args, constexprs)
 
 
 _COMPILED: dict = {}
