@@ -304,6 +304,9 @@ def main() -> None:
         prompt = prompt.to(device)
         states: dict[str, Any] = {}
         for name in args.configs:
+            gc.collect()  # what earlier contexts left is freed before the kept caches are counted
+            if device == "cuda":
+                torch.cuda.empty_cache()
             held = torch.cuda.memory_allocated() - held_by_model if device == "cuda" else 0
             result, state = measure(
                 model,
