@@ -95,6 +95,8 @@ _STAGES = gl.constexpr(STAGES)
 _BLOCKS = gl.constexpr(STAGE_BLOCKS)
 _LUT = gl.constexpr(LUT_BYTES)
 _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b32 [$0], $2;")
+_STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
+_LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
 _COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 8 + ",r" * 20)
 _COPY4 = gl.constexpr(copy_asm(128, False))
 _COPY8 = gl.constexpr(copy_asm(256, False))
@@ -429,10 +431,6 @@ def _merge_splits(
         out.to(out_ptr.dtype.element_ty),
         mask=(ho < G)[:, None],
     )
-
-
-_STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
-_LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
 
 
 @gluon.jit
