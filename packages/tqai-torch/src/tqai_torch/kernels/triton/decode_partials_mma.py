@@ -95,6 +95,8 @@ _STAGES = gl.constexpr(STAGES)
 _BLOCKS = gl.constexpr(STAGE_BLOCKS)
 _LUT = gl.constexpr(LUT_BYTES)
 _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b32 [$0], $2;")
+_STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
+_LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
 _COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 8 + ",r" * 20)
 _COPY4 = gl.constexpr(copy_asm(128, False))
 _COPY8 = gl.constexpr(copy_asm(256, False))
@@ -238,74 +240,38 @@ def _merge_column(buf, j: gl.constexpr, wts, W: gl.constexpr, ML: gl.constexpr):
     return gl.sum(buf.index(j).reshape([W, 128]).load(ML) * wts, axis=0)
 
 
-_LDS_V4 = gl.constexpr(
-    "{ .reg .u32 a; mov.u32 a, global_smem; add.u32 a, a, $4; "
-    "ld.shared.v4.f32 {$0, $1, $2, $3}, [a]; }"
-)
-_STS_F32 = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.f32 [$0], $2;")
-_LDS_F32 = gl.constexpr(
-    "{ .reg .u32 a; mov.u32 a, global_smem; add.u32 a, a, $1; ld.shared.f32 $0, [a]; }"
-)
-
-
-@gluon.constexpr_function
-def _rotate_layout(GQ, W):
-    """The 3-D layout of :func:`_rotate_staged`'s products ``(GQ, 32 rows, 128 columns)``."""
-    return gl.BlockedLayout([GQ, 8, 128 // (8 * W)], [1, 4, 8], [1, 1, W], [2, 1, 0])
-
-
 @gluon.jit
-def _stage_rows(x, rows, cols, off: gl.constexpr):
-    """Store fp32 ``x`` (element ``(rows, cols)``) as rows of 128 floats at byte ``off`` of the
-    kernel's shared memory (raw PTX: the regions here are the kernel's own, see the callers)."""
-    gl.inline_asm_elementwise(
-        _STS_F32, "=r,r,f", [off + rows * 512 + cols * 4, x], dtype=gl.int32, is_pure=False, pack=1
-    )
-
-
-@gluon.jit
-def _rotation_operands(mat_ptr, GQ: gl.constexpr, W: gl.constexpr):
-    """All of a ``(128, 128)`` float32 matrix in the registers :func:`_rotate_staged` reads it
-    from, as 4 blocks of 32 rows: one memory round trip (64 registers a thread at 8 warps),
-    every element loaded once per program. Issued early, before barriers, to hide it."""
-    UL: gl.constexpr = gl.SliceLayout(0, _rotate_layout(GQ, W))  # (32, 128)
-    ud = gl.arange(0, 32, layout=gl.SliceLayout(1, UL))[:, None]
-    uj = gl.arange(0, 128, layout=gl.SliceLayout(0, UL))[None, :]
-    u0 = gl.load(mat_ptr + ud * 128 + uj)
-    u1 = gl.load(mat_ptr + (32 + ud) * 128 + uj)
-    u2 = gl.load(mat_ptr + (64 + ud) * 128 + uj)
-    u3 = gl.load(mat_ptr + (96 + ud) * 128 + uj)
-    return u0, u1, u2, u3
-
-
-@gluon.jit
-def _rotate_staged(off: gl.constexpr, u0, u1, u2, u3, GQ: gl.constexpr, W: gl.constexpr):
-    """``x (GQ, 128) @ mat (128, 128)`` in fp32 FMAs, ``(GQ, 128)`` float32 in
-    ``SliceLayout(1, _rotate_layout(GQ, W))``: ``x`` fp32 rows staged at byte ``off`` of shared
-    memory (:func:`_stage_rows`, made visible by the caller's barrier), ``mat`` from
-    :func:`_rotation_operands`. The query's rotation and the merged value sums' rotation back;
-    lanes and warps split the columns, 4 lanes the rows (two shuffle levels per block)."""
-    XL: gl.constexpr = gl.SliceLayout(2, _rotate_layout(GQ, W))  # (GQ, 32)
-    xr = gl.arange(0, GQ, layout=gl.SliceLayout(1, XL))[:, None]
-    xd = gl.arange(0, 32, layout=gl.SliceLayout(0, XL))[None, :]
-    xa = off + xr * 512 + xd * 4  # 8 consecutive floats of a row a thread: read 4 at a time
-    x = gl.inline_asm_elementwise(
-        _LDS_V4, "=f,=f,=f,=f,r,r,r,r", [xa], dtype=gl.float32, is_pure=False, pack=4
-    )
-    out = gl.sum(x[:, :, None] * u0[None, :, :], axis=1)
-    x = gl.inline_asm_elementwise(
-        _LDS_V4, "=f,=f,=f,=f,r,r,r,r", [xa + 128], dtype=gl.float32, is_pure=False, pack=4
-    )
-    out += gl.sum(x[:, :, None] * u1[None, :, :], axis=1)
-    x = gl.inline_asm_elementwise(
-        _LDS_V4, "=f,=f,=f,=f,r,r,r,r", [xa + 256], dtype=gl.float32, is_pure=False, pack=4
-    )
-    out += gl.sum(x[:, :, None] * u2[None, :, :], axis=1)
-    x = gl.inline_asm_elementwise(
-        _LDS_V4, "=f,=f,=f,=f,r,r,r,r", [xa + 384], dtype=gl.float32, is_pure=False, pack=4
-    )
-    out += gl.sum(x[:, :, None] * u3[None, :, :], axis=1)
-    return out
+def _rows_times(
+    x_ptr, x_stride, x_rows, x_smem, mat_ptr,
+    GP: gl.constexpr, DPT: gl.constexpr, W: gl.constexpr, FROM_SMEM: gl.constexpr,
+):  # fmt: skip
+    """``x (GP, 128) @ mat (128, 128)`` in fp32 FMAs, ``(GP, 128)`` float32: the rotations of
+    the query (``x`` rows from global memory, rows ``>= x_rows`` zero) and of the merged value
+    sums (``x_smem``, shared memory). Warps and lanes split the matrix's columns, lanes also its
+    rows (``DPT`` each per round): every matrix element is loaded once per program and the sum
+    over rows stays inside a warp (shuffles, no shared memory)."""
+    JPT: gl.constexpr = 128 // (4 * W)
+    DC: gl.constexpr = 8 * DPT
+    P3: gl.constexpr = gl.BlockedLayout([GP, DPT, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
+    XL: gl.constexpr = gl.SliceLayout(2, P3)  # (GP, DC)
+    UL: gl.constexpr = gl.SliceLayout(0, P3)  # (DC, 128)
+    xr = gl.arange(0, GP, layout=gl.SliceLayout(1, XL))
+    xd = gl.arange(0, DC, layout=gl.SliceLayout(0, XL))
+    ud = gl.arange(0, DC, layout=gl.SliceLayout(1, UL))
+    uj = gl.arange(0, 128, layout=gl.SliceLayout(0, UL))
+    acc = gl.zeros([GP, DC, 128], gl.float32, layout=P3)
+    for d0 in gl.static_range(0, 128, DC):
+        if FROM_SMEM:
+            x = x_smem.slice(d0, DC, dim=1).load(XL)
+        else:
+            x = gl.load(
+                x_ptr + xr[:, None] * x_stride + (d0 + xd)[None, :],
+                mask=(xr < x_rows)[:, None],
+                other=0.0,
+            ).to(gl.float32)
+        u = gl.load(mat_ptr + (d0 + ud)[:, None] * 128 + uj[None, :])
+        acc += x[:, :, None] * u[None, :, :]
+    return gl.sum(acc, axis=1)
 
 
 @gluon.jit
@@ -390,7 +356,7 @@ def _segment_partial(
 @gluon.jit
 def _merge_splits(
     ws_ptr, m_off, l_off, acc_off, bh, n_hist, unrot_ptr, out_ptr, row0,
-    G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr, HAS_SEG: gl.constexpr,
+    G: gl.constexpr, W: gl.constexpr, HAS_SEG: gl.constexpr,
 ):  # fmt: skip
     """The last program of a KV head: the history's ``n_hist`` split partials merged (online
     softmax over the splits, SC at a time, the split axis in registers), rotated back
@@ -429,8 +395,11 @@ def _merge_splits(
         scale_a = gl.convert_layout(scale, gl.SliceLayout(1, AL))
         acc = acc * scale_a[:, None] + gl.sum(w[:, :, None] * a_c, axis=0)
         m_run = m_new
-    OL: gl.constexpr = gl.SliceLayout(1, _rotate_layout(GQ, W))  # _rotate_staged's result
-    ho = gl.arange(0, GQ, layout=gl.SliceLayout(1, OL))
+    JPT: gl.constexpr = 128 // (4 * W)
+    OL: gl.constexpr = gl.SliceLayout(
+        1, gl.BlockedLayout([GP, 1, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
+    )  # the layout of _rows_times' result
+    ho = gl.arange(0, GP, layout=gl.SliceLayout(1, OL))
     jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
     if HAS_SEG:  # the segments' partial, loaded before the rotation back (its latency hidden)
         seg = first + n_hist
@@ -444,24 +413,12 @@ def _merge_splits(
             mask=real[:, None], other=0.0, cache_modifier=".cg",
         )  # fmt: skip
     # rotate back: every thread needs every value dim of its rows, so through shared memory
-    # (rows 0..7 the sums, row 8 the maxima, row 9 the sums of weights), in the first stage's
-    # bytes: every copy has landed and the table is no longer read
-    MOFF: gl.constexpr = _LUT + 8192
-    u0, u1, u2, u3 = _rotation_operands(unrot_ptr, GQ, W)
-    gl.thread_barrier()  # no warp still reads the loop's layout-conversion scratch
-    ar = gl.arange(0, GP, layout=gl.SliceLayout(1, AL))[:, None]
-    ad = gl.arange(0, 128, layout=gl.SliceLayout(0, AL))[None, :]
-    _stage_rows(acc, ar, ad, MOFF)
-    _stage_rows(m_run, 8, hm, MOFF)
-    _stage_rows(l_run, 9, hm, MOFF)
+    buf = gl.allocate_shared_memory(gl.float32, [GP, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    buf.store(acc)
     gl.thread_barrier()
-    out = _rotate_staged(MOFF, u0, u1, u2, u3, GQ, W)
-    m_h = gl.inline_asm_elementwise(
-        _LDS_F32, "=f,r", [MOFF + 8 * 512 + ho * 4], dtype=gl.float32, is_pure=False, pack=1
-    )
-    l_h = gl.inline_asm_elementwise(
-        _LDS_F32, "=f,r", [MOFF + 9 * 512 + ho * 4], dtype=gl.float32, is_pure=False, pack=1
-    )
+    out = _rows_times(unrot_ptr, 0, GP, buf, unrot_ptr, GP, 1, W, True)
+    m_h = gl.convert_layout(m_run, gl.SliceLayout(1, OL))
+    l_h = gl.convert_layout(l_run, gl.SliceLayout(1, OL))
     if HAS_SEG:
         m_all = gl.maximum(m_h, m_s)
         w_h = gl.exp2(m_h - m_all)
@@ -476,45 +433,33 @@ def _merge_splits(
     )
 
 
-_STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
-_LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
-
-
-@gluon.jit
-def _stage_query(
-    query_ptr, stride_qb, stride_qh, b, h, off: gl.constexpr,
-    G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr,
-):  # fmt: skip
-    """The query heads of KV head ``h`` (rows ``>= G`` zero) as fp32 rows at byte ``off`` of
-    shared memory, for :func:`_rotate_staged`."""
-    QL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [W, 1], [1, 0])
-    qr = gl.arange(0, GQ, layout=gl.SliceLayout(1, QL))[:, None]
-    qd = gl.arange(0, 128, layout=gl.SliceLayout(0, QL))[None, :]
-    x = gl.load(
-        query_ptr + b * stride_qb + (h * G + qr) * stride_qh + qd, mask=qr < G, other=0.0
-    ).to(gl.float32)
-    _stage_rows(x, qr, qd, off)
-
-
 @gluon.jit
 def _rotated_query(
-    u0, u1, u2, u3, qscale, g, t, c, off: gl.constexpr,
+    query_ptr, stride_qb, stride_qh, rot_ptr, qscale, b, h, g, t, c,
     G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr,
 ):  # fmt: skip
     """The B-fragment words of the scaled query rotated into the keys' domain (fp16 pairs,
     int32 ``(32 W, 4)`` x 4: head ``g``, dims ``32 t .. 32 t + 31``; 0 for heads ``>= G``),
-    from the query staged at byte ``off`` (:func:`_stage_query`) and the rotation's operands;
-    handed to the lanes through the 2 KB after the staged rows (fp16). Ends with a barrier."""
-    OL: gl.constexpr = gl.SliceLayout(1, _rotate_layout(GQ, W))
-    rq = (_rotate_staged(off, u0, u1, u2, u3, GQ, W) * qscale).to(gl.float16)
+    computed by the program itself (fp32 FMAs over the ``GQ`` padded heads) and handed to the
+    lanes through the first 2 KB of shared memory (the pair table's, filled after: the caller
+    puts a barrier before it)."""
+    JPT: gl.constexpr = 128 // (4 * W)
+    DPT: gl.constexpr = 32 // (GQ * JPT) if GQ * JPT < 32 else 1  # 32 products in flight
+    P3: gl.constexpr = gl.BlockedLayout([GQ, DPT, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
+    OL: gl.constexpr = gl.SliceLayout(1, P3)
+    rq = _rows_times(
+        query_ptr + b * stride_qb + h * G * stride_qh, stride_qh, G, None, rot_ptr,
+        GQ, DPT, W, False,
+    )  # fmt: skip
+    rq = (rq * qscale).to(gl.float16)
     ho = gl.arange(0, GQ, layout=gl.SliceLayout(1, OL))
     jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
     gl.inline_asm_elementwise(
-        _STORE_HALF, "=r,r,h", [off + 4096 + ho[:, None] * 256 + 2 * jo[None, :], rq],
+        _STORE_HALF, "=r,r,h", [ho[:, None] * 256 + 2 * jo[None, :], rq],
         dtype=gl.int32, is_pure=False, pack=1,
     )  # fmt: skip
     gl.thread_barrier()
-    addr = off + 4096 + (g * 256 + 64 * t)[:, None] + 4 * c[None, :]
+    addr = (g * 256 + 64 * t)[:, None] + 4 * c[None, :]
     ok = (g < G)[:, None]
     q0 = gl.inline_asm_elementwise(
         _LOAD_WORD, "=r,r", [addr], dtype=gl.int32, is_pure=False, pack=1
@@ -528,7 +473,6 @@ def _rotated_query(
     q3 = gl.inline_asm_elementwise(
         _LOAD_WORD, "=r,r", [addr + 48], dtype=gl.int32, is_pure=False, pack=1
     )
-    gl.thread_barrier()  # every lane has its words before the loop copies into this stage
     return gl.where(ok, q0, 0), gl.where(ok, q1, 0), gl.where(ok, q2, 0), gl.where(ok, q3, 0)
 
 
@@ -592,26 +536,25 @@ def _history_partial(
     tok = start + w * 32
     n0 = _norm_words(nptr, tok, g, c, stop)
     n1 = _norm_words(nptr, tok + 16, g, c, stop)
-    # the prologue's loads first, so that their latencies overlap: the rotation (all of it),
-    # the query, the key pair table and the value table. The query is staged and rotated in
-    # the second pipeline stage's shared memory (not written before the loop's first step)
-    QOFF: gl.constexpr = _LUT + STAGE_BYTES
-    u0, u1, u2, u3 = _rotation_operands(rot_ptr, GQ, W)
+    # the tables' loads are issued before the query's rotation, to overlap their latency:
     # the key pair table goes into shared memory, one copy per lane (entry e of lane l at byte
     # 128 e + 4 l; thread (warp w, lane l) writes entries w, w + W, ... of column l)
     FL: gl.constexpr = gl.BlockedLayout([1, 256 // W], [32, 1], [W, 1], [1, 0])
     fr = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, FL))
     fe = (fr // 32)[:, None] + W * gl.arange(0, 256 // W, layout=gl.SliceLayout(0, FL))[None, :]
+    pairs = gl.load(ktab_ptr + fe)
     # the value table per lane: distinct addresses keep it in ordinary registers (from a
     # uniform load the compiler would move it out of uniform registers before every permute)
     vtab = gl.load(vtab_ptr + (lane * 4)[:, None] + c[None, :])
+    q0, q1, q2, q3 = _rotated_query(
+        query_ptr, stride_qb, stride_qh, rot_ptr, qscale, b, h, g, t, c, G, GQ, W
+    )
+    gl.thread_barrier()  # every lane has its query words before the table overwrites them
     gl.inline_asm_elementwise(
-        _STORE, "=r,r,r", [fe * 128 + ((fr % 32) * 4)[:, None], gl.load(ktab_ptr + fe)],
+        _STORE, "=r,r,r", [fe * 128 + ((fr % 32) * 4)[:, None], pairs],
         dtype=gl.int32, is_pure=False, pack=1,
     )  # fmt: skip
-    _stage_query(query_ptr, stride_qb, stride_qh, b, h, QOFF, G, GQ, W)
-    gl.thread_barrier()  # the table and the staged query are in place
-    q0, q1, q2, q3 = _rotated_query(u0, u1, u2, u3, qscale, g, t, c, QOFF, G, GQ, W)
+    gl.thread_barrier()
     lane4 = (lane * 4)[:, None] + 0 * c[None, :]
     m = gl.full([32 * W, 4], -1.0e30, gl.float32, layout=L)
     l_sum = gl.zeros([32 * W, 4], gl.float32, layout=L)
@@ -798,7 +741,7 @@ def _mma_decode_kernel(
         if HAS_SEG:
             n_hist = n_parts - 1
         _merge_splits(
-            ws_ptr, m_off, l_off, acc_off, bh, n_hist, unrot_ptr, out_ptr, bh * G, G, GQ, W,
+            ws_ptr, m_off, l_off, acc_off, bh, n_hist, unrot_ptr, out_ptr, bh * G, G, W,
             HAS_SEG,
         )  # fmt: skip
         gl.store(cnt_ptr + bh, 0)
