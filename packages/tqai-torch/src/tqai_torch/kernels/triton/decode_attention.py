@@ -869,8 +869,6 @@ def decode_attention_triton(
     _check_aligned(values, "values")
     device = query.device
     c = _constants(key_quantizer, value_quantizer, device)
-    pdv = 8 * c.v_layout[0]
-    bh = b * n_kv
     if lookup not in ("auto", "gather"):
         raise ValueError(f"lookup must be 'auto' or 'gather', got {lookup!r}")
     if partials not in ("auto", "mma", "blocks"):
@@ -888,8 +886,6 @@ def decode_attention_triton(
             "rows; use 'auto' to fall back to the block kernel"
         )
     qscale = scale * _LOG2E
-    n_pre = 0 if prefix is None else prefix[0].shape[2]
-    bounds_arg = query if bounds is None else bounds  # a dummy pointer when unused
     out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
     if mma:  # one launch: partials, segments and merge
         launch_mma_decode(
@@ -899,6 +895,7 @@ def decode_attention_triton(
             num_warps=num_warps or 8, sm_count=_sm_count(device), workspace=_workspace,
         )  # fmt: skip
         return out
+    n_pre = 0 if prefix is None else prefix[0].shape[2]
     ws, splits, m_off, l_off, acc_off = _launch_blocks(
         query, keys, values, key_quantizer, value_quantizer, c, qscale, lookup=lookup,
         rows_per_seq=rows_per_seq, bounds=bounds, n_pre=n_pre, block_n=block_n,
@@ -907,6 +904,9 @@ def decode_attention_triton(
     # combine: DC output columns per program; FMA tiles of at most ~8K elements (64 per thread);
     # SC splits read at once (all of a batch-1 call's splits at G = 4: one round of loads)
     dc = min(c.dp, 64)
+    pdv = 8 * c.v_layout[0]
+    bh = b * n_kv
+    bounds_arg = query if bounds is None else bounds  # a dummy pointer when unused
     gr = triton.next_power_of_2(g)
     pc = min(pdv, 32)
     sc = max(1, 8192 // (gr * pc))  # powers of two: gr, pc and dp are

@@ -864,22 +864,13 @@ def launch_mma_decode(
 
 
 _COMPILED: dict = {}
-_I32 = (-(2**31), 2**31 - 1)
-
-
-def _specialized_ints() -> tuple[int, ...]:
-    """Positions (in the kernel's arguments) of the integers Triton specializes on."""
-    names = [p.name for p in _mma_decode_kernel.params if not p.is_constexpr]
-    ints = (
-        "stride_qb", "stride_qh", "m_off", "l_off", "acc_off", "n_kv", "rows_per_seq",
-        "kp_sb", "kp_sh", "kn_sb", "kn_sh", "vp_sb", "vp_sh", "vn_sb", "vn_sh",
-        "pk_sb", "pk_sh", "pk_st", "pv_sb", "pv_sh", "pv_st",
-        "sk_sb", "sk_sh", "sk_st", "sv_sb", "sv_sh", "sv_st",
-    )  # fmt: skip
-    return tuple(names.index(n) for n in ints)
-
-
-_SPECIALIZED = _specialized_ints()
+# positions, in the kernel's run-time arguments, of the integers Triton specializes on: all
+# but the pointers (``*_ptr``), the float ``qscale`` and ``_RUNTIME_INTS``
+_SPECIALIZED = tuple(
+    i
+    for i, name in enumerate(p.name for p in _mma_decode_kernel.params if not p.is_constexpr)
+    if not name.endswith("_ptr") and name != "qscale" and name not in _RUNTIME_INTS
+)
 
 
 def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -> None:
@@ -889,20 +880,21 @@ def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -
 
     The key is what Triton 3.6 specializes a compiled kernel on: the constexprs, each pointer's
     dtype and 16-byte alignment, each integer's divisibility by 16 (but ``_RUNTIME_INTS``) and
-    whether every integer fits in int32. With launch hooks set (profilers) every call takes
-    the JIT."""
+    each integer's type (int32, or int64 past its range). With launch hooks set (profilers)
+    every call takes the JIT."""
     pointers = [a for a in args if isinstance(a, torch.Tensor)]
-    ints = [a for a in args if type(a) is int]
     key = (
         device.index,
         constexprs,
         tuple(p.dtype for p in pointers),
         tuple(p.data_ptr() % 16 == 0 for p in pointers),
         tuple(args[i] % 16 == 0 for i in _SPECIALIZED),
-        _I32[0] <= min(ints) and max(ints) <= _I32[1],
+        tuple(-(2**31) <= a < 2**31 for a in args if type(a) is int),
     )
     kernel = _COMPILED.get(key)
-    hooked = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook
+    hooked = (
+        knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    )
     if kernel is None or hooked:
         g, gq, w, has_bounds, has_seg = constexprs
         _COMPILED[key] = _mma_decode_kernel[grid[:2]](
