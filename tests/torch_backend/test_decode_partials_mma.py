@@ -29,6 +29,7 @@ CASES = [
     (1, 16, 2, 2048, 0, 0),  # the same, G = 8
     (1, 32, 8, 2000, 4, 37),  # a window longer than several rounds of the segments' program
     (2, 32, 8, 600, 0, 5),  # a window and no sinks
+    (1, 32, 8, 1200, 4, 120),  # more segment tokens than the segments' programs take at most
 ]
 
 
@@ -87,8 +88,8 @@ def test_mma_partials_match_reference(index, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("segments", "last_start"),
-    [((4, 3), 700), ((0, 0), 700), ((4, 3), 1497)],  # 1497: the third sees only window tokens
-)
+    [((4, 3), 700), ((0, 0), 700), ((4, 3), 1497), ((4, 30), 700), ((4, 30), 1497)],
+)  # 1497: the third sees only window tokens (with a window of 30, those of two programs)
 def test_mma_partials_left_padded_batch(segments, last_start):
     """``valid_from`` / ``valid_until`` hide what the reference's mask hides, in the history and
     in the sink and window segments."""

@@ -90,6 +90,7 @@ _SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may 
 # 16 warps per SM (2 programs of 8 warps, 4 of 4) need at most 128 registers a thread; without the
 # cap ptxas takes ~200 for the builds with segments (their cold code) and one program fits
 _MAX_REGISTERS = 128
+SEG_TOKENS_PER_PROGRAM = 8  # segment tokens a program takes (2 rounds), while the wave has room
 STAGES = 2  # pipeline depth: a thread's copies run one step ahead of its compute (3: no faster)
 _STAGES = gl.constexpr(STAGES)
 _BLOCKS = gl.constexpr(STAGE_BLOCKS)
@@ -287,7 +288,7 @@ def _segment_scan(
     DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, K3))
     tt = gl.arange(0, SEG_N, layout=TL)[None, :, None]
     dd = gl.arange(0, 128, layout=DL)[None, None, :]
-    for t0 in range(0, n, SEG_N):
+    for t0 in range(gl.maximum(lo, 0), n, SEG_N):
         tok = t0 + tt
         ok = (tok < n) & (tok >= lo)
         k = gl.load(k_ptr + tok * k_st + dd, mask=ok, other=0.0).to(gl.float32)
@@ -308,13 +309,15 @@ def _segment_partial(
     query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off, acc_off, part,
     pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
     sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st,
-    bounds_ptr, T,
+    bounds_ptr, T, seg_from, seg_until,
     G: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
 ):  # fmt: skip
     """The partial of the full-precision segments (sinks before the history, the recent window
     and staged tokens after it) for the query heads of one KV head, in the original domain, at
-    workspace part ``part`` (m / l rows as the history's, ``G x 128`` sums): the program a call
-    with segments adds to each KV head, beside the history's splits."""
+    workspace part ``part`` (m / l rows as the history's, ``G x 128`` sums): one of the
+    programs a call with segments adds to each KV head, beside the history's splits. It takes
+    tokens ``[seg_from, seg_until)`` of the segments as one sequence (the prefix, then the
+    suffix): a few rounds each, so that the segments' latency-bound rounds run side by side."""
     SEG_N: gl.constexpr = 4
     K3: gl.constexpr = gl.BlockedLayout([8 // W, SEG_N, 4], [1, 1, 32], [W, 1, 1], [2, 1, 0])
     HL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, K3))
@@ -325,17 +328,18 @@ def _segment_partial(
         query_ptr + b * stride_qb + (h * G + hh) * stride_qh + dd, mask=hh < G, other=0.0
     ).to(gl.float32)
     q = q * qscale
-    pre_lo = 0  # visible tokens of the prefix [pre_lo, pre_n) and of the suffix [suf_lo, suf_n)
-    pre_n = n_pre
-    suf_lo = 0
-    suf_n = n_suf
-    if HAS_BOUNDS:
+    # this program's tokens of the prefix [pre_lo, pre_n) and of the suffix [suf_lo, suf_n)
+    pre_lo = seg_from
+    pre_n = gl.minimum(n_pre, seg_until)
+    suf_lo = seg_from - n_pre
+    suf_n = gl.minimum(n_suf, seg_until - n_pre)
+    if HAS_BOUNDS:  # and of those the visible ones
         first = gl.load(bounds_ptr + 2 * b)
         until = gl.load(bounds_ptr + 2 * b + 1)
-        pre_lo = first
-        pre_n = gl.minimum(n_pre, until)
-        suf_lo = first - n_pre - T
-        suf_n = gl.minimum(n_suf, until - n_pre - T)
+        pre_lo = gl.maximum(pre_lo, first)
+        pre_n = gl.minimum(pre_n, until)
+        suf_lo = gl.maximum(suf_lo, first - n_pre - T)
+        suf_n = gl.minimum(suf_n, until - n_pre - T)
     m = gl.full([8, 1, 1], -1.0e30, gl.float32, layout=K3)
     l_sum = gl.zeros([8, 1, 1], gl.float32, layout=K3)
     acc = gl.zeros([8, 1, 128], gl.float32, layout=K3)
@@ -353,23 +357,56 @@ def _segment_partial(
     gl.store(ws_ptr + acc_off + (part * G + hh) * 128 + dd, acc, mask=real)
 
 
+SEG_PROGRAMS = 8  # the most programs a call's segments take per KV head
+_SEG_PROGRAMS = gl.constexpr(SEG_PROGRAMS)
+
+
+@gluon.jit
+def _merge_segments(
+    ws_ptr, m_off, l_off, acc_off, seg0, n_segp,
+    G: gl.constexpr, GP: gl.constexpr, W: gl.constexpr,
+):  # fmt: skip
+    """The ``n_segp`` segment partials from workspace part ``seg0`` on, loaded at once and
+    merged: ``m``, ``l`` ``(GP,)`` and the weighted sums ``(GP, 128)``, original domain."""
+    JPT: gl.constexpr = 128 // (4 * W)
+    P3: gl.constexpr = gl.BlockedLayout(
+        [1, GP, JPT], [_SEG_PROGRAMS, 1, 32 // _SEG_PROGRAMS], [1, 1, W], [2, 1, 0]
+    )
+    ML: gl.constexpr = gl.SliceLayout(2, P3)  # (SEG_PROGRAMS, GP)
+    js = gl.arange(0, _SEG_PROGRAMS, layout=gl.SliceLayout(1, ML))[:, None]
+    hs = gl.arange(0, GP, layout=gl.SliceLayout(0, ML))[None, :]
+    ok = (js < n_segp) & (hs < G)
+    rows = (seg0 + js) * 16 + hs
+    m_j = gl.load(ws_ptr + m_off + rows, mask=ok, other=-1.0e30, cache_modifier=".cg")
+    l_j = gl.load(ws_ptr + l_off + rows, mask=ok, other=0.0, cache_modifier=".cg")
+    d3 = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, P3)))[None, None, :]
+    a_j = gl.load(
+        ws_ptr + acc_off + ((seg0 + js) * G + hs)[:, :, None] * 128 + d3,
+        mask=ok[:, :, None], other=0.0, cache_modifier=".cg",
+    )  # fmt: skip
+    m_s = gl.max(m_j, axis=0)
+    w_j = gl.exp2(m_j - m_s[None, :])
+    l_s = gl.sum(w_j * l_j, axis=0)
+    a_s = gl.sum(w_j[:, :, None] * a_j, axis=0)
+    return m_s, l_s, a_s
+
+
 @gluon.jit
 def _merge_splits(
-    ws_ptr, m_off, l_off, acc_off, bh, n_hist, unrot_ptr, out_ptr, row0,
+    ws_ptr, m_off, l_off, acc_off, bh, n_hist, n_segp, unrot_ptr, out_ptr, row0,
     G: gl.constexpr, W: gl.constexpr, HAS_SEG: gl.constexpr,
 ):  # fmt: skip
     """The last program of a KV head: the history's ``n_hist`` split partials merged (online
     softmax over the splits, SC at a time, the split axis in registers), rotated back
-    (``unrot``, fp32 FMAs), joined with the segments' partial (part ``n_hist``, when
-    ``HAS_SEG``) in one softmax, and stored as output rows ``row0 .. row0 + G - 1``."""
+    (``unrot``, fp32 FMAs), joined with the segments' ``n_segp`` partials (the parts after
+    the history's, when ``HAS_SEG``) in one softmax, and stored as output rows
+    ``row0 .. row0 + G - 1``."""
     GP: gl.constexpr = 8  # heads, padded (one warp row of the tiles per head)
     SC: gl.constexpr = 2 * W  # splits a round (registers: SC * 4 * GP / W per thread)
     S3: gl.constexpr = gl.BlockedLayout([SC, GP // W, 4], [1, 1, 32], [1, W, 1], [2, 1, 0])
     MS: gl.constexpr = gl.SliceLayout(2, S3)  # (SC, GP)
     AL: gl.constexpr = gl.SliceLayout(0, S3)  # (GP, 128)
-    first = bh * n_hist  # the KV head's parts: the history's splits, then the segments'
-    if HAS_SEG:
-        first = bh * (n_hist + 1)
+    first = bh * (n_hist + n_segp)  # the KV head's parts: the history's, the segments'
     sp = gl.arange(0, SC, layout=gl.SliceLayout(1, MS))
     hm = gl.arange(0, GP, layout=gl.SliceLayout(0, MS))
     s3 = gl.arange(0, SC, layout=gl.SliceLayout(1, gl.SliceLayout(2, S3)))[:, None, None]
@@ -401,17 +438,25 @@ def _merge_splits(
     )  # the layout of _rows_times' result
     ho = gl.arange(0, GP, layout=gl.SliceLayout(1, OL))
     jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
-    if HAS_SEG:  # the segments' partial, loaded before the rotation back (its latency hidden)
+    if HAS_SEG:  # the segments' partials, merged before the rotation back (latency hidden)
         seg = first + n_hist
-        real = ho < G
-        m_s = gl.load(
-            ws_ptr + m_off + seg * 16 + ho, mask=real, other=-1.0e30, cache_modifier=".cg"
-        )
-        l_s = gl.load(ws_ptr + l_off + seg * 16 + ho, mask=real, other=0.0, cache_modifier=".cg")
-        a_s = gl.load(
-            ws_ptr + acc_off + (seg * G + ho)[:, None] * 128 + jo[None, :],
-            mask=real[:, None], other=0.0, cache_modifier=".cg",
-        )  # fmt: skip
+        if n_segp == 1:  # one: loaded as it is (long contexts leave no room for more)
+            real = ho < G
+            m_s = gl.load(
+                ws_ptr + m_off + seg * 16 + ho, mask=real, other=-1.0e30, cache_modifier=".cg"
+            )
+            l_s = gl.load(
+                ws_ptr + l_off + seg * 16 + ho, mask=real, other=0.0, cache_modifier=".cg"
+            )
+            a_s = gl.load(
+                ws_ptr + acc_off + (seg * G + ho)[:, None] * 128 + jo[None, :],
+                mask=real[:, None], other=0.0, cache_modifier=".cg",
+            )  # fmt: skip
+        else:
+            m_j, l_j, a_j = _merge_segments(ws_ptr, m_off, l_off, acc_off, seg, n_segp, G, GP, W)
+            m_s = gl.convert_layout(m_j, gl.SliceLayout(1, OL))
+            l_s = gl.convert_layout(l_j, gl.SliceLayout(1, OL))
+            a_s = gl.convert_layout(a_j, OL)
     # rotate back: every thread needs every value dim of its rows, so through shared memory
     buf = gl.allocate_shared_memory(gl.float32, [GP, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     buf.store(acc)
@@ -634,7 +679,7 @@ def _history_partial(
 
 # run-time values the kernel is never specialized on (each call has its own); the other integer
 # arguments are, on divisibility by 16 (see _launch)
-_RUNTIME_INTS = ("T", "split_len", "n_pre", "n_suf")
+_RUNTIME_INTS = ("T", "split_len", "n_pre", "n_suf", "n_segp", "seg_span")
 
 
 @gluon.jit(do_not_specialize=list(_RUNTIME_INTS))
@@ -688,11 +733,13 @@ def _mma_decode_kernel(
     sv_sb,
     sv_sh,
     sv_st,
+    n_segp,  # programs per KV head for the segments (HAS_SEG), the last parts
+    seg_span,  # segment tokens per such program
     G: gl.constexpr,
     GQ: gl.constexpr,  # G padded to a power of two
     W: gl.constexpr,
     HAS_BOUNDS: gl.constexpr,
-    HAS_SEG: gl.constexpr,  # the last program of each KV head takes the segments
+    HAS_SEG: gl.constexpr,  # the last n_segp programs of each KV head take the segments
 ):
     bh = gl.program_id(0)
     split = gl.program_id(1)
@@ -708,12 +755,13 @@ def _mma_decode_kernel(
         lo = gl.load(bounds_ptr + 2 * b) - n_pre
         stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
     if HAS_SEG:
-        if split == n_parts - 1:
+        if split >= n_parts - n_segp:
+            seg_from = (split - (n_parts - n_segp)) * seg_span
             _segment_partial(
                 query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off,
                 acc_off, part, pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
                 sk_ptr, sv_ptr, n_suf, sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st, bounds_ptr, T,
-                G, W, HAS_BOUNDS,
+                seg_from, seg_from + seg_span, G, W, HAS_BOUNDS,
             )  # fmt: skip
         else:
             _history_partial(
@@ -737,12 +785,9 @@ def _mma_decode_kernel(
     ticket = gl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
     if ticket == n_parts - 1:
         gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
-        n_hist = n_parts
-        if HAS_SEG:
-            n_hist = n_parts - 1
         _merge_splits(
-            ws_ptr, m_off, l_off, acc_off, bh, n_hist, unrot_ptr, out_ptr, bh * G, G, W,
-            HAS_SEG,
+            ws_ptr, m_off, l_off, acc_off, bh, n_parts - n_segp, n_segp, unrot_ptr, out_ptr,
+            bh * G, G, W, HAS_SEG,
         )  # fmt: skip
         gl.store(cnt_ptr + bh, 0)
 
@@ -838,14 +883,20 @@ def launch_mma_decode(
     bh = b * n_kv
     device = query.device
     step = STEP_TOKENS * num_warps
-    if tokens_per_split is None:  # a whole wave: as many programs per SM as shared memory holds
-        per_sm = max(1, _SMEM_PER_SM // (LUT_BYTES + STAGES * STAGE_BLOCKS * 16 * 32 * num_warps))
-        want = max(1, per_sm * sm_count // bh)
-        tokens_per_split = math.ceil(t / want)
+    # a whole wave: as many programs per SM as shared memory holds
+    per_sm = max(1, _SMEM_PER_SM // (LUT_BYTES + STAGES * STAGE_BLOCKS * 16 * 32 * num_warps))
+    if tokens_per_split is None:
+        tokens_per_split = math.ceil(t / max(1, per_sm * sm_count // bh))
     split_len = max(step, math.ceil(tokens_per_split / step) * step)
-    has_seg = bool(prefix[2] or suffix[2])
     splits = math.ceil(t / split_len)
-    slots = splits + has_seg  # parts per KV head: the splits, then the segments' program
+    n_seg = prefix[2] + suffix[2]
+    has_seg = n_seg > 0
+    # the segments' rounds are latency-bound: a few per program and the programs side by side,
+    # as many as the wave has room for beside the history's (at least one)
+    room = max(1, (per_sm * sm_count - bh * splits) // bh)
+    n_segp = min(SEG_PROGRAMS, math.ceil(n_seg / SEG_TOKENS_PER_PROGRAM), room)
+    seg_span = math.ceil(n_seg / max(n_segp, 1) / 4) * 4
+    slots = splits + n_segp  # parts per KV head: the splits, then the segments' programs
     m_off, l_off, acc_off = 0, bh * slots * 16, 2 * bh * slots * 16
     ws = workspace(device, acc_off + bh * slots * g * d)
     ktab, vtab = _tables(key_q, value_q, device)
@@ -857,7 +908,7 @@ def launch_mma_decode(
         t, split_len, n_kv, rows_per_seq, query if bounds is None else bounds,
         kp.stride(0), kp.stride(1), kn.stride(0), kn.stride(1),
         vp.stride(0), vp.stride(1), vn.stride(0), vn.stride(1),
-        *prefix, *suffix,
+        *prefix, *suffix, n_segp, seg_span,
     )  # fmt: skip
     constexprs = (g, triton.next_power_of_2(g), num_warps, bounds is not None, has_seg)
     _launch(device, (bh, slots, 1), args, constexprs)
