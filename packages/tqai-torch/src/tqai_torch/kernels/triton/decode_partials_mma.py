@@ -4,8 +4,9 @@ own block kernel (and combine) for every other configuration.
 
 Reference: :func:`tqai.attention.compressed_attention` (the same parity tests cover this path).
 
-Grid ``(B * Hkv, parts)``: each KV head's history is split across programs, plus one program
-for the full-precision segments (sinks, recent window, staged tokens) when the call has any; the
+Grid ``(B * Hkv, parts)``: each KV head's history is split across programs, plus programs for
+the full-precision segments (sinks, recent window, staged tokens) when the call has any (one,
+or at short contexts up to ``SEG_PROGRAMS`` side by side, as many as the wave has room for); the
 program that finishes a KV head last (an atomic ticket) merges its parts and writes the output.
 
 Per history program, each warp walks its own tokens, 32 per step (two tiles of 16), and keeps
@@ -873,8 +874,8 @@ def launch_mma_decode(
     rows_per_seq, bounds, tokens_per_split, num_warps, sm_count, workspace,
 ):  # fmt: skip
     """One launch: the history's split partials, the segments' partial (``prefix`` / ``suffix``:
-    the argument lists of :func:`.decode_attention._segment_args`; one more program per KV head
-    when either holds tokens), and the merge by the last program of each KV head into ``out``
+    the argument lists of :func:`.decode_attention._segment_args`; one or more programs per KV
+    head when either holds tokens), and the merge by the last program of each KV head into ``out``
     (``(B, Hq, 1, 128)`` contiguous). ``rot`` / ``unrot``: the key rotation and the value
     rotation back, ``(128, 128)`` float32."""
     b, hq, _, d = query.shape
