@@ -873,7 +873,7 @@ def launch_mma_decode(
     query, keys, values, key_q, value_q, rot, unrot, qscale, out, prefix, suffix, *,
     rows_per_seq, bounds, tokens_per_split, num_warps, sm_count, workspace,
 ):  # fmt: skip
-    """One launch: the history's split partials, the segments' partial (``prefix`` / ``suffix``:
+    """One launch: the history's split partials, the segments' partials (``prefix`` / ``suffix``:
     the argument lists of :func:`.decode_attention._segment_args`; one or more programs per KV
     head when either holds tokens), and the merge by the last program of each KV head into ``out``
     (``(B, Hq, 1, 128)`` contiguous). ``rot`` / ``unrot``: the key rotation and the value
