@@ -4,9 +4,8 @@ own block kernel (and combine) for every other configuration.
 
 Reference: :func:`tqai.attention.compressed_attention` (the same parity tests cover this path).
 
-Grid ``(B * Hkv, parts)``: each KV head's history is split across programs, plus programs for
-the full-precision segments (sinks, recent window, staged tokens) when the call has any (one,
-or at short contexts up to ``SEG_PROGRAMS`` side by side, as many as the wave has room for); the
+Grid ``(B * Hkv, parts)``: each KV head's history is split across programs, plus one program
+for the full-precision segments (sinks, recent window, staged tokens) when the call has any; the
 program that finishes a KV head last (an atomic ticket) merges its parts and writes the output.
 
 Per history program, each warp walks its own tokens, 32 per step (two tiles of 16), and keeps
@@ -59,6 +58,7 @@ import triton
 from triton import knobs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.runtime import driver
 
 from tqai_torch.kernels.triton.decode_mma_ptx import (
@@ -244,7 +244,7 @@ def _merge_column(buf, j: gl.constexpr, wts, W: gl.constexpr, ML: gl.constexpr):
 
 @gluon.jit
 def _rows_times(
-    x_ptr, x_stride, x_rows, x_smem, mat_ptr,
+    x_ptr, x_stride, x_rows, x_smem, mat_ptr, mat_smem,
     GP: gl.constexpr, DPT: gl.constexpr, W: gl.constexpr, FROM_SMEM: gl.constexpr,
 ):  # fmt: skip
     """``x (GP, 128) @ mat (128, 128)`` in fp32 FMAs, ``(GP, 128)`` float32: the rotations of
@@ -271,7 +271,10 @@ def _rows_times(
                 mask=(xr < x_rows)[:, None],
                 other=0.0,
             ).to(gl.float32)
-        u = gl.load(mat_ptr + (d0 + ud)[:, None] * 128 + uj[None, :])
+        if FROM_SMEM:
+            u = mat_smem.slice(d0, DC, dim=0).load(UL)
+        else:
+            u = gl.load(mat_ptr + (d0 + ud)[:, None] * 128 + uj[None, :])
         acc += x[:, :, None] * u[None, :, :]
     return gl.sum(acc, axis=1)
 
@@ -395,7 +398,7 @@ def _merge_segments(
 @gluon.jit
 def _merge_splits(
     ws_ptr, m_off, l_off, acc_off, bh, n_hist, n_segp, unrot_ptr, out_ptr, row0,
-    G: gl.constexpr, W: gl.constexpr, HAS_SEG: gl.constexpr,
+    G: gl.constexpr, W: gl.constexpr, HAS_SEG: gl.constexpr, SEG_SPLIT: gl.constexpr,
 ):  # fmt: skip
     """The last program of a KV head: the history's ``n_hist`` split partials merged (online
     softmax over the splits, SC at a time, the split axis in registers), rotated back
@@ -408,6 +411,15 @@ def _merge_splits(
     MS: gl.constexpr = gl.SliceLayout(2, S3)  # (SC, GP)
     AL: gl.constexpr = gl.SliceLayout(0, S3)  # (GP, 128)
     first = bh * (n_hist + n_segp)  # the KV head's parts: the history's, the segments'
+    # the rotation back into shared memory, while the partials load
+    mat = gl.allocate_shared_memory(
+        gl.float32, [128, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    )
+    CL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [W, 1], [1, 0])
+    cr = gl.arange(0, 128, layout=gl.SliceLayout(1, CL))[:, None]
+    cc = gl.arange(0, 128, layout=gl.SliceLayout(0, CL))[None, :]
+    async_copy.async_copy_global_to_shared(mat, unrot_ptr + cr * 128 + cc)
+    async_copy.commit_group()
     sp = gl.arange(0, SC, layout=gl.SliceLayout(1, MS))
     hm = gl.arange(0, GP, layout=gl.SliceLayout(0, MS))
     s3 = gl.arange(0, SC, layout=gl.SliceLayout(1, gl.SliceLayout(2, S3)))[:, None, None]
@@ -441,7 +453,7 @@ def _merge_splits(
     jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
     if HAS_SEG:  # the segments' partials, merged before the rotation back (latency hidden)
         seg = first + n_hist
-        if n_segp == 1:  # one: loaded as it is (long contexts leave no room for more)
+        if not SEG_SPLIT:  # one: loaded as it is (long contexts leave no room for more)
             real = ho < G
             m_s = gl.load(
                 ws_ptr + m_off + seg * 16 + ho, mask=real, other=-1.0e30, cache_modifier=".cg"
@@ -461,8 +473,9 @@ def _merge_splits(
     # rotate back: every thread needs every value dim of its rows, so through shared memory
     buf = gl.allocate_shared_memory(gl.float32, [GP, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     buf.store(acc)
+    async_copy.wait_group(0)
     gl.thread_barrier()
-    out = _rows_times(unrot_ptr, 0, GP, buf, unrot_ptr, GP, 1, W, True)
+    out = _rows_times(unrot_ptr, 0, GP, buf, unrot_ptr, mat, GP, 1, W, True)
     m_h = gl.convert_layout(m_run, gl.SliceLayout(1, OL))
     l_h = gl.convert_layout(l_run, gl.SliceLayout(1, OL))
     if HAS_SEG:
@@ -494,7 +507,7 @@ def _rotated_query(
     P3: gl.constexpr = gl.BlockedLayout([GQ, DPT, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
     OL: gl.constexpr = gl.SliceLayout(1, P3)
     rq = _rows_times(
-        query_ptr + b * stride_qb + h * G * stride_qh, stride_qh, G, None, rot_ptr,
+        query_ptr + b * stride_qb + h * G * stride_qh, stride_qh, G, None, rot_ptr, None,
         GQ, DPT, W, False,
     )  # fmt: skip
     rq = (rq * qscale).to(gl.float16)
@@ -741,6 +754,7 @@ def _mma_decode_kernel(
     W: gl.constexpr,
     HAS_BOUNDS: gl.constexpr,
     HAS_SEG: gl.constexpr,  # the last n_segp programs of each KV head take the segments
+    SEG_SPLIT: gl.constexpr,  # n_segp > 1 (a build apart: the merge's code for one stays lean)
 ):
     bh = gl.program_id(0)
     split = gl.program_id(1)
@@ -757,7 +771,9 @@ def _mma_decode_kernel(
         stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
     if HAS_SEG:
         if split >= n_parts - n_segp:
-            seg_from = (split - (n_parts - n_segp)) * seg_span
+            seg_from = 0  # a lone program takes them all (a constant: no spill in this build)
+            if SEG_SPLIT:
+                seg_from = (split - (n_parts - n_segp)) * seg_span
             _segment_partial(
                 query_ptr, stride_qb, stride_qh, qscale, b, h, bs, ws_ptr, m_off, l_off,
                 acc_off, part, pk_ptr, pv_ptr, n_pre, pk_sb, pk_sh, pk_st, pv_sb, pv_sh, pv_st,
@@ -788,7 +804,7 @@ def _mma_decode_kernel(
         gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
         _merge_splits(
             ws_ptr, m_off, l_off, acc_off, bh, n_parts - n_segp, n_segp, unrot_ptr, out_ptr,
-            bh * G, G, W, HAS_SEG,
+            bh * G, G, W, HAS_SEG, SEG_SPLIT,
         )  # fmt: skip
         gl.store(cnt_ptr + bh, 0)
 
@@ -873,9 +889,9 @@ def launch_mma_decode(
     query, keys, values, key_q, value_q, rot, unrot, qscale, out, prefix, suffix, *,
     rows_per_seq, bounds, tokens_per_split, num_warps, sm_count, workspace,
 ):  # fmt: skip
-    """One launch: the history's split partials, the segments' partials (``prefix`` / ``suffix``:
-    the argument lists of :func:`.decode_attention._segment_args`; one or more programs per KV
-    head when either holds tokens), and the merge by the last program of each KV head into ``out``
+    """One launch: the history's split partials, the segments' partial (``prefix`` / ``suffix``:
+    the argument lists of :func:`.decode_attention._segment_args`; one more program per KV head
+    when either holds tokens), and the merge by the last program of each KV head into ``out``
     (``(B, Hq, 1, 128)`` contiguous). ``rot`` / ``unrot``: the key rotation and the value
     rotation back, ``(128, 128)`` float32."""
     b, hq, _, d = query.shape
@@ -911,7 +927,7 @@ def launch_mma_decode(
         vp.stride(0), vp.stride(1), vn.stride(0), vn.stride(1),
         *prefix, *suffix, n_segp, seg_span,
     )  # fmt: skip
-    constexprs = (g, triton.next_power_of_2(g), num_warps, bounds is not None, has_seg)
+    constexprs = (g, triton.next_power_of_2(g), num_warps, bounds is not None, has_seg, n_segp > 1)
     _launch(device, (bh, slots, 1), args, constexprs)
 
 
@@ -948,10 +964,10 @@ def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -
         knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
     )
     if kernel is None or hooked:
-        g, gq, w, has_bounds, has_seg = constexprs
+        g, gq, w, has_bounds, has_seg, seg_split = constexprs
         _COMPILED[key] = _mma_decode_kernel[grid[:2]](
-            *args, G=g, GQ=gq, W=w, HAS_BOUNDS=has_bounds, HAS_SEG=has_seg, num_warps=w,
-            maxnreg=_MAX_REGISTERS,
+            *args, G=g, GQ=gq, W=w, HAS_BOUNDS=has_bounds, HAS_SEG=has_seg, SEG_SPLIT=seg_split,
+            num_warps=w, maxnreg=_MAX_REGISTERS,
         )  # fmt: skip
         return
     stream = driver.active.get_current_stream(device.index)
