@@ -113,6 +113,60 @@ _LOAD4 = gl.constexpr(stage_load_asm(128))
 _LOAD8 = gl.constexpr(stage_load_asm(256))
 _WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
 _FENCE = gl.constexpr("fence.acq_rel.gpu;\nmov.b32 $0, 0;")
+_COPY16 = gl.constexpr(
+    "{ .reg .u32 a; mov.u32 a, global_smem; add.u32 a, a, $1; "
+    "cp.async.cg.shared.global [a], [$2], 16; mov.b32 $0, 0; }"
+)
+_COMMIT = gl.constexpr("cp.async.commit_group;\nmov.b32 $0, 0;")
+_WAIT_OLDER = gl.constexpr("cp.async.wait_group 1;\nmov.b32 $0, 0;")
+_LDS_V4 = gl.constexpr(
+    "{ .reg .u32 a; mov.u32 a, global_smem; add.u32 a, a, $4; "
+    "ld.shared.v4.f32 {$0, $1, $2, $3}, [a]; }"
+)
+
+
+@gluon.constexpr_function
+def _rotation_rows_at(row, W):
+    """Byte offset in shared memory of row ``row`` of the staged query rotation: rows 0-63 in
+    the pair table's bytes (filled after the rotation), rows 64-127 from the second pipeline
+    stage on (copied into from the loop's first step on); 512 bytes a row."""
+    if row < 64:
+        return row * 512
+    return LUT_BYTES + STAGE_BLOCKS * 16 * 32 * W + (row - 64) * 512
+
+
+# shared memory a program allocates beyond its table and stages, for the staged rotation
+@gluon.constexpr_function
+def _extra_blocks(W):
+    """Blocks of ``512 W`` bytes beyond the table and the stages that the staged rotation's
+    last rows need (see :func:`_rotation_rows_at`)."""
+    stage = STAGE_BLOCKS * 16 * 32 * W
+    return max(0, (64 * 512 - stage) // (512 * W))
+
+
+def _program_smem(num_warps: int) -> int:
+    """Bytes of shared memory a program of ``num_warps`` warps allocates."""
+    stage = STAGE_BLOCKS * 16 * 32 * num_warps
+    return LUT_BYTES + STAGES * stage + max(0, 64 * 512 - stage)
+
+
+@gluon.jit
+def _stage_rotation(rot_ptr, W: gl.constexpr):
+    """Start copying the ``(128, 128)`` float32 query rotation into shared memory (rows at
+    :func:`_rotation_rows_at`, each row's 16-byte chunks swizzled by ``row % 8`` so that the
+    rounds of :func:`_rows_times` read without bank conflicts), as one commit group."""
+    one = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
+    HIGH: gl.constexpr = _rotation_rows_at(64, W)
+    for i in gl.static_range(4096 // (32 * W)):
+        k = one + i * 32 * W
+        row = k // 32
+        chunk = k % 32
+        dst = gl.where(row < 64, row * 512, HIGH + (row - 64) * 512) + (chunk ^ (row % 8)) * 16
+        gl.inline_asm_elementwise(
+            _COPY16, "=r,r,l", [dst, (rot_ptr + row * 128 + chunk * 4).to(gl.int64)],
+            dtype=gl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    gl.inline_asm_elementwise(_COMMIT, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -246,6 +300,7 @@ def _merge_column(buf, j: gl.constexpr, wts, W: gl.constexpr, ML: gl.constexpr):
 def _rows_times(
     x_ptr, x_stride, x_rows, x_smem, mat_ptr, mat_smem,
     GP: gl.constexpr, DPT: gl.constexpr, W: gl.constexpr, FROM_SMEM: gl.constexpr,
+    STAGED: gl.constexpr,
 ):  # fmt: skip
     """``x (GP, 128) @ mat (128, 128)`` in fp32 FMAs, ``(GP, 128)`` float32: the rotations of
     the query (``x`` rows from global memory, rows ``>= x_rows`` zero) and of the merged value
@@ -273,6 +328,17 @@ def _rows_times(
             ).to(gl.float32)
         if FROM_SMEM:
             u = mat_smem.slice(d0, DC, dim=0).load(UL)
+        elif STAGED:  # staged by _stage_rotation: 4 floats a read
+            row = d0 + ud[:, None]
+            at = (
+                _rotation_rows_at(d0, W)
+                + ud[:, None] * 512
+                + ((uj[None, :] // 4) ^ (row % 8)) * 16
+                + uj[None, :] % 4 * 4
+            )
+            u = gl.inline_asm_elementwise(
+                _LDS_V4, "=f,=f,=f,=f,r,r,r,r", [at], dtype=gl.float32, is_pure=False, pack=4
+            )
         else:
             u = gl.load(mat_ptr + (d0 + ud)[:, None] * 128 + uj[None, :])
         acc += x[:, :, None] * u[None, :, :]
@@ -475,7 +541,7 @@ def _merge_splits(
     buf.store(acc)
     async_copy.wait_group(0)
     gl.thread_barrier()
-    out = _rows_times(unrot_ptr, 0, GP, buf, unrot_ptr, mat, GP, 1, W, True)
+    out = _rows_times(unrot_ptr, 0, GP, buf, unrot_ptr, mat, GP, 1, W, True, False)
     m_h = gl.convert_layout(m_run, gl.SliceLayout(1, OL))
     l_h = gl.convert_layout(l_run, gl.SliceLayout(1, OL))
     if HAS_SEG:
@@ -508,9 +574,10 @@ def _rotated_query(
     OL: gl.constexpr = gl.SliceLayout(1, P3)
     rq = _rows_times(
         query_ptr + b * stride_qb + h * G * stride_qh, stride_qh, G, None, rot_ptr, None,
-        GQ, DPT, W, False,
+        GQ, DPT, W, False, True,
     )  # fmt: skip
     rq = (rq * qscale).to(gl.float16)
+    gl.thread_barrier()  # every warp is done with the staged rotation's rows 0-3
     ho = gl.arange(0, GQ, layout=gl.SliceLayout(1, OL))
     jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
     gl.inline_asm_elementwise(
@@ -570,6 +637,8 @@ def _history_partial(
     # software pipeline: each thread copies its own operands STAGES - 1 steps ahead into its
     # own shared-memory blocks (no barriers: no thread reads another's blocks); the first
     # copies fly while the program rotates its query and fills the table
+    # the query rotation first (its own commit group): the prologue's rounds read it
+    _stage_rotation(rot_ptr, W)
     for s in gl.static_range(_STAGES - 1):
         _copy_step(
             bases,
@@ -605,6 +674,9 @@ def _history_partial(
     # the value table per lane: distinct addresses keep it in ordinary registers (from a
     # uniform load the compiler would move it out of uniform registers before every permute)
     vtab = gl.load(vtab_ptr + (lane * 4)[:, None] + c[None, :])
+    # the staged rotation has landed (the first stage's copies, newer, may still fly)
+    gl.inline_asm_elementwise(_WAIT_OLDER, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
+    gl.thread_barrier()
     q0, q1, q2, q3 = _rotated_query(
         query_ptr, stride_qb, stride_qh, rot_ptr, qscale, b, h, g, t, c, G, GQ, W
     )
@@ -653,7 +725,7 @@ def _history_partial(
     # also the pipeline's blocks (the kernel's only allocation: its size is the kernel's)
     buf = gl.allocate_shared_memory(
         gl.float32,
-        [_LUT // (512 * W) + _STAGES * _BLOCKS, 32 * W, 4],
+        [_LUT // (512 * W) + _STAGES * _BLOCKS + _extra_blocks(W), 32 * W, 4],
         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
     )
     buf.index(0).store(a0)
@@ -901,7 +973,7 @@ def launch_mma_decode(
     device = query.device
     step = STEP_TOKENS * num_warps
     # a whole wave: as many programs per SM as shared memory holds
-    per_sm = max(1, _SMEM_PER_SM // (LUT_BYTES + STAGES * STAGE_BLOCKS * 16 * 32 * num_warps))
+    per_sm = max(1, _SMEM_PER_SM // _program_smem(num_warps))
     if tokens_per_split is None:
         tokens_per_split = math.ceil(t / max(1, per_sm * sm_count // bh))
     split_len = max(step, math.ceil(tokens_per_split / step) * step)
