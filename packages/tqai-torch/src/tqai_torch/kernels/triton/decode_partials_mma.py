@@ -14,9 +14,10 @@ through shared memory. Every tensor is a *per-thread* register tensor (``(32 * W
 thread), so each lane loads exactly the packed words its ``mma.m16n8k16`` fragments need, and
 PTX does the rest:
 
-* The program first rotates and scales the query heads of its KV head itself (fp32 FMAs, the
-  rotation read once per program) and hands each lane its B-fragment words through shared
-  memory, while its first copies are in flight.
+* The program first rotates and scales the query heads of its KV head itself (fp32 FMAs; the
+  rotation copied into shared memory by ``cp.async`` first, so its rounds read shared memory)
+  and hands each lane its B-fragment words through shared memory, while its first copies are
+  in flight.
 * Operands arrive by a software pipeline: each thread copies (``cp.async``) exactly the key and
   value bytes its fragments need ``STAGES - 1`` (one) steps ahead into its own shared-memory
   blocks, so no barrier is needed in the loop; the norms (8 words a step) are loaded into
@@ -42,8 +43,9 @@ history use fp16 operands with fp32 accumulation, as the block kernel does: the 
 bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits,
 fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte
 aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's API
-moves between releases; older versions take the block kernel). Shared memory: the table (32 KB)
-and ``STAGES`` stages of ``96 * 32 * W`` bytes (8 warps: 80 KB, two programs per SM).
+moves between releases; older versions take the block kernel). Shared memory: the table (32 KB),
+``STAGES`` stages of ``96 * 32 * W`` bytes and what the staged rotation needs beyond them
+(8 warps: 88 KB, two programs per SM).
 Measurements and the design history: ``benchmarks/NOTES.md`` (v9-v11).
 """
 
