@@ -137,7 +137,6 @@ def _rotation_rows_at(row, W):
     return LUT_BYTES + STAGE_BLOCKS * 16 * 32 * W + (row - 64) * 512
 
 
-# shared memory a program allocates beyond its table and stages, for the staged rotation
 @gluon.constexpr_function
 def _extra_blocks(W):
     """Blocks of ``512 W`` bytes beyond the table and the stages that the staged rotation's
@@ -305,8 +304,9 @@ def _rows_times(
     STAGED: gl.constexpr,
 ):  # fmt: skip
     """``x (GP, 128) @ mat (128, 128)`` in fp32 FMAs, ``(GP, 128)`` float32: the rotations of
-    the query (``x`` rows from global memory, rows ``>= x_rows`` zero) and of the merged value
-    sums (``x_smem``, shared memory). Warps and lanes split the matrix's columns, lanes also its
+    the query (``x`` rows from global memory, rows ``>= x_rows`` zero; ``mat`` staged by
+    :func:`_stage_rotation` when ``STAGED``, else read from ``mat_ptr``) and of the merged value
+    sums (``x_smem`` and ``mat_smem``, shared memory, when ``FROM_SMEM``). Warps and lanes split the matrix's columns, lanes also its
     rows (``DPT`` each per round): every matrix element is loaded once per program and the sum
     over rows stays inside a warp (shuffles, no shared memory)."""
     JPT: gl.constexpr = 128 // (4 * W)
