@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import math
 import re
 
@@ -38,6 +39,7 @@ from _common import machine, print_table, write_json
 from tqai import TurboQuantMSE
 from tqai.attention import compressed_attention
 from tqai.container import QuantizedTensor
+from tqai_torch.patching import patch
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 CONFIGS = {"K4/V2": (4, 2), "K4/V4": (4, 4), "K3/V2": (3, 2)}
@@ -121,8 +123,11 @@ def qt_bytes(qt: QuantizedTensor) -> int:
     return qt.packed.numel() + qt.norms.numel() * qt.norms.element_size()
 
 
-SINKS = 4  # the cache's defaults: 4 sink tokens,
-WINDOW = 33  # a 32-token full-precision window and the token being decoded (staged)
+# what the cache holds in full precision by default (tqai_torch.patch): its sink tokens, and
+# its window plus the token being decoded (staged)
+_PATCH_DEFAULTS = inspect.signature(patch).parameters
+SINKS = _PATCH_DEFAULTS["sink_tokens"].default
+WINDOW = _PATCH_DEFAULTS["residual_window"].default + 1
 
 
 def tokens_per_split(context: int, batch: int, per_sm: float, block_n: int) -> int:

@@ -482,15 +482,10 @@ def _speed(name: str) -> Callable[[Row], Any]:
 def render_generate(doc: Any) -> str:
     """End-to-end greedy decode (bench_generate): ms/token, speed and peak memory vs baseline."""
     rows = _rows(doc)
-    # a context measured more than once in one file: rows carry "run", compared within a run
-    base = {
-        (r["context"], r.get("run", 1)): r["ms_per_token"]
-        for r in rows
-        if r.get("config") == "baseline"
-    }
+    base = {r["context"]: r["ms_per_token"] for r in rows if r.get("config") == "baseline"}
 
     def speed(row: Row) -> Any:
-        ref = base.get((row.get("context"), row.get("run", 1)))
+        ref = base.get(row.get("context"))
         return None if not ref else f"{ref / row['ms_per_token']:.2f}x"
 
     def gib(name: str) -> Callable[[Row], Any]:
@@ -500,7 +495,6 @@ def render_generate(doc: Any) -> str:
         ("config", _key("config"), False),
         ("context", _key("context"), True),
         ("batch", _key("batch"), True),
-        *([("run", _key("run"), True)] if any(r.get("run", 1) > 1 for r in rows) else []),
         ("ms/token", _key("ms_per_token"), True),
         ("tokens/s", _key("tokens_per_s"), True),
         ("speed vs baseline", speed, True),
@@ -521,8 +515,6 @@ def render_generate(doc: Any) -> str:
         notes += [
             f"{k.capitalize()}: {doc[k]}." for k in ("model", "baseline", "method") if doc.get(k)
         ]
-        if doc.get("note"):
-            notes.append(f"Note: {doc['note']}")
     return _join(_table(columns, rows), " ".join(n for n in notes if n), _machine(doc))
 
 

@@ -268,24 +268,6 @@ def test_generate_renderer() -> None:
     assert "Card: Test GPU. Model: Llama-3-8B shape, random weights. Baseline: DynamicCache" in text
 
 
-def test_generate_renderer_compares_repeated_runs_within_a_run() -> None:
-    module = _script_module()
-    row = {"card": "Test GPU", "context": 8192, "batch": 1, "tokens_per_s": 1.0}
-    doc = {
-        "note": "8K ran twice.",
-        "rows": [
-            {**row, "config": "baseline", "run": 1, "ms_per_token": 80.0},
-            {**row, "config": "K4/V2", "run": 1, "ms_per_token": 40.0},
-            {**row, "config": "baseline", "run": 2, "ms_per_token": 30.0},
-            {**row, "config": "K4/V2", "run": 2, "ms_per_token": 60.0},
-        ],
-    }
-    text = module.render("generate_test-gpu", doc)
-    assert "| K4/V2 | 8192 | 1 | 1 | 40 | 1 | 2.00x |" in text
-    assert "| K4/V2 | 8192 | 1 | 2 | 60 | 1 | 0.50x |" in text
-    assert "Note: 8K ran twice." in text
-
-
 def test_generate_renderer_shows_interleaved_blocks() -> None:
     module = _script_module()
     row = {"card": "Test GPU", "context": 8192, "batch": 1, "tokens_per_s": 1.0}

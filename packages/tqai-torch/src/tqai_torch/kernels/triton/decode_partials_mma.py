@@ -146,9 +146,10 @@ def _extra_blocks(W):
 
 
 def _program_smem(num_warps: int) -> int:
-    """Bytes of shared memory a program of ``num_warps`` warps allocates."""
-    stage = STAGE_BLOCKS * 16 * 32 * num_warps
-    return LUT_BYTES + STAGES * stage + max(0, 64 * 512 - stage)
+    """Bytes of shared memory a program of ``num_warps`` warps allocates (the kernel's one
+    allocation: table, stages, :func:`_extra_blocks`)."""
+    blocks = LUT_BYTES // (512 * num_warps) + STAGES * STAGE_BLOCKS + _extra_blocks(num_warps)
+    return blocks * 512 * num_warps
 
 
 @gluon.jit
