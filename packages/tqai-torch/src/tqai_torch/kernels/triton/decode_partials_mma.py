@@ -102,19 +102,19 @@ _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.
 _STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
 _LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
 _COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 8 + ",r" * 20)
-_COPY4 = gl.constexpr(copy_asm(128, False))
-_COPY8 = gl.constexpr(copy_asm(256, False))
-_COPY4_MASKED = gl.constexpr(copy_asm(128, True))
-_COPY8_MASKED = gl.constexpr(copy_asm(256, True))
+# the copies and stage reads of a warp step, by warps per program (4 or 8)
+_STEP_COPY4 = gl.constexpr(copy_asm(128, False))
+_STEP_COPY8 = gl.constexpr(copy_asm(256, False))
+_STEP_COPY4_MASKED = gl.constexpr(copy_asm(128, True))
+_STEP_COPY8_MASKED = gl.constexpr(copy_asm(256, True))
+_STEP_LOAD4 = gl.constexpr(stage_load_asm(128))
+_STEP_LOAD8 = gl.constexpr(stage_load_asm(256))
 _LOAD_CONS = gl.constexpr(",".join(["=r"] * 24) + ",r,r,r,r")
 # wait until a stage's copies have landed: all but the STAGES - 1 newest groups
 _WAIT = gl.constexpr(
     f"cp.async.wait_group {STAGES - 1};\n" + "".join(f"mov.b32 ${i}, 0;\n" for i in range(4))
 )
-_LOAD4 = gl.constexpr(stage_load_asm(128))
-_LOAD8 = gl.constexpr(stage_load_asm(256))
 _WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
-_FENCE = gl.constexpr("fence.acq_rel.gpu;\nmov.b32 $0, 0;")
 _COPY16 = gl.constexpr(
     "{ .reg .u32 a; mov.u32 a, global_smem; add.u32 a, a, $1; "
     "cp.async.cg.shared.global [a], [$2], 16; mov.b32 $0, 0; }"
@@ -179,13 +179,13 @@ def _copy_step(bases, tb, stop, g, t, soff, W: gl.constexpr, MASKED: gl.constexp
     kb, vb = bases
     if MASKED:
         if W == 8:
-            asm: gl.constexpr = _COPY8_MASKED
+            asm: gl.constexpr = _STEP_COPY8_MASKED
         else:
-            asm: gl.constexpr = _COPY4_MASKED
+            asm: gl.constexpr = _STEP_COPY4_MASKED
     elif W == 8:
-        asm: gl.constexpr = _COPY8
+        asm: gl.constexpr = _STEP_COPY8
     else:
-        asm: gl.constexpr = _COPY4
+        asm: gl.constexpr = _STEP_COPY4
     gl.inline_asm_elementwise(
         asm, _COPY_CONS, [kb, vb, tb, stop, g, t, soff], dtype=gl.int32, is_pure=False, pack=4
     )
@@ -219,9 +219,9 @@ def _step(
         _WAIT, "=r,=r,=r,=r,r,r,r,r", [soff], dtype=gl.int32, is_pure=False, pack=4
     )
     if W == 8:
-        load: gl.constexpr = _LOAD8
+        load: gl.constexpr = _STEP_LOAD8
     else:
-        load: gl.constexpr = _LOAD4
+        load: gl.constexpr = _STEP_LOAD4
     ka0, kb0, ka1, kb1, v0, v1 = gl.inline_asm_elementwise(
         load, _LOAD_CONS, [soff], dtype=(gl.int32,) * 6, is_pure=False, pack=4
     )
@@ -298,52 +298,56 @@ def _merge_column(buf, j: gl.constexpr, wts, W: gl.constexpr, ML: gl.constexpr):
     return gl.sum(buf.index(j).reshape([W, 128]).load(ML) * wts, axis=0)
 
 
+@gluon.constexpr_function
+def _rotation_layout(GQ, W):
+    """The ``(GQ, rows, 128)`` layout of :func:`_rows_times`' products: 4 columns a thread
+    (one 16-byte read of the staged matrix), lanes 8 x 4 over (rows, columns), warps over the
+    columns (at most 8, the rest over the rows), rows per thread so that 32 products fly."""
+    jpt = max(4, 128 // (4 * W))
+    wj = 128 // (4 * jpt)
+    dpt = max(1, min(32 // (GQ * jpt), 8 // (W // wj)))
+    return gl.BlockedLayout([GQ, dpt, jpt], [1, 8, 4], [1, W // wj, wj], [2, 1, 0])
+
+
+@gluon.constexpr_function
+def _rotation_round(GQ, W):
+    """Rows of the matrix one round of :func:`_rows_times` reads (divides 64)."""
+    jpt = max(4, 128 // (4 * W))
+    w_rows = W // (128 // (4 * jpt))
+    return 8 * max(1, min(32 // (GQ * jpt), 8 // w_rows)) * w_rows
+
+
 @gluon.jit
-def _rows_times(
-    x_ptr, x_stride, x_rows, x_smem, mat_ptr, mat_smem,
-    GP: gl.constexpr, DPT: gl.constexpr, W: gl.constexpr, FROM_SMEM: gl.constexpr,
-    STAGED: gl.constexpr,
-):  # fmt: skip
-    """``x (GP, 128) @ mat (128, 128)`` in fp32 FMAs, ``(GP, 128)`` float32: the rotations of
-    the query (``x`` rows from global memory, rows ``>= x_rows`` zero; ``mat`` staged by
-    :func:`_stage_rotation` when ``STAGED``, else read from ``mat_ptr``) and of the merged value
-    sums (``x_smem`` and ``mat_smem``, shared memory, when ``FROM_SMEM``). Warps and lanes split the matrix's columns, lanes also its
-    rows (``DPT`` each per round): every matrix element is loaded once per program and the sum
-    over rows stays inside a warp (shuffles, no shared memory)."""
-    JPT: gl.constexpr = 128 // (4 * W)
-    DC: gl.constexpr = 8 * DPT
-    P3: gl.constexpr = gl.BlockedLayout([GP, DPT, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
-    XL: gl.constexpr = gl.SliceLayout(2, P3)  # (GP, DC)
+def _rows_times(x_ptr, x_stride, x_rows, GQ: gl.constexpr, W: gl.constexpr):
+    """``x (GQ, 128) @ R (128, 128)`` in fp32 FMAs, ``(GQ, 128)`` float32: the query rotation,
+    ``x`` rows from global memory (rows ``>= x_rows`` zero), ``R`` staged in shared memory by
+    :func:`_stage_rotation`. Lanes and warps split the matrix's columns and rows
+    (:func:`_rotation_layout`): every element is read once per program."""
+    P3: gl.constexpr = _rotation_layout(GQ, W)
+    DC: gl.constexpr = _rotation_round(GQ, W)
+    XL: gl.constexpr = gl.SliceLayout(2, P3)  # (GQ, DC)
     UL: gl.constexpr = gl.SliceLayout(0, P3)  # (DC, 128)
-    xr = gl.arange(0, GP, layout=gl.SliceLayout(1, XL))
+    xr = gl.arange(0, GQ, layout=gl.SliceLayout(1, XL))
     xd = gl.arange(0, DC, layout=gl.SliceLayout(0, XL))
     ud = gl.arange(0, DC, layout=gl.SliceLayout(1, UL))
     uj = gl.arange(0, 128, layout=gl.SliceLayout(0, UL))
-    acc = gl.zeros([GP, DC, 128], gl.float32, layout=P3)
+    acc = gl.zeros([GQ, DC, 128], gl.float32, layout=P3)
     for d0 in gl.static_range(0, 128, DC):
-        if FROM_SMEM:
-            x = x_smem.slice(d0, DC, dim=1).load(XL)
-        else:
-            x = gl.load(
-                x_ptr + xr[:, None] * x_stride + (d0 + xd)[None, :],
-                mask=(xr < x_rows)[:, None],
-                other=0.0,
-            ).to(gl.float32)
-        if FROM_SMEM:
-            u = mat_smem.slice(d0, DC, dim=0).load(UL)
-        elif STAGED:  # staged by _stage_rotation: 4 floats a read
-            row = d0 + ud[:, None]
-            at = (
-                _rotation_rows_at(d0, W)
-                + ud[:, None] * 512
-                + ((uj[None, :] // 4) ^ (row % 8)) * 16
-                + uj[None, :] % 4 * 4
-            )
-            u = gl.inline_asm_elementwise(
-                _LDS_V4, "=f,=f,=f,=f,r,r,r,r", [at], dtype=gl.float32, is_pure=False, pack=4
-            )
-        else:
-            u = gl.load(mat_ptr + (d0 + ud)[:, None] * 128 + uj[None, :])
+        x = gl.load(
+            x_ptr + xr[:, None] * x_stride + (d0 + xd)[None, :],
+            mask=(xr < x_rows)[:, None],
+            other=0.0,
+        ).to(gl.float32)
+        row = d0 + ud[:, None]  # 4 floats a read, the chunks swizzled as _stage_rotation's
+        at = (
+            _rotation_rows_at(d0, W)
+            + ud[:, None] * 512
+            + ((uj[None, :] // 4) ^ (row % 8)) * 16
+            + uj[None, :] % 4 * 4
+        )
+        u = gl.inline_asm_elementwise(
+            _LDS_V4, "=f,=f,=f,=f,r,r,r,r", [at], dtype=gl.float32, is_pure=False, pack=4
+        )
         acc += x[:, :, None] * u[None, :, :]
     return gl.sum(acc, axis=1)
 
@@ -450,12 +454,12 @@ def _merge_segments(
     hs = gl.arange(0, GP, layout=gl.SliceLayout(0, ML))[None, :]
     ok = (js < n_segp) & (hs < G)
     rows = (seg0 + js) * 16 + hs
-    m_j = gl.load(ws_ptr + m_off + rows, mask=ok, other=-1.0e30, cache_modifier=".cg")
-    l_j = gl.load(ws_ptr + l_off + rows, mask=ok, other=0.0, cache_modifier=".cg")
+    m_j = gl.load(ws_ptr + m_off + rows, mask=ok, other=-1.0e30)
+    l_j = gl.load(ws_ptr + l_off + rows, mask=ok, other=0.0)
     d3 = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, P3)))[None, None, :]
     a_j = gl.load(
         ws_ptr + acc_off + ((seg0 + js) * G + hs)[:, :, None] * 128 + d3,
-        mask=ok[:, :, None], other=0.0, cache_modifier=".cg",
+        mask=ok[:, :, None], other=0.0,
     )  # fmt: skip
     m_s = gl.max(m_j, axis=0)
     w_j = gl.exp2(m_j - m_s[None, :])
@@ -464,21 +468,121 @@ def _merge_segments(
     return m_s, l_s, a_s
 
 
+@gluon.constexpr_function
+def _merge_shape(GQ, W):
+    """How the merge spreads a round of split partials ``(SC, GQ, 128)`` over its threads:
+    heads over warps, 8 value dims a thread, the rest of a warp's lanes over the splits, so
+    that a thread holds 64 partial sums and only ``64 / 8`` of the splits' weights. Returns
+    ``(SC, splits a thread, lanes along the splits, warps along the heads)``."""
+    wh = min(GQ, W)
+    wd = W // wh
+    lanes_d = 128 // (8 * wd)
+    lanes_s = 32 // lanes_d
+    spt = max(1, 8 // (GQ // wh))
+    return spt * lanes_s, spt, lanes_s, wh
+
+
+@gluon.constexpr_function
+def _merge_split_round(GQ, W):
+    """Splits the merge folds per round (:func:`_merge_shape`)."""
+    return _merge_shape(GQ, W)[0]
+
+
+@gluon.constexpr_function
+def _merge_layout(GQ, W):
+    """The ``(SC, GQ, 128)`` layout of a round of split partials (:func:`_merge_shape`)."""
+    _, spt, lanes_s, wh = _merge_shape(GQ, W)
+    return gl.BlockedLayout([spt, 1, 8], [lanes_s, 1, 32 // lanes_s], [1, wh, W // wh], [2, 1, 0])
+
+
+@gluon.constexpr_function
+def _rotate_rows_per_thread(GQ, W):
+    """Rows of the rotation a thread takes per round in :func:`_rotate_back` (32 products)."""
+    return max(1, 32 // (GQ * max(1, 128 // (16 * W))))
+
+
+@gluon.constexpr_function
+def _rotate_back_layout(GQ, W):
+    """The ``(GQ, rows, 128)`` layout of :func:`_rotate_back`'s products."""
+    columns = max(1, 128 // (16 * W))
+    return gl.BlockedLayout(
+        [GQ, _rotate_rows_per_thread(GQ, W), columns], [1, 2, 16], [1, 1, W], [2, 1, 0]
+    )
+
+
+@gluon.jit
+def _rotate_back(x_smem, mat, GQ: gl.constexpr, W: gl.constexpr):
+    """``x (GQ, 128) @ mat (128, 128)`` in fp32 FMAs, both in shared memory: ``(GQ, 128)``
+    float32. Thread ``(warp w, lane l)`` takes column ``16 w + l % 16`` (``W = 8``; more
+    columns with fewer warps) and, per round, ``R`` rows of half ``l // 16``: ``x`` is read as
+    broadcasts and the halves meet in one shuffle."""
+    R: gl.constexpr = _rotate_rows_per_thread(GQ, W)
+    P3: gl.constexpr = _rotate_back_layout(GQ, W)
+    XL: gl.constexpr = gl.SliceLayout(2, P3)  # (GQ, 2 R)
+    UL: gl.constexpr = gl.SliceLayout(0, P3)  # (2 R, 128)
+    acc = gl.zeros([GQ, 2 * R, 128], gl.float32, layout=P3)
+    for d0 in gl.static_range(0, 128, 2 * R):
+        x = x_smem.slice(d0, 2 * R, dim=1).load(XL)
+        u = mat.slice(d0, 2 * R, dim=0).load(UL)
+        acc += x[:, :, None] * u[None, :, :]
+    return gl.sum(acc, axis=1)
+
+
+@gluon.jit
+def _split_round(
+    ws_ptr, m_off, l_off, acc_off, first, s0, n_hist,
+    G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr,
+):  # fmt: skip
+    """Split partials ``s0 .. s0 + SC - 1`` of a KV head (parts from ``first``), loaded: ``m``,
+    ``l`` ``(SC, GQ)`` and the sums ``(SC, GQ, 128)`` in :func:`_merge_layout`; splits past
+    ``n_hist`` and heads past ``G`` read as empty."""
+    SC: gl.constexpr = _merge_split_round(GQ, W)
+    S3: gl.constexpr = _merge_layout(GQ, W)
+    MS: gl.constexpr = gl.SliceLayout(2, S3)
+    sp = gl.arange(0, SC, layout=gl.SliceLayout(1, MS))
+    hm = gl.arange(0, GQ, layout=gl.SliceLayout(0, MS))
+    s3 = gl.arange(0, SC, layout=gl.SliceLayout(1, MS))[:, None, None]
+    h3 = gl.arange(0, GQ, layout=gl.SliceLayout(0, MS))[None, :, None]
+    d3 = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, S3)))[None, None, :]
+    ok = ((s0 + sp) < n_hist)[:, None] & (hm < G)[None, :]
+    rows = (first + s0 + sp)[:, None] * 16 + hm[None, :]
+    m_c = gl.load(ws_ptr + m_off + rows, mask=ok, other=-1.0e30)
+    l_c = gl.load(ws_ptr + l_off + rows, mask=ok, other=0.0)
+    a_c = gl.load(
+        ws_ptr + acc_off + ((first + s0 + s3) * G + h3) * 128 + d3,
+        mask=((s0 + s3) < n_hist) & (h3 < G), other=0.0,
+    )  # fmt: skip
+    return m_c, l_c, a_c
+
+
+@gluon.jit
+def _fold_round(m_run, l_run, acc, m_c, l_c, a_c, S3: gl.constexpr):
+    """The running merge (max ``m_run``, sum ``l_run`` ``(GQ,)``, sums ``acc`` ``(GQ, 128)``)
+    with a round of split partials folded in (online softmax over the splits)."""
+    m_new = gl.maximum(m_run, gl.max(m_c, axis=0))
+    scale = gl.exp2(m_run - m_new)
+    w = gl.exp2(m_c - m_new[None, :])  # (SC, GQ)
+    l_run = l_run * scale + gl.sum(w * l_c, axis=0)
+    scale_a = gl.convert_layout(scale, gl.SliceLayout(1, gl.SliceLayout(0, S3)))
+    acc = acc * scale_a[:, None] + gl.sum(w[:, :, None] * a_c, axis=0)
+    return m_new, l_run, acc
+
+
 @gluon.jit
 def _merge_splits(
     ws_ptr, m_off, l_off, acc_off, bh, n_hist, n_segp, unrot_ptr, out_ptr, row0,
-    G: gl.constexpr, W: gl.constexpr, HAS_SEG: gl.constexpr, SEG_SPLIT: gl.constexpr,
+    G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr, HAS_SEG: gl.constexpr,
+    SEG_SPLIT: gl.constexpr,
 ):  # fmt: skip
     """The last program of a KV head: the history's ``n_hist`` split partials merged (online
-    softmax over the splits, SC at a time, the split axis in registers), rotated back
-    (``unrot``, fp32 FMAs), joined with the segments' ``n_segp`` partials (the parts after
-    the history's, when ``HAS_SEG``) in one softmax, and stored as output rows
-    ``row0 .. row0 + G - 1``."""
-    GP: gl.constexpr = 8  # heads, padded (one warp row of the tiles per head)
-    SC: gl.constexpr = 2 * W  # splits a round (registers: SC * 4 * GP / W per thread)
-    S3: gl.constexpr = gl.BlockedLayout([SC, GP // W, 4], [1, 1, 32], [1, W, 1], [2, 1, 0])
-    MS: gl.constexpr = gl.SliceLayout(2, S3)  # (SC, GP)
-    AL: gl.constexpr = gl.SliceLayout(0, S3)  # (GP, 128)
+    softmax over the splits, a round of them at once, the split axis in registers), rotated
+    back (``unrot``, fp32 FMAs), joined with the segments' ``n_segp`` partials (the parts
+    after the history's, when ``HAS_SEG``) in one softmax, and stored as output rows
+    ``row0 .. row0 + G - 1``. Heads are padded to ``GQ`` (a power of two) only in registers."""
+    SC: gl.constexpr = _merge_split_round(GQ, W)
+    S3: gl.constexpr = _merge_layout(GQ, W)
+    MS: gl.constexpr = gl.SliceLayout(2, S3)  # (SC, GQ)
+    AL: gl.constexpr = gl.SliceLayout(0, S3)  # (GQ, 128)
     first = bh * (n_hist + n_segp)  # the KV head's parts: the history's, the segments'
     # the rotation back into shared memory, while the partials load
     mat = gl.allocate_shared_memory(
@@ -489,62 +593,40 @@ def _merge_splits(
     cc = gl.arange(0, 128, layout=gl.SliceLayout(0, CL))[None, :]
     async_copy.async_copy_global_to_shared(mat, unrot_ptr + cr * 128 + cc)
     async_copy.commit_group()
-    sp = gl.arange(0, SC, layout=gl.SliceLayout(1, MS))
-    hm = gl.arange(0, GP, layout=gl.SliceLayout(0, MS))
-    s3 = gl.arange(0, SC, layout=gl.SliceLayout(1, gl.SliceLayout(2, S3)))[:, None, None]
-    h3 = gl.arange(0, GP, layout=gl.SliceLayout(0, gl.SliceLayout(2, S3)))[None, :, None]
-    d3 = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, S3)))[None, None, :]
-    m_run = gl.full([GP], -1.0e30, gl.float32, layout=gl.SliceLayout(0, MS))
-    l_run = gl.zeros([GP], gl.float32, layout=gl.SliceLayout(0, MS))
-    acc = gl.zeros([GP, 128], gl.float32, layout=AL)
-    for s0 in range(0, n_hist, SC):
-        ok = ((s0 + sp) < n_hist)[:, None] & (hm < G)[None, :]
-        rows = (first + s0 + sp)[:, None] * 16 + hm[None, :]
-        m_c = gl.load(ws_ptr + m_off + rows, mask=ok, other=-1.0e30, cache_modifier=".cg")
-        l_c = gl.load(ws_ptr + l_off + rows, mask=ok, other=0.0, cache_modifier=".cg")
-        ok3 = ((s0 + s3) < n_hist) & (h3 < G)
-        a_c = gl.load(
-            ws_ptr + acc_off + ((first + s0 + s3) * G + h3) * 128 + d3,
-            mask=ok3, other=0.0, cache_modifier=".cg",
-        )  # fmt: skip
-        m_new = gl.maximum(m_run, gl.max(m_c, axis=0))
-        scale = gl.exp2(m_run - m_new)
-        w = gl.exp2(m_c - m_new[None, :])  # (SC, GP)
-        l_run = l_run * scale + gl.sum(w * l_c, axis=0)
-        scale_a = gl.convert_layout(scale, gl.SliceLayout(1, AL))
-        acc = acc * scale_a[:, None] + gl.sum(w[:, :, None] * a_c, axis=0)
-        m_run = m_new
-    JPT: gl.constexpr = 128 // (4 * W)
-    OL: gl.constexpr = gl.SliceLayout(
-        1, gl.BlockedLayout([GP, 1, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
-    )  # the layout of _rows_times' result
-    ho = gl.arange(0, GP, layout=gl.SliceLayout(1, OL))
+    OL: gl.constexpr = gl.SliceLayout(1, _rotate_back_layout(GQ, W))  # _rotate_back's result
+    ho = gl.arange(0, GQ, layout=gl.SliceLayout(1, OL))
     jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
-    if HAS_SEG:  # the segments' partials, merged before the rotation back (latency hidden)
+    # the first round of split partials, then the segments' partials, all loads in flight
+    # before any reduction waits (plain loads: the ticket's acquire invalidated L1)
+    m_c, l_c, a_c = _split_round(ws_ptr, m_off, l_off, acc_off, first, 0, n_hist, G, GQ, W)
+    if HAS_SEG:
         seg = first + n_hist
         if not SEG_SPLIT:  # one: loaded as it is (long contexts leave no room for more)
             real = ho < G
-            m_s = gl.load(
-                ws_ptr + m_off + seg * 16 + ho, mask=real, other=-1.0e30, cache_modifier=".cg"
-            )
-            l_s = gl.load(
-                ws_ptr + l_off + seg * 16 + ho, mask=real, other=0.0, cache_modifier=".cg"
-            )
+            m_s = gl.load(ws_ptr + m_off + seg * 16 + ho, mask=real, other=-1.0e30)
+            l_s = gl.load(ws_ptr + l_off + seg * 16 + ho, mask=real, other=0.0)
             a_s = gl.load(
                 ws_ptr + acc_off + (seg * G + ho)[:, None] * 128 + jo[None, :],
-                mask=real[:, None], other=0.0, cache_modifier=".cg",
+                mask=real[:, None], other=0.0,
             )  # fmt: skip
         else:
-            m_j, l_j, a_j = _merge_segments(ws_ptr, m_off, l_off, acc_off, seg, n_segp, G, GP, W)
+            m_j, l_j, a_j = _merge_segments(ws_ptr, m_off, l_off, acc_off, seg, n_segp, G, GQ, W)
             m_s = gl.convert_layout(m_j, gl.SliceLayout(1, OL))
             l_s = gl.convert_layout(l_j, gl.SliceLayout(1, OL))
             a_s = gl.convert_layout(a_j, OL)
+    m_run = gl.full([GQ], -1.0e30, gl.float32, layout=gl.SliceLayout(0, MS))
+    l_run = gl.zeros([GQ], gl.float32, layout=gl.SliceLayout(0, MS))
+    acc = gl.zeros([GQ, 128], gl.float32, layout=AL)
+    m_run, l_run, acc = _fold_round(m_run, l_run, acc, m_c, l_c, a_c, S3)
+    for s0 in range(SC, n_hist, SC):
+        m_c, l_c, a_c = _split_round(ws_ptr, m_off, l_off, acc_off, first, s0, n_hist, G, GQ, W)
+        m_run, l_run, acc = _fold_round(m_run, l_run, acc, m_c, l_c, a_c, S3)
     # rotate back: every thread needs every value dim of its rows, so through shared memory
-    buf = gl.allocate_shared_memory(gl.float32, [GP, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    buf = gl.allocate_shared_memory(gl.float32, [GQ, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     buf.store(acc)
     async_copy.wait_group(0)
     gl.thread_barrier()
-    out = _rows_times(unrot_ptr, 0, GP, buf, unrot_ptr, mat, GP, 1, W, True, False)
+    out = _rotate_back(buf, mat, GQ, W)
     m_h = gl.convert_layout(m_run, gl.SliceLayout(1, OL))
     l_h = gl.convert_layout(l_run, gl.SliceLayout(1, OL))
     if HAS_SEG:
@@ -563,7 +645,7 @@ def _merge_splits(
 
 @gluon.jit
 def _rotated_query(
-    query_ptr, stride_qb, stride_qh, rot_ptr, qscale, b, h, g, t, c,
+    query_ptr, stride_qb, stride_qh, qscale, b, h, g, t, c,
     G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr,
 ):  # fmt: skip
     """The B-fragment words of the scaled query rotated into the keys' domain (fp16 pairs,
@@ -571,14 +653,8 @@ def _rotated_query(
     computed by the program itself (fp32 FMAs over the ``GQ`` padded heads) and handed to the
     lanes through the first 2 KB of shared memory (the pair table's, filled after: the caller
     puts a barrier before it)."""
-    JPT: gl.constexpr = 128 // (4 * W)
-    DPT: gl.constexpr = 32 // (GQ * JPT) if GQ * JPT < 32 else 1  # 32 products in flight
-    P3: gl.constexpr = gl.BlockedLayout([GQ, DPT, JPT], [1, 8, 4], [1, 1, W], [2, 1, 0])
-    OL: gl.constexpr = gl.SliceLayout(1, P3)
-    rq = _rows_times(
-        query_ptr + b * stride_qb + h * G * stride_qh, stride_qh, G, None, rot_ptr, None,
-        GQ, DPT, W, False, True,
-    )  # fmt: skip
+    OL: gl.constexpr = gl.SliceLayout(1, _rotation_layout(GQ, W))
+    rq = _rows_times(query_ptr + b * stride_qb + h * G * stride_qh, stride_qh, G, GQ, W)
     rq = (rq * qscale).to(gl.float16)
     gl.thread_barrier()  # every warp is done with the staged rotation's rows 0-3
     ho = gl.arange(0, GQ, layout=gl.SliceLayout(1, OL))
@@ -681,7 +757,7 @@ def _history_partial(
     gl.inline_asm_elementwise(_WAIT_OLDER, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
     gl.thread_barrier()
     q0, q1, q2, q3 = _rotated_query(
-        query_ptr, stride_qb, stride_qh, rot_ptr, qscale, b, h, g, t, c, G, GQ, W
+        query_ptr, stride_qb, stride_qh, qscale, b, h, g, t, c, G, GQ, W
     )
     gl.thread_barrier()  # every lane has its query words before the table overwrites them
     gl.inline_asm_elementwise(
@@ -869,17 +945,16 @@ def _mma_decode_kernel(
             start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
             G, GQ, W, HAS_BOUNDS,
         )  # fmt: skip
-    # publish this partial (every thread's stores, device-wide), then take a ticket: the
-    # program that takes the last one merges the KV head's parts
-    one = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
-    gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
+    # take a ticket: the program that takes the last one merges the KV head's parts. The
+    # barrier orders every thread's stores of this partial before the ticket, whose release
+    # (gpu scope, cumulative) publishes them; its acquire makes the others' partials visible
+    # to the merge (as a cooperative grid sync does: no fence by every thread)
     gl.thread_barrier()
     ticket = gl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
     if ticket == n_parts - 1:
-        gl.inline_asm_elementwise(_FENCE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
         _merge_splits(
             ws_ptr, m_off, l_off, acc_off, bh, n_parts - n_segp, n_segp, unrot_ptr, out_ptr,
-            bh * G, G, W, HAS_SEG, SEG_SPLIT,
+            bh * G, G, GQ, W, HAS_SEG, SEG_SPLIT,
         )  # fmt: skip
         gl.store(cnt_ptr + bh, 0)
 
