@@ -889,7 +889,7 @@ def decode_attention_triton(
     out = torch.empty(b, hq, 1, d, device=device, dtype=query.dtype)
     if mma:  # one launch: partials, segments and merge
         launch_mma_decode(
-            query, keys, values, key_quantizer, value_quantizer, c.rot, c.unrot, qscale, out,
+            query, keys, values, key_quantizer, value_quantizer, qscale, out,
             _segment_args(prefix, query), _segment_args(suffix, query),
             rows_per_seq=rows_per_seq, bounds=bounds, tokens_per_split=tokens_per_split,
             num_warps=num_warps or 8, sm_count=_sm_count(device), workspace=_workspace,

@@ -14,10 +14,9 @@ through shared memory. Every tensor is a *per-thread* register tensor (``(32 * W
 thread), so each lane loads exactly the packed words its ``mma.m16n8k16`` fragments need, and
 PTX does the rest:
 
-* The program first rotates and scales the query heads of its KV head itself (fp32 FMAs; the
-  rotation copied into shared memory by ``cp.async`` first, so its rounds read shared memory)
-  and hands each lane its B-fragment words through shared memory, while its first copies are
-  in flight.
+* The program first rotates and scales the query heads of its KV head itself, on the tensor
+  cores (the fp16 rotation copied into shared memory by ``cp.async`` first), and hands each
+  lane its B-fragment words through shared memory, while its first copies are in flight.
 * Operands arrive by a software pipeline: each thread copies (``cp.async``) exactly the key and
   value bytes its fragments need ``STAGES - 1`` (one) steps ahead into its own shared-memory
   blocks, so no barrier is needed in the loop; the norms (8 words a step) are loaded into
@@ -37,15 +36,16 @@ PTX does the rest:
   byte permutes of the 4-entry value table give fp16 pairs of two tokens, the A-fragment
   registers.
 
-The segments are scored in the original domain (fp32 FMAs); the merge rotates
-the history's value sum back (fp32 FMAs) and joins both in one softmax. Scores and values of the
-history use fp16 operands with fp32 accumulation, as the block kernel does: the same parity
+The segments are scored in the original domain (fp32 FMAs); the merge joins them with the
+history in one softmax and rotates the history's normalized share back on the tensor cores (as
+fp16 high and low parts). Scores and values of the history use fp16 operands with fp32
+accumulation, as the block kernel does, and both rotations fp16 matrices: the same parity
 bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits,
 fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte
 aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's API
-moves between releases; older versions take the block kernel). Shared memory: the table (32 KB),
-``STAGES`` stages of ``96 * 32 * W`` bytes and what the staged rotation needs beyond them
-(8 warps: 88 KB, two programs per SM).
+moves between releases; older versions take the block kernel). Shared memory: the table (32 KB,
+which first holds the staged query rotation), ``STAGES`` stages of ``96 * 32 * W`` bytes and
+2 KB for the rotation's operand exchange (8 warps: 82 KB, two programs per SM).
 Measurements and the design history: ``benchmarks/NOTES.md`` (v9-v11).
 """
 
@@ -55,12 +55,13 @@ import math
 import weakref
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 from triton import knobs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.runtime import driver
 
 from tqai_torch.kernels.triton.decode_mma_ptx import (
@@ -115,60 +116,55 @@ _WAIT = gl.constexpr(
     f"cp.async.wait_group {STAGES - 1};\n" + "".join(f"mov.b32 ${i}, 0;\n" for i in range(4))
 )
 _WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
-_COPY16 = gl.constexpr(
-    "{ .reg .u32 a; mov.u32 a, global_smem; add.u32 a, a, $1; "
-    "cp.async.cg.shared.global [a], [$2], 16; mov.b32 $0, 0; }"
-)
-_COMMIT = gl.constexpr("cp.async.commit_group;\nmov.b32 $0, 0;")
 _WAIT_OLDER = gl.constexpr("cp.async.wait_group 1;\nmov.b32 $0, 0;")
-_LDS_V4 = gl.constexpr(
-    "{ .reg .u32 a; mov.u32 a, global_smem; add.u32 a, a, $4; "
-    "ld.shared.v4.f32 {$0, $1, $2, $3}, [a]; }"
-)
+
+# the (128, 128) fp16 rotations in shared memory, read as tensor-core A operands (ldmatrix):
+# rows of 256 bytes, their 16-byte chunks swizzled by row % 8
+_ROTATION_SMEM = gl.constexpr(gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))
 
 
 @gluon.constexpr_function
-def _rotation_rows_at(row, W):
-    """Byte offset in shared memory of row ``row`` of the staged query rotation: rows 0-63 in
-    the pair table's bytes (filled after the rotation), rows 64-127 from the second pipeline
-    stage on (copied into from the loop's first step on); 512 bytes a row."""
-    if row < 64:
-        return row * 512
-    return LUT_BYTES + STAGE_BLOCKS * 16 * 32 * W + (row - 64) * 512
+def _rotation_mma(W):
+    """The tensor-core layout of a rotation's product ``(128 dims, 8 heads)``: ``mma.m16n8k16``
+    tiles, the dims over the warps."""
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
 
 
-@gluon.constexpr_function
-def _extra_blocks(W):
-    """Blocks of ``512 W`` bytes beyond the table and the stages that the staged rotation's
-    last rows need (see :func:`_rotation_rows_at`)."""
-    stage = STAGE_BLOCKS * 16 * 32 * W
-    return max(0, (64 * 512 - stage) // (512 * W))
+_OPERAND_EXCHANGE = 2048  # bytes: the query's B operand, through shared memory to the mma layout
 
 
 def _program_smem(num_warps: int) -> int:
-    """Bytes of shared memory a program of ``num_warps`` warps allocates (the kernel's one
-    allocation: table, stages, :func:`_extra_blocks`)."""
-    blocks = LUT_BYTES // (512 * num_warps) + STAGES * STAGE_BLOCKS + _extra_blocks(num_warps)
-    return blocks * 512 * num_warps
+    """Bytes of shared memory a program of ``num_warps`` warps takes: the kernel's one
+    allocation (the table, whose bytes first hold the staged query rotation, and the stages)
+    and the compiler's exchange of the query rotation's operand beyond it."""
+    blocks = LUT_BYTES // (512 * num_warps) + STAGES * STAGE_BLOCKS
+    return blocks * 512 * num_warps + _OPERAND_EXCHANGE
 
 
 @gluon.jit
-def _stage_rotation(rot_ptr, W: gl.constexpr):
-    """Start copying the ``(128, 128)`` float32 query rotation into shared memory (rows at
-    :func:`_rotation_rows_at`, each row's 16-byte chunks swizzled by ``row % 8`` so that the
-    rounds of :func:`_rows_times` read without bank conflicts), as one commit group."""
-    one = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
-    HIGH: gl.constexpr = _rotation_rows_at(64, W)
-    for i in gl.static_range(4096 // (32 * W)):
-        k = one + i * 32 * W
-        row = k // 32
-        chunk = k % 32
-        dst = gl.where(row < 64, row * 512, HIGH + (row - 64) * 512) + (chunk ^ (row % 8)) * 16
-        gl.inline_asm_elementwise(
-            _COPY16, "=r,r,l", [dst, (rot_ptr + row * 128 + chunk * 4).to(gl.int64)],
-            dtype=gl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-    gl.inline_asm_elementwise(_COMMIT, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
+def _copy_rotation(mat, rot_ptr, W: gl.constexpr):
+    """Start copying a ``(128, 128)`` fp16 rotation (row ``j``: output dim ``j``'s weights)
+    from global memory into ``mat`` (:data:`_ROTATION_SMEM`), as one commit group."""
+    CL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [W, 1], [1, 0])
+    cr = gl.arange(0, 128, layout=gl.SliceLayout(1, CL))[:, None]
+    cc = gl.arange(0, 128, layout=gl.SliceLayout(0, CL))[None, :]
+    async_copy.async_copy_global_to_shared(mat, rot_ptr + cr * 128 + cc)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _rotate(mat, xt_hi, xt_lo, W: gl.constexpr):
+    """``mat (128, 128) @ xt (128, 8)`` on the tensor cores: ``(128, 8)`` float32 in
+    :func:`_rotation_mma`. ``mat``: fp16 in shared memory; ``xt`` as fp16 ``xt_hi`` (and
+    ``xt_lo``, the rest, when not None; its product runs as a second chain), any layout."""
+    MMA: gl.constexpr = _rotation_mma(W)
+    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    a = mat.load(A)
+    out = mma_v2(a, gl.convert_layout(xt_hi, B), gl.zeros([128, 8], gl.float32, layout=MMA))
+    if xt_lo is not None:
+        out += mma_v2(a, gl.convert_layout(xt_lo, B), gl.zeros([128, 8], gl.float32, layout=MMA))
+    return out
 
 
 @gluon.jit
@@ -296,60 +292,6 @@ def _merge_column(buf, j: gl.constexpr, wts, W: gl.constexpr, ML: gl.constexpr):
     """Register ``j`` of every warp's ``(32, 4)`` block, as ``(W, 128)``, summed over the warps
     with their weights ``wts``: the merged column, ``(128,)``."""
     return gl.sum(buf.index(j).reshape([W, 128]).load(ML) * wts, axis=0)
-
-
-@gluon.constexpr_function
-def _rotation_layout(GQ, W):
-    """The ``(GQ, rows, 128)`` layout of :func:`_rows_times`' products: 4 columns a thread
-    (one 16-byte read of the staged matrix), lanes 8 x 4 over (rows, columns), warps over the
-    columns (at most 8, the rest over the rows), rows per thread so that 32 products fly."""
-    jpt = max(4, 128 // (4 * W))
-    wj = 128 // (4 * jpt)
-    dpt = max(1, min(32 // (GQ * jpt), 8 // (W // wj)))
-    return gl.BlockedLayout([GQ, dpt, jpt], [1, 8, 4], [1, W // wj, wj], [2, 1, 0])
-
-
-@gluon.constexpr_function
-def _rotation_round(GQ, W):
-    """Rows of the matrix one round of :func:`_rows_times` reads (divides 64)."""
-    jpt = max(4, 128 // (4 * W))
-    w_rows = W // (128 // (4 * jpt))
-    return 8 * max(1, min(32 // (GQ * jpt), 8 // w_rows)) * w_rows
-
-
-@gluon.jit
-def _rows_times(x_ptr, x_stride, x_rows, GQ: gl.constexpr, W: gl.constexpr):
-    """``x (GQ, 128) @ R (128, 128)`` in fp32 FMAs, ``(GQ, 128)`` float32: the query rotation,
-    ``x`` rows from global memory (rows ``>= x_rows`` zero), ``R`` staged in shared memory by
-    :func:`_stage_rotation`. Lanes and warps split the matrix's columns and rows
-    (:func:`_rotation_layout`): every element is read once per program."""
-    P3: gl.constexpr = _rotation_layout(GQ, W)
-    DC: gl.constexpr = _rotation_round(GQ, W)
-    XL: gl.constexpr = gl.SliceLayout(2, P3)  # (GQ, DC)
-    UL: gl.constexpr = gl.SliceLayout(0, P3)  # (DC, 128)
-    xr = gl.arange(0, GQ, layout=gl.SliceLayout(1, XL))
-    xd = gl.arange(0, DC, layout=gl.SliceLayout(0, XL))
-    ud = gl.arange(0, DC, layout=gl.SliceLayout(1, UL))
-    uj = gl.arange(0, 128, layout=gl.SliceLayout(0, UL))
-    acc = gl.zeros([GQ, DC, 128], gl.float32, layout=P3)
-    for d0 in gl.static_range(0, 128, DC):
-        x = gl.load(
-            x_ptr + xr[:, None] * x_stride + (d0 + xd)[None, :],
-            mask=(xr < x_rows)[:, None],
-            other=0.0,
-        ).to(gl.float32)
-        row = d0 + ud[:, None]  # 4 floats a read, the chunks swizzled as _stage_rotation's
-        at = (
-            _rotation_rows_at(d0, W)
-            + ud[:, None] * 512
-            + ((uj[None, :] // 4) ^ (row % 8)) * 16
-            + uj[None, :] % 4 * 4
-        )
-        u = gl.inline_asm_elementwise(
-            _LDS_V4, "=f,=f,=f,=f,r,r,r,r", [at], dtype=gl.float32, is_pure=False, pack=4
-        )
-        acc += x[:, :, None] * u[None, :, :]
-    return gl.sum(acc, axis=1)
 
 
 @gluon.jit
@@ -495,39 +437,6 @@ def _merge_layout(GQ, W):
     return gl.BlockedLayout([spt, 1, 8], [lanes_s, 1, 32 // lanes_s], [1, wh, W // wh], [2, 1, 0])
 
 
-@gluon.constexpr_function
-def _rotate_rows_per_thread(GQ, W):
-    """Rows of the rotation a thread takes per round in :func:`_rotate_back` (32 products)."""
-    return max(1, 32 // (GQ * max(1, 128 // (16 * W))))
-
-
-@gluon.constexpr_function
-def _rotate_back_layout(GQ, W):
-    """The ``(GQ, rows, 128)`` layout of :func:`_rotate_back`'s products."""
-    columns = max(1, 128 // (16 * W))
-    return gl.BlockedLayout(
-        [GQ, _rotate_rows_per_thread(GQ, W), columns], [1, 2, 16], [1, 1, W], [2, 1, 0]
-    )
-
-
-@gluon.jit
-def _rotate_back(x_smem, mat, GQ: gl.constexpr, W: gl.constexpr):
-    """``x (GQ, 128) @ mat (128, 128)`` in fp32 FMAs, both in shared memory: ``(GQ, 128)``
-    float32. Thread ``(warp w, lane l)`` takes column ``16 w + l % 16`` (``W = 8``; more
-    columns with fewer warps) and, per round, ``R`` rows of half ``l // 16``: ``x`` is read as
-    broadcasts and the halves meet in one shuffle."""
-    R: gl.constexpr = _rotate_rows_per_thread(GQ, W)
-    P3: gl.constexpr = _rotate_back_layout(GQ, W)
-    XL: gl.constexpr = gl.SliceLayout(2, P3)  # (GQ, 2 R)
-    UL: gl.constexpr = gl.SliceLayout(0, P3)  # (2 R, 128)
-    acc = gl.zeros([GQ, 2 * R, 128], gl.float32, layout=P3)
-    for d0 in gl.static_range(0, 128, 2 * R):
-        x = x_smem.slice(d0, 2 * R, dim=1).load(XL)
-        u = mat.slice(d0, 2 * R, dim=0).load(UL)
-        acc += x[:, :, None] * u[None, :, :]
-    return gl.sum(acc, axis=1)
-
-
 @gluon.jit
 def _split_round(
     ws_ptr, m_off, l_off, acc_off, first, s0, n_hist,
@@ -575,94 +484,111 @@ def _merge_splits(
     SEG_SPLIT: gl.constexpr,
 ):  # fmt: skip
     """The last program of a KV head: the history's ``n_hist`` split partials merged (online
-    softmax over the splits, a round of them at once, the split axis in registers), rotated
-    back (``unrot``, fp32 FMAs), joined with the segments' ``n_segp`` partials (the parts
-    after the history's, when ``HAS_SEG``) in one softmax, and stored as output rows
-    ``row0 .. row0 + G - 1``. Heads are padded to ``GQ`` (a power of two) only in registers."""
+    softmax over the splits, a round of them at once, the split axis in registers), joined
+    with the segments' ``n_segp`` partials (the parts after the history's, when ``HAS_SEG``)
+    in one softmax, the history's share rotated back on the tensor cores (``unrot``: the fp16
+    rotation, row ``j`` the weights of output dim ``j``; the normalized sums as fp16 high and
+    low parts), and stored as output rows ``row0 .. row0 + G - 1``. Heads are padded to ``GQ``
+    (a power of two) in registers and to 8 in the rotation's product."""
     SC: gl.constexpr = _merge_split_round(GQ, W)
     S3: gl.constexpr = _merge_layout(GQ, W)
     MS: gl.constexpr = gl.SliceLayout(2, S3)  # (SC, GQ)
     AL: gl.constexpr = gl.SliceLayout(0, S3)  # (GQ, 128)
+    HL: gl.constexpr = gl.SliceLayout(0, MS)  # (GQ,)
     first = bh * (n_hist + n_segp)  # the KV head's parts: the history's, the segments'
     # the rotation back into shared memory, while the partials load
-    mat = gl.allocate_shared_memory(
-        gl.float32, [128, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    )
-    CL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [W, 1], [1, 0])
-    cr = gl.arange(0, 128, layout=gl.SliceLayout(1, CL))[:, None]
-    cc = gl.arange(0, 128, layout=gl.SliceLayout(0, CL))[None, :]
-    async_copy.async_copy_global_to_shared(mat, unrot_ptr + cr * 128 + cc)
-    async_copy.commit_group()
-    OL: gl.constexpr = gl.SliceLayout(1, _rotate_back_layout(GQ, W))  # _rotate_back's result
-    ho = gl.arange(0, GQ, layout=gl.SliceLayout(1, OL))
-    jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
+    mat = gl.allocate_shared_memory(gl.float16, [128, 128], _ROTATION_SMEM)
+    _copy_rotation(mat, unrot_ptr, W)
     # the first round of split partials, then the segments' partials, all loads in flight
     # before any reduction waits (plain loads: the ticket's acquire invalidated L1)
     m_c, l_c, a_c = _split_round(ws_ptr, m_off, l_off, acc_off, first, 0, n_hist, G, GQ, W)
     if HAS_SEG:
         seg = first + n_hist
         if not SEG_SPLIT:  # one: loaded as it is (long contexts leave no room for more)
-            real = ho < G
-            m_s = gl.load(ws_ptr + m_off + seg * 16 + ho, mask=real, other=-1.0e30)
-            l_s = gl.load(ws_ptr + l_off + seg * 16 + ho, mask=real, other=0.0)
-            a_s = gl.load(
-                ws_ptr + acc_off + (seg * G + ho)[:, None] * 128 + jo[None, :],
-                mask=real[:, None], other=0.0,
-            )  # fmt: skip
+            hs = gl.arange(0, GQ, layout=HL)
+            m_s = gl.load(ws_ptr + m_off + seg * 16 + hs, mask=hs < G, other=-1.0e30)
+            l_s = gl.load(ws_ptr + l_off + seg * 16 + hs, mask=hs < G, other=0.0)
+            ha = gl.arange(0, GQ, layout=gl.SliceLayout(1, AL))[:, None]
+            da = gl.arange(0, 128, layout=gl.SliceLayout(0, AL))[None, :]
+            a_s = gl.load(ws_ptr + acc_off + (seg * G + ha) * 128 + da, mask=ha < G, other=0.0)
         else:
             m_j, l_j, a_j = _merge_segments(ws_ptr, m_off, l_off, acc_off, seg, n_segp, G, GQ, W)
-            m_s = gl.convert_layout(m_j, gl.SliceLayout(1, OL))
-            l_s = gl.convert_layout(l_j, gl.SliceLayout(1, OL))
-            a_s = gl.convert_layout(a_j, OL)
-    m_run = gl.full([GQ], -1.0e30, gl.float32, layout=gl.SliceLayout(0, MS))
-    l_run = gl.zeros([GQ], gl.float32, layout=gl.SliceLayout(0, MS))
+            m_s = gl.convert_layout(m_j, HL)
+            l_s = gl.convert_layout(l_j, HL)
+            a_s = gl.convert_layout(a_j, AL)
+    m_run = gl.full([GQ], -1.0e30, gl.float32, layout=HL)
+    l_run = gl.zeros([GQ], gl.float32, layout=HL)
     acc = gl.zeros([GQ, 128], gl.float32, layout=AL)
     m_run, l_run, acc = _fold_round(m_run, l_run, acc, m_c, l_c, a_c, S3)
     for s0 in range(SC, n_hist, SC):
         m_c, l_c, a_c = _split_round(ws_ptr, m_off, l_off, acc_off, first, s0, n_hist, G, GQ, W)
         m_run, l_run, acc = _fold_round(m_run, l_run, acc, m_c, l_c, a_c, S3)
-    # rotate back: every thread needs every value dim of its rows, so through shared memory
-    buf = gl.allocate_shared_memory(gl.float32, [GQ, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    buf.store(acc)
+    # one softmax over the history's and the segments' parts: each side's weight per head,
+    # applied before the rotation back (the normalized history fits fp16)
+    RL: gl.constexpr = gl.SliceLayout(1, AL)
+    if HAS_SEG:
+        m_all = gl.maximum(m_run, m_s)
+        w_h = gl.exp2(m_run - m_all)
+        w_s = gl.exp2(m_s - m_all)
+        den = l_run * w_h + l_s * w_s
+        x = acc * gl.convert_layout(w_h / den, RL)[:, None]
+        y = a_s * gl.convert_layout(w_s / den, RL)[:, None]
+    else:
+        x = acc / gl.convert_layout(l_run, RL)[:, None]
+    # through shared memory as (8, 128), heads past GQ zero, read back transposed
+    ZL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [W, 1], [1, 0])
+    xs = gl.allocate_shared_memory(gl.float32, [8, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    if GQ < 8:
+        xs.store(gl.zeros([8, 128], gl.float32, layout=ZL))
+        gl.thread_barrier()
+    xs.slice(0, GQ, dim=0).store(x)
+    if HAS_SEG:
+        ys = gl.allocate_shared_memory(
+            gl.float32, [8, 128], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        )
+        if GQ < 8:
+            ys.store(gl.zeros([8, 128], gl.float32, layout=ZL))
+            gl.thread_barrier()
+        ys.slice(0, GQ, dim=0).store(y)
     async_copy.wait_group(0)
     gl.thread_barrier()
-    out = _rotate_back(buf, mat, GQ, W)
-    m_h = gl.convert_layout(m_run, gl.SliceLayout(1, OL))
-    l_h = gl.convert_layout(l_run, gl.SliceLayout(1, OL))
+    QL: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [W, 1], [0, 1])  # (128 dims, 8 heads)
+    xt = xs.permute((1, 0)).load(QL)
+    hi = xt.to(gl.float16)
+    out = _rotate(mat, hi, (xt - hi.to(gl.float32)).to(gl.float16), W)  # (128, 8)
+    MMA: gl.constexpr = _rotation_mma(W)
     if HAS_SEG:
-        m_all = gl.maximum(m_h, m_s)
-        w_h = gl.exp2(m_h - m_all)
-        w_s = gl.exp2(m_s - m_all)
-        out = (out * w_h[:, None] + a_s * w_s[:, None]) / (l_h * w_h + l_s * w_s)[:, None]
-    else:
-        out = out / l_h[:, None]
-    gl.store(
-        out_ptr + (row0 + ho)[:, None] * 128 + jo[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=(ho < G)[:, None],
-    )
+        out += ys.permute((1, 0)).load(MMA)
+    jo = gl.arange(0, 128, layout=gl.SliceLayout(1, MMA))[:, None]
+    ho = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))[None, :]
+    gl.store(out_ptr + (row0 + ho) * 128 + jo, out.to(out_ptr.dtype.element_ty), mask=ho < G)
 
 
 @gluon.jit
 def _rotated_query(
-    query_ptr, stride_qb, stride_qh, qscale, b, h, g, t, c,
-    G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr,
+    query_ptr, stride_qb, stride_qh, qscale, mat, b, h, g, t, c,
+    G: gl.constexpr, W: gl.constexpr,
 ):  # fmt: skip
     """The B-fragment words of the scaled query rotated into the keys' domain (fp16 pairs,
     int32 ``(32 W, 4)`` x 4: head ``g``, dims ``32 t .. 32 t + 31``; 0 for heads ``>= G``),
-    computed by the program itself (fp32 FMAs over the ``GQ`` padded heads) and handed to the
-    lanes through the first 2 KB of shared memory (the pair table's, filled after: the caller
-    puts a barrier before it)."""
-    OL: gl.constexpr = gl.SliceLayout(1, _rotation_layout(GQ, W))
-    rq = _rows_times(query_ptr + b * stride_qb + h * G * stride_qh, stride_qh, G, GQ, W)
-    rq = (rq * qscale).to(gl.float16)
-    gl.thread_barrier()  # every warp is done with the staged rotation's rows 0-3
-    ho = gl.arange(0, GQ, layout=gl.SliceLayout(1, OL))
-    jo = gl.arange(0, 128, layout=gl.SliceLayout(0, OL))
+    computed by the program itself on the tensor cores (the query scaled and rounded to fp16,
+    the rotation ``mat`` staged in the pair table's bytes) and handed to the lanes through the
+    first 2 KB of shared memory (the table's, filled after: the caller puts a barrier before
+    it)."""
+    QL: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [W, 1], [0, 1])  # (128 dims, 8 heads)
+    dq = gl.arange(0, 128, layout=gl.SliceLayout(1, QL))[:, None]
+    hq = gl.arange(0, 8, layout=gl.SliceLayout(0, QL))[None, :]
+    qt = gl.load(
+        query_ptr + b * stride_qb + (h * G + hq) * stride_qh + dq, mask=hq < G, other=0.0
+    ).to(gl.float32)
+    rq = _rotate(mat, (qt * qscale).to(gl.float16), None, W).to(gl.float16)  # (128, 8)
+    gl.thread_barrier()  # every warp has read the staged rotation (its first 2 KB are reused)
+    MMA: gl.constexpr = _rotation_mma(W)
+    jo = gl.arange(0, 128, layout=gl.SliceLayout(1, MMA))[:, None]
+    ho = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))[None, :]
     gl.inline_asm_elementwise(
-        _STORE_HALF, "=r,r,h", [ho[:, None] * 256 + 2 * jo[None, :], rq],
-        dtype=gl.int32, is_pure=False, pack=1,
-    )  # fmt: skip
+        _STORE_HALF, "=r,r,h", [ho * 256 + 2 * jo, rq], dtype=gl.int32, is_pure=False, pack=1
+    )
     gl.thread_barrier()
     addr = (g * 256 + 64 * t)[:, None] + 4 * c[None, :]
     ok = (g < G)[:, None]
@@ -716,8 +642,16 @@ def _history_partial(
     # software pipeline: each thread copies its own operands STAGES - 1 steps ahead into its
     # own shared-memory blocks (no barriers: no thread reads another's blocks); the first
     # copies fly while the program rotates its query and fills the table
-    # the query rotation first (its own commit group): the prologue's rounds read it
-    _stage_rotation(rot_ptr, W)
+    # the kernel's one allocation: the pair table's bytes (the staged query rotation first),
+    # the pipeline's stages, the warps' merge at the end
+    buf = gl.allocate_shared_memory(
+        gl.float32,
+        [_LUT // (512 * W) + _STAGES * _BLOCKS, 32 * W, 4],
+        gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+    )
+    # the query rotation first (its own commit group), into the table's bytes
+    mat = buf._reinterpret(gl.float16, [128, 128], _ROTATION_SMEM)
+    _copy_rotation(mat, rot_ptr, W)
     for s in gl.static_range(_STAGES - 1):
         _copy_step(
             bases,
@@ -757,7 +691,7 @@ def _history_partial(
     gl.inline_asm_elementwise(_WAIT_OLDER, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
     gl.thread_barrier()
     q0, q1, q2, q3 = _rotated_query(
-        query_ptr, stride_qb, stride_qh, qscale, b, h, g, t, c, G, GQ, W
+        query_ptr, stride_qb, stride_qh, qscale, mat, b, h, g, t, c, G, W
     )
     gl.thread_barrier()  # every lane has its query words before the table overwrites them
     gl.inline_asm_elementwise(
@@ -800,12 +734,6 @@ def _history_partial(
     # merge the warps through shared memory; one partial per program
     l_lanes = gl.inline_asm_elementwise(
         _LANE_SUM, "=f,f", [l_sum], dtype=gl.float32, is_pure=True, pack=1
-    )
-    # also the pipeline's blocks (the kernel's only allocation: its size is the kernel's)
-    buf = gl.allocate_shared_memory(
-        gl.float32,
-        [_LUT // (512 * W) + _STAGES * _BLOCKS + _extra_blocks(W), 32 * W, 4],
-        gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
     )
     buf.index(0).store(a0)
     buf.index(1).store(a1)
@@ -853,8 +781,8 @@ def _mma_decode_kernel(
     stride_qb,
     stride_qh,
     qscale,  # scale * log2(e)
-    rot_ptr,  # (128, 128) float32: the key rotation, q_rot = q @ rot
-    unrot_ptr,  # (128, 128) float32: the value rotation back
+    rot_ptr,  # (128, 128) fp16 Pi_K: the query into the keys' domain, q_rot = rot @ q
+    unrot_ptr,  # (128, 128) fp16 Pi_V^T: the values' rotation back, out = unrot @ o_rot
     ws_ptr,  # float32 workspace: partials at m_off / l_off / acc_off
     m_off,
     l_off,
@@ -962,9 +890,12 @@ def _mma_decode_kernel(
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tables of a quantizer pair on a device, built once: the key pair table ``(256,)``
-    (:func:`.decode_mma_ptx.pair_table`), the per-lane value table ``(32, 4)``."""
+def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The constants of a quantizer pair on a device, built once: the key pair table ``(256,)``
+    (:func:`.decode_mma_ptx.pair_table`), the per-lane value table ``(32, 4)``, and the two
+    rotations as the tensor cores' A operands, fp16 ``(128, 128)`` with row ``j`` the weights
+    of output dim ``j``: the query's into the keys' domain (``Pi_K``: ``q_rot = Pi_K q``) and
+    the values' back (``Pi_V^T``: ``out = Pi_V^T o_rot``)."""
     per_key = _TABLES.get(key_q)
     if per_key is None:
         per_key = _TABLES[key_q] = weakref.WeakKeyDictionary()
@@ -976,7 +907,13 @@ def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tenso
         vlo, vhi = table_words(value_q.codebook.centroids)
         ktab = torch.tensor(pair_table(key_q.codebook.centroids), dtype=torch.int32, device=device)
         vtab = torch.tensor([vlo + vhi + [0, 0]] * 32, dtype=torch.int32, device=device)
-        found = per_value[device] = (ktab, vtab)
+
+        def fp16(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float16), device=device)
+
+        kmat = fp16(key_q.rotation.matrix())
+        vmat = fp16(value_q.rotation.matrix().T)
+        found = per_value[device] = (ktab, vtab, kmat, vmat)
     return found
 
 
@@ -1036,14 +973,14 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def launch_mma_decode(
-    query, keys, values, key_q, value_q, rot, unrot, qscale, out, prefix, suffix, *,
+    query, keys, values, key_q, value_q, qscale, out, prefix, suffix, *,
     rows_per_seq, bounds, tokens_per_split, num_warps, sm_count, workspace,
 ):  # fmt: skip
     """One launch: the history's split partials, the segments' partial (``prefix`` / ``suffix``:
     the argument lists of :func:`.decode_attention._segment_args`; one more program per KV head
     when either holds tokens), and the merge by the last program of each KV head into ``out``
-    (``(B, Hq, 1, 128)`` contiguous). ``rot`` / ``unrot``: the key rotation and the value
-    rotation back, ``(128, 128)`` float32."""
+    (``(B, Hq, 1, 128)`` contiguous). The rotations come from the quantizers
+    (:func:`_tables`)."""
     b, hq, _, d = query.shape
     n_kv, t = keys.shape[1], keys.shape[2]
     g = hq // n_kv
@@ -1066,10 +1003,10 @@ def launch_mma_decode(
     slots = splits + n_segp  # parts per KV head: the splits, then the segments' programs
     m_off, l_off, acc_off = 0, bh * slots * 16, 2 * bh * slots * 16
     ws = workspace(device, acc_off + bh * slots * g * d)
-    ktab, vtab = _tables(key_q, value_q, device)
+    ktab, vtab, kmat, vmat = _tables(key_q, value_q, device)
     kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
     args = (
-        query, query.stride(0), query.stride(1), qscale, rot, unrot,
+        query, query.stride(0), query.stride(1), qscale, kmat, vmat,
         ws, m_off, l_off, acc_off, _counters(device, bh), out,
         kp, kn, vp, vn, ktab, vtab,
         t, split_len, n_kv, rows_per_seq, query if bounds is None else bounds,
