@@ -868,7 +868,6 @@ def decode_attention_triton(
     _check_aligned(keys, "keys")
     _check_aligned(values, "values")
     device = query.device
-    c = _constants(key_quantizer, value_quantizer, device)
     if lookup not in ("auto", "gather"):
         raise ValueError(f"lookup must be 'auto' or 'gather', got {lookup!r}")
     if partials not in ("auto", "mma", "blocks"):
@@ -895,6 +894,7 @@ def decode_attention_triton(
             num_warps=num_warps or 8, sm_count=_sm_count(device), workspace=_workspace,
         )  # fmt: skip
         return out
+    c = _constants(key_quantizer, value_quantizer, device)
     n_pre = 0 if prefix is None else prefix[0].shape[2]
     ws, splits, m_off, l_off, acc_off = _launch_blocks(
         query, keys, values, key_quantizer, value_quantizer, c, qscale, lookup=lookup,

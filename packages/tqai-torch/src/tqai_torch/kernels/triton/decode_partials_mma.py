@@ -103,18 +103,17 @@ _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.
 _STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
 _LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
 _COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 8 + ",r" * 20)
-# the copies and stage reads of a warp step, by warps per program (4 or 8)
-_STEP_COPY4 = gl.constexpr(copy_asm(128, False))
-_STEP_COPY8 = gl.constexpr(copy_asm(256, False))
-_STEP_COPY4_MASKED = gl.constexpr(copy_asm(128, True))
-_STEP_COPY8_MASKED = gl.constexpr(copy_asm(256, True))
-_STEP_LOAD4 = gl.constexpr(stage_load_asm(128))
-_STEP_LOAD8 = gl.constexpr(stage_load_asm(256))
+_COPY4 = gl.constexpr(copy_asm(128, False))
+_COPY8 = gl.constexpr(copy_asm(256, False))
+_COPY4_MASKED = gl.constexpr(copy_asm(128, True))
+_COPY8_MASKED = gl.constexpr(copy_asm(256, True))
 _LOAD_CONS = gl.constexpr(",".join(["=r"] * 24) + ",r,r,r,r")
 # wait until a stage's copies have landed: all but the STAGES - 1 newest groups
 _WAIT = gl.constexpr(
     f"cp.async.wait_group {STAGES - 1};\n" + "".join(f"mov.b32 ${i}, 0;\n" for i in range(4))
 )
+_LOAD4 = gl.constexpr(stage_load_asm(128))
+_LOAD8 = gl.constexpr(stage_load_asm(256))
 _WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
 _WAIT_OLDER = gl.constexpr("cp.async.wait_group 1;\nmov.b32 $0, 0;")
 
@@ -175,13 +174,13 @@ def _copy_step(bases, tb, stop, g, t, soff, W: gl.constexpr, MASKED: gl.constexp
     kb, vb = bases
     if MASKED:
         if W == 8:
-            asm: gl.constexpr = _STEP_COPY8_MASKED
+            asm: gl.constexpr = _COPY8_MASKED
         else:
-            asm: gl.constexpr = _STEP_COPY4_MASKED
+            asm: gl.constexpr = _COPY4_MASKED
     elif W == 8:
-        asm: gl.constexpr = _STEP_COPY8
+        asm: gl.constexpr = _COPY8
     else:
-        asm: gl.constexpr = _STEP_COPY4
+        asm: gl.constexpr = _COPY4
     gl.inline_asm_elementwise(
         asm, _COPY_CONS, [kb, vb, tb, stop, g, t, soff], dtype=gl.int32, is_pure=False, pack=4
     )
@@ -215,9 +214,9 @@ def _step(
         _WAIT, "=r,=r,=r,=r,r,r,r,r", [soff], dtype=gl.int32, is_pure=False, pack=4
     )
     if W == 8:
-        load: gl.constexpr = _STEP_LOAD8
+        load: gl.constexpr = _LOAD8
     else:
-        load: gl.constexpr = _STEP_LOAD4
+        load: gl.constexpr = _LOAD4
     ka0, kb0, ka1, kb1, v0, v1 = gl.inline_asm_elementwise(
         load, _LOAD_CONS, [soff], dtype=(gl.int32,) * 6, is_pure=False, pack=4
     )
@@ -908,7 +907,7 @@ def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tenso
         ktab = torch.tensor(pair_table(key_q.codebook.centroids), dtype=torch.int32, device=device)
         vtab = torch.tensor([vlo + vhi + [0, 0]] * 32, dtype=torch.int32, device=device)
 
-        def fp16(a: np.ndarray) -> torch.Tensor:
+        def fp16(a: np.ndarray) -> torch.Tensor:  # rounded once from float64, row-major
             return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float16), device=device)
 
         kmat = fp16(key_q.rotation.matrix())
