@@ -94,6 +94,8 @@ _SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may 
 # 16 warps per SM (2 programs of 8 warps, 4 of 4) need at most 128 registers a thread; without the
 # cap ptxas takes ~200 for the builds with segments (their cold code) and one program fits
 _MAX_REGISTERS = 128
+SEG_PROGRAMS = 8  # the most programs a call's segments take per KV head
+_SEG_PROGRAMS = gl.constexpr(SEG_PROGRAMS)
 SEG_TOKENS_PER_PROGRAM = 8  # segment tokens a program takes (2 rounds), while the wave has room
 STAGES = 2  # pipeline depth: a thread's copies run one step ahead of its compute (3: no faster)
 _STAGES = gl.constexpr(STAGES)
@@ -373,10 +375,6 @@ def _segment_partial(
     gl.store(ws_ptr + m_off + part * 16 + hh, m, mask=real)
     gl.store(ws_ptr + l_off + part * 16 + hh, l_sum, mask=real)
     gl.store(ws_ptr + acc_off + (part * G + hh) * 128 + dd, acc, mask=real)
-
-
-SEG_PROGRAMS = 8  # the most programs a call's segments take per KV head
-_SEG_PROGRAMS = gl.constexpr(SEG_PROGRAMS)
 
 
 @gluon.jit
