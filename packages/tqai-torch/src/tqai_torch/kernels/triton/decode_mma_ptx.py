@@ -16,7 +16,9 @@ __all__ = [
     "key_lookup_lines",
     "lane_sum_asm",
     "pair_table",
+    "pair_value_lookup_lines",
     "softmax_asm",
+    "stage_blocks",
     "stage_load_asm",
     "table_words",
     "value_asm",
@@ -25,7 +27,7 @@ __all__ = [
 
 STEP_TOKENS = 32  # tokens per warp and loop step (two tiles of 16)
 LUT_BYTES = 256 * 128  # the key pair table, one copy per lane, at the start of shared memory
-STAGE_BLOCKS = 6  # 16-byte blocks per thread and pipeline stage (keys 4, values 2)
+STAGE_BLOCKS = 6  # 16-byte blocks per thread and pipeline stage at V2 (keys 4, values 2)
 _NEG = "0fF149F2CA"  # -1e30: the score of a token outside the visible range
 
 
@@ -79,6 +81,31 @@ def value_lookup_lines(wa: str, wb: str, lo: str, hi: str, out: list[str]) -> li
     return lines
 
 
+def pair_value_lookup_lines(words: list[str], lane: str, out: list[str]) -> list[str]:
+    """PTX turning the 4-bit value words of two tokens (``words``: token a's dims 0-7 and
+    8-15, then token b's) into 16 fp16 pairs (token a, token b) ``out``, laid out as
+    :func:`value_lookup_lines` lays them. Each word is looked up as keys are (the key pair
+    table: values of 4 bits share the keys' codebook), giving pairs of neighbouring dims of
+    one token; byte permutes then pair the two tokens' entries of each dim."""
+    a0, a1, b0, b1 = words
+    lines = []
+    for chunk, (wa, wb) in enumerate(((a0, b0), (a1, b1))):
+        pa, pb = [f"pa{k}" for k in range(4)], [f"pb{k}" for k in range(4)]
+        lines += key_lookup_lines(wa, lane, pa) + key_lookup_lines(wb, lane, pb)
+        for s in range(4):
+            half = "0x5410" if s % 2 == 0 else "0x7632"  # low halves, or high halves
+            o = 8 * chunk + 2 * s
+            lines.append(f"prmt.b32 {out[o]}, {pa[s // 2]}, {pb[s // 2]}, {half};")
+            lines.append(f"prmt.b32 {out[o + 1]}, {pa[2 + s // 2]}, {pb[2 + s // 2]}, {half};")
+    return lines
+
+
+def stage_blocks(value_bits: int) -> int:
+    """16-byte blocks a thread copies per pipeline stage: 4 of key groups, and 2 (V2) or 4 (V4)
+    of value bytes."""
+    return 4 + value_bits
+
+
 def _slot_lines(stage: str) -> list[str]:
     """PTX setting ``sm`` to this thread's first 16-byte block of a stage: block ``j`` of the
     stage lies ``j * 16 * threads`` bytes further (a warp's blocks are 512 contiguous bytes:
@@ -91,14 +118,16 @@ def _slot_lines(stage: str) -> list[str]:
     ]
 
 
-def copy_asm(threads: int, masked: bool) -> str:
+def copy_asm(threads: int, masked: bool, value_bits: int = 2) -> str:
     """Asynchronous copies of one warp step (32 tokens from ``tb``) into this thread's blocks of
     a pipeline stage, then one commit (pack=4; one dummy output ``$0-$3``). In: ``$4`` / ``$8``
-    byte addresses of the key row of token ``g`` and of value word ``g`` of token ``2 t`` (at
-    token 0); ``$12`` ``tb``, ``$16`` ``stop``, ``$20`` ``g``, ``$24`` ``t``, ``$28`` the stage's
-    byte offset. Blocks: 0-3 the key groups of tokens ``g, g + 8, g + 16, g + 24``; 4 / 5 the
-    value words of tokens ``2t, 2t+1, 2t+8, 2t+9`` (+16 for 5). ``masked``: tokens from
-    ``stop`` on are not read (zero-filled); else the whole step must lie before ``stop``."""
+    byte addresses of the key row of token ``g`` and of the value bytes of dims ``16 g .. 16 g
+    + 15`` of token ``2 t`` (at token 0); ``$12`` ``tb``, ``$16`` ``stop``, ``$20`` ``g``,
+    ``$24`` ``t``, ``$28`` the stage's byte offset. Blocks: 0-3 the key groups of tokens ``g, g
+    + 8, g + 16, g + 24``; then the value bytes of tokens ``2t, 2t+1, 2t+8, 2t+9`` and those
+    + 16: V2 a word each (blocks 4 / 5), V4 8 bytes each (blocks 4-5 / 6-7, two tokens a
+    block). ``masked``: tokens from ``stop`` on are not read (zero-filled); else the whole step
+    must lie before ``stop``."""
     blk = 16 * threads
     lines = [
         "{",
@@ -107,13 +136,13 @@ def copy_asm(threads: int, masked: bool) -> str:
         ".reg .b64 ka, va;",
         *_slot_lines("$28"),
         "mad.wide.s32 ka, $12, 64, $4;",
-        "mad.wide.s32 va, $12, 32, $8;",
+        f"mad.wide.s32 va, $12, {16 * value_bits}, $8;",
     ]
     if masked:
         lines += ["sub.s32 r, $16, $12;", "shl.b32 t2, $24, 1;"]
 
     def copy(size: int, dst: int, src: str, tok: str) -> None:
-        kind = "cg" if size == 16 else "ca"
+        kind = "cg" if size == 16 else "ca"  # .cg copies 16 bytes only
         if not masked:
             lines.append(f"cp.async.{kind}.shared.global [sm+{dst}], [{src}], {size};")
             return
@@ -125,24 +154,29 @@ def copy_asm(threads: int, masked: bool) -> str:
 
     for j, off in enumerate((0, 8, 16, 24)):
         copy(16, j * blk, f"ka+{off * 64}", f"$20, {off}")
+    row = 16 * value_bits  # bytes per packed value row
+    size = 2 * value_bits  # value bytes a thread takes per token
     for tile in range(2):
         for c in range(4):
             off = 16 * tile + c % 2 + 8 * (c // 2)
-            copy(4, (4 + tile) * blk + 4 * c, f"va+{off * 32}", f"t2, {off}")
+            at = 16 * tile * value_bits // 2 + size * c  # from the first value block
+            copy(size, (4 + at // 16) * blk + at % 16, f"va+{off * row}", f"t2, {off}")
     lines += ["cp.async.commit_group;", *[f"mov.b32 ${i}, 0;" for i in range(4)], "}"]
     return "\n".join(lines)
 
 
-def stage_load_asm(threads: int) -> str:
+def stage_load_asm(threads: int, value_bits: int = 2) -> str:
     """This thread's blocks of a pipeline stage (pack=4), once its copies have landed: out
-    ``$0-$23`` blocks 0-5 (see :func:`copy_asm`), in ``$24`` the stage's byte offset."""
+    ``$0 ..`` blocks ``0 .. stage_blocks - 1`` (see :func:`copy_asm`), in the next operand the
+    stage's byte offset."""
     blk = 16 * threads
+    n = stage_blocks(value_bits)
     lines = [
         "{",
         ".reg .b32 sm, tid;",
-        *_slot_lines("$24"),
+        *_slot_lines(f"${4 * n}"),
     ]
-    for j in range(STAGE_BLOCKS):
+    for j in range(n):
         regs = ", ".join(f"${4 * j + i}" for i in range(4))
         lines.append(f"ld.shared.v4.b32 {{{regs}}}, [sm+{j * blk}];")
     lines.append("}")
@@ -232,31 +266,41 @@ def softmax_asm() -> str:
     return "\n".join(lines)
 
 
-def value_asm(rescale: bool) -> str:
+def value_asm(rescale: bool, value_bits: int = 2) -> str:
     """``O^T += V^T P^T`` for one tile (pack=4): out ``$0-$31`` the 8 accumulators (16 dims x
-    8 heads each); in ``$32-$35`` value words (tokens 2t, 2t+1, 2t+8, 2t+9; dims 16g..16g+15),
-    ``$36-$39`` the table (low bytes, high bytes, -, -), ``$40-$43`` P's B fragment, then (when
-    ``rescale``) ``$44-$47`` alpha (heads 2t, 2t+1, 2t, 2t+1), then the accumulators (``$44`` or
-    ``$48`` on). Accumulator ``j`` rows g / g+8 are dims ``16 g + 8 (j // 4) + j % 4`` and that
-    + 4. ``rescale``: the accumulators are first multiplied by alpha, skipped (a warp-uniform
+    8 heads each); in the value bytes of tokens 2t, 2t+1, 2t+8, 2t+9, dims 16g..16g+15 (V2:
+    ``$32-$35``, a word each, then ``$36-$39`` the table: low bytes, high bytes, -, -; V4:
+    ``$32-$39``, two words each, then ``$40`` the lane's offset in the pair table), P's B
+    fragment, then (when ``rescale``) alpha (heads 2t, 2t+1, 2t, 2t+1), then the accumulators.
+    Accumulator ``j`` rows g / g+8 are dims ``16 g + 8 (j // 4) + j % 4`` and that + 4.
+    ``rescale``: the accumulators are first multiplied by alpha, skipped (a warp-uniform
     branch) when no lane's running max moved, i.e. every alpha is 1."""
+    p = 40 if value_bits == 2 else 44  # P's B fragment
+    alpha = p + 4
+    acc = alpha + 4 if rescale else alpha
     lines = ["{", ".reg .b32 x, z, sel, sh, f<32>;", ".reg .f32 r<32>;"]
-    acc = 48 if rescale else 44
     lines += [f"mov.f32 r{i}, ${acc + i};" for i in range(32)]
     if rescale:
         lines += [
             ".reg .pred moved, other;",
-            "setp.neu.f32 moved, $44, 0f3F800000;",
-            "setp.neu.f32 other, $45, 0f3F800000;",
+            f"setp.neu.f32 moved, ${alpha}, 0f3F800000;",
+            f"setp.neu.f32 other, ${alpha + 1}, 0f3F800000;",
             "or.pred moved, moved, other;",
             "vote.sync.any.pred moved, moved, 0xffffffff;",
             "@!moved bra.uni TQAI_KEEP${:uid};",
         ]
-        lines += [f"mul.f32 r{i}, r{i}, ${44 + i % 2};" for i in range(32)]
+        lines += [f"mul.f32 r{i}, r{i}, ${alpha + i % 2};" for i in range(32)]
         lines.append("TQAI_KEEP${:uid}:")
-    for pair, (wa, wb) in enumerate((("$32", "$33"), ("$34", "$35"))):
-        out = [f"f{16 * pair + k}" for k in range(16)]
-        lines += value_lookup_lines(wa, wb, "$36", "$37", out)
+    if value_bits == 2:
+        for pair, (wa, wb) in enumerate((("$32", "$33"), ("$34", "$35"))):
+            out = [f"f{16 * pair + k}" for k in range(16)]
+            lines += value_lookup_lines(wa, wb, "$36", "$37", out)
+    else:
+        lines += [".reg .b32 u, base, pa<4>, pb<4>;", "mov.u32 base, global_smem;"]
+        for pair in range(2):
+            out = [f"f{16 * pair + k}" for k in range(16)]
+            words = [f"${32 + 4 * pair + k}" for k in range(4)]
+            lines += pair_value_lookup_lines(words, "$40", out)
     for j in range(8):
         chunk, s = divmod(j, 4)
         o = 8 * chunk + 2 * s
@@ -264,8 +308,8 @@ def value_asm(rescale: bool) -> str:
         d = ", ".join(f"${4 * j + i}" for i in range(4))
         c = ", ".join(f"r{4 * j + i}" for i in range(4))
         lines.append(
-            f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d}}}, {{{a}}}, {{$40, $41}}, "
-            f"{{{c}}};"
+            f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d}}}, {{{a}}}, "
+            f"{{${p}, ${p + 1}}}, {{{c}}};"
         )
     lines.append("}")
     return "\n".join(lines)

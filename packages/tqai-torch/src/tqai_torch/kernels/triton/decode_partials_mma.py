@@ -1,5 +1,5 @@
-"""Decode attention for K4/V2 at head_dim 128 with lookups straight into tensor-core fragments
-(Gluon + PTX), in one launch: the fast path of :mod:`.decode_attention`, which falls back to its
+"""Decode attention for K4/V2 and K4/V4 at head_dim 128 with lookups straight into tensor-core
+fragments (Gluon + PTX), in one launch: the fast path of :mod:`.decode_attention`, which falls back to its
 own block kernel (and combine) for every other configuration.
 
 Reference: :func:`tqai.attention.compressed_attention` (the same parity tests cover this path).
@@ -32,20 +32,22 @@ PTX does the rest:
   over the 8 lanes ``g`` by butterfly shuffles), ``p * ||v||`` to fp16 and transposed by
   ``movmatrix`` into the B fragment of the value product.
 * Values ``O^T (16 dims x 8 heads) += V^T P^T``, 8 products for 128 dims: lane ``(g, t)`` loads
-  the 32-bit word of dims ``16 g .. 16 g + 15`` of tokens ``2 t, 2 t + 1, 2 t + 8, 2 t + 9``;
-  byte permutes of the 4-entry value table give fp16 pairs of two tokens, the A-fragment
-  registers.
+  the value bytes of dims ``16 g .. 16 g + 15`` of tokens ``2 t, 2 t + 1, 2 t + 8, 2 t + 9``.
+  V2: byte permutes of the 4-entry value table give fp16 pairs of two tokens, the A-fragment
+  registers. V4: each word is looked up in the key pair table (one codebook for both), then
+  byte permutes pair the two tokens' entries of each dim.
 
 The segments are scored in the original domain (fp32 FMAs); the merge joins them with the
 history in one softmax and rotates the history's normalized share back on the tensor cores (as
 fp16 high and low parts). Scores and values of the history use fp16 operands with fp32
 accumulation, as the block kernel does, and both rotations fp16 matrices: the same parity
-bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits,
-fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte
+bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits
+(any codebook) or 4 bits (the keys' codebook), fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte
 aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's API
 moves between releases; older versions take the block kernel). Shared memory: the table (32 KB,
-which first holds the staged query rotation), ``STAGES`` stages of ``96 * 32 * W`` bytes and
-2 KB for the rotation's operand exchange (8 warps: 82 KB, two programs per SM).
+which first holds the staged query rotation), ``STAGES`` stages of ``96 * 32 * W`` bytes (V4:
+``128 * 32 * W``) and 2 KB for the rotation's operand exchange (8 warps: 82 KB, V4 98 KB; two
+programs per SM).
 Measurements and the design history: ``benchmarks/NOTES.md`` (v9-v11).
 """
 
@@ -66,13 +68,13 @@ from triton.runtime import driver
 
 from tqai_torch.kernels.triton.decode_mma_ptx import (
     LUT_BYTES,
-    STAGE_BLOCKS,
     STEP_TOKENS,
     copy_asm,
     key_asm,
     lane_sum_asm,
     pair_table,
     softmax_asm,
+    stage_blocks,
     stage_load_asm,
     table_words,
     value_asm,
@@ -89,6 +91,10 @@ _VALUE = gl.constexpr(value_asm(False))
 _VALUE_RESCALED = gl.constexpr(value_asm(True))
 _VALUE_RESCALED_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 12 + ",f" * 36)
 _VALUE_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 12 + ",f" * 32)
+_VALUE4 = gl.constexpr(value_asm(False, 4))
+_VALUE4_RESCALED = gl.constexpr(value_asm(True, 4))
+_VALUE4_RESCALED_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 16 + ",f" * 36)
+_VALUE4_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 16 + ",f" * 32)
 _LANE_SUM = gl.constexpr(lane_sum_asm())
 _SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may hold together
 # 16 warps per SM (2 programs of 8 warps, 4 of 4) need at most 128 registers a thread; without the
@@ -99,7 +105,6 @@ _SEG_PROGRAMS = gl.constexpr(SEG_PROGRAMS)
 SEG_TOKENS_PER_PROGRAM = 8  # segment tokens a program takes (2 rounds), while the wave has room
 STAGES = 2  # pipeline depth: a thread's copies run one step ahead of its compute (3: no faster)
 _STAGES = gl.constexpr(STAGES)
-_BLOCKS = gl.constexpr(STAGE_BLOCKS)
 _LUT = gl.constexpr(LUT_BYTES)
 _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b32 [$0], $2;")
 _STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
@@ -109,13 +114,23 @@ _COPY4 = gl.constexpr(copy_asm(128, False))
 _COPY8 = gl.constexpr(copy_asm(256, False))
 _COPY4_MASKED = gl.constexpr(copy_asm(128, True))
 _COPY8_MASKED = gl.constexpr(copy_asm(256, True))
+_COPY4_V4 = gl.constexpr(copy_asm(128, False, 4))
+_COPY8_V4 = gl.constexpr(copy_asm(256, False, 4))
+_COPY4_V4_MASKED = gl.constexpr(copy_asm(128, True, 4))
+_COPY8_V4_MASKED = gl.constexpr(copy_asm(256, True, 4))
 _LOAD_CONS = gl.constexpr(",".join(["=r"] * 24) + ",r,r,r,r")
+_LOAD_V4_CONS = gl.constexpr(",".join(["=r"] * 32) + ",r,r,r,r")
+# 16-byte blocks a thread copies per pipeline stage, by value bits
+_BLOCKS_V2 = gl.constexpr(stage_blocks(2))
+_BLOCKS_V4 = gl.constexpr(stage_blocks(4))
 # wait until a stage's copies have landed: all but the STAGES - 1 newest groups
 _WAIT = gl.constexpr(
     f"cp.async.wait_group {STAGES - 1};\n" + "".join(f"mov.b32 ${i}, 0;\n" for i in range(4))
 )
 _LOAD4 = gl.constexpr(stage_load_asm(128))
 _LOAD8 = gl.constexpr(stage_load_asm(256))
+_LOAD4_V4 = gl.constexpr(stage_load_asm(128, 4))
+_LOAD8_V4 = gl.constexpr(stage_load_asm(256, 4))
 _WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
 _WAIT_OLDER = gl.constexpr("cp.async.wait_group 1;\nmov.b32 $0, 0;")
 
@@ -134,11 +149,11 @@ def _rotation_mma(W):
 _OPERAND_EXCHANGE = 2048  # bytes: the query's B operand, through shared memory to the mma layout
 
 
-def _program_smem(num_warps: int) -> int:
+def _program_smem(num_warps: int, value_bits: int) -> int:
     """Bytes of shared memory a program of ``num_warps`` warps takes: the kernel's one
     allocation (the table, whose bytes first hold the staged query rotation, and the stages)
     and the compiler's exchange of the query rotation's operand beyond it."""
-    blocks = LUT_BYTES // (512 * num_warps) + STAGES * STAGE_BLOCKS
+    blocks = LUT_BYTES // (512 * num_warps) + STAGES * stage_blocks(value_bits)
     return blocks * 512 * num_warps + _OPERAND_EXCHANGE
 
 
@@ -169,12 +184,24 @@ def _rotate(mat, xt_hi, xt_lo, W: gl.constexpr):
 
 
 @gluon.jit
-def _copy_step(bases, tb, stop, g, t, soff, W: gl.constexpr, MASKED: gl.constexpr):
+def _copy_step(
+    bases, tb, stop, g, t, soff, W: gl.constexpr, MASKED: gl.constexpr, VB: gl.constexpr
+):
     """Start the asynchronous copies of one warp step (tokens ``tb .. tb + 31``; ``MASKED``:
     nothing from ``stop`` on, else the whole step lies before it) into the stage at byte offset
     ``soff``; ``bases``: the 2 per-thread byte addresses of :func:`.decode_mma_ptx.copy_asm`."""
     kb, vb = bases
-    if MASKED:
+    if VB == 4:
+        if MASKED:
+            if W == 8:
+                asm: gl.constexpr = _COPY8_V4_MASKED
+            else:
+                asm: gl.constexpr = _COPY4_V4_MASKED
+        elif W == 8:
+            asm: gl.constexpr = _COPY8_V4
+        else:
+            asm: gl.constexpr = _COPY4_V4
+    elif MASKED:
         if W == 8:
             asm: gl.constexpr = _COPY8_MASKED
         else:
@@ -207,7 +234,7 @@ def _norms(words, shift):
 def _step(
     soff, n0, n1, tok0, g, t, c, nshift, lo, stop,
     q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-    W: gl.constexpr, MASKED: gl.constexpr,
+    W: gl.constexpr, MASKED: gl.constexpr, VB: gl.constexpr,
 ):  # fmt: skip
     """32 tokens of one warp (tiles at tok0 and tok0 + 16), read from the pipeline stage at
     byte offset ``soff`` once its copies have landed (norm words ``n0``, ``n1``: see
@@ -215,13 +242,22 @@ def _step(
     gl.inline_asm_elementwise(
         _WAIT, "=r,=r,=r,=r,r,r,r,r", [soff], dtype=gl.int32, is_pure=False, pack=4
     )
-    if W == 8:
-        load: gl.constexpr = _LOAD8
+    if VB == 4:
+        if W == 8:
+            load: gl.constexpr = _LOAD8_V4
+        else:
+            load: gl.constexpr = _LOAD4_V4
+        ka0, kb0, ka1, kb1, v0, v0b, v1, v1b = gl.inline_asm_elementwise(
+            load, _LOAD_V4_CONS, [soff], dtype=(gl.int32,) * 8, is_pure=False, pack=4
+        )
     else:
-        load: gl.constexpr = _LOAD4
-    ka0, kb0, ka1, kb1, v0, v1 = gl.inline_asm_elementwise(
-        load, _LOAD_CONS, [soff], dtype=(gl.int32,) * 6, is_pure=False, pack=4
-    )
+        if W == 8:
+            load: gl.constexpr = _LOAD8
+        else:
+            load: gl.constexpr = _LOAD4
+        ka0, kb0, ka1, kb1, v0, v1 = gl.inline_asm_elementwise(
+            load, _LOAD_CONS, [soff], dtype=(gl.int32,) * 6, is_pure=False, pack=4
+        )
     nb0 = _norms(n0, nshift)
     nb1 = _norms(n1, nshift)
     if MASKED:  # value norm -1: the token is not visible (its score becomes -1e30)
@@ -245,15 +281,26 @@ def _step(
         _SOFTMAX, _SOFTMAX_CONS, [x0, x1, nb0, nb1, m, l_sum],
         dtype=(gl.float32, gl.float32, gl.float32, gl.int32, gl.int32), is_pure=True, pack=4,
     )  # fmt: skip
-    a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
-        _VALUE_RESCALED, _VALUE_RESCALED_CONS,
-        [v0, vtab, p0, alpha, a0, a1, a2, a3, a4, a5, a6, a7],
-        dtype=(gl.float32,) * 8, is_pure=True, pack=4,
-    )  # fmt: skip
-    a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
-        _VALUE, _VALUE_CONS, [v1, vtab, p1, a0, a1, a2, a3, a4, a5, a6, a7],
-        dtype=(gl.float32,) * 8, is_pure=True, pack=4,
-    )  # fmt: skip
+    if VB == 4:  # the values' lookups read the key pair table (lane4: the lane's offset)
+        a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
+            _VALUE4_RESCALED, _VALUE4_RESCALED_CONS,
+            [v0, v0b, lane4, p0, alpha, a0, a1, a2, a3, a4, a5, a6, a7],
+            dtype=(gl.float32,) * 8, is_pure=True, pack=4,
+        )  # fmt: skip
+        a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
+            _VALUE4, _VALUE4_CONS, [v1, v1b, lane4, p1, a0, a1, a2, a3, a4, a5, a6, a7],
+            dtype=(gl.float32,) * 8, is_pure=True, pack=4,
+        )  # fmt: skip
+    else:
+        a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
+            _VALUE_RESCALED, _VALUE_RESCALED_CONS,
+            [v0, vtab, p0, alpha, a0, a1, a2, a3, a4, a5, a6, a7],
+            dtype=(gl.float32,) * 8, is_pure=True, pack=4,
+        )  # fmt: skip
+        a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
+            _VALUE, _VALUE_CONS, [v1, vtab, p1, a0, a1, a2, a3, a4, a5, a6, a7],
+            dtype=(gl.float32,) * 8, is_pure=True, pack=4,
+        )  # fmt: skip
     return m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7
 
 
@@ -261,29 +308,32 @@ def _step(
 def _pipelined_step(
     i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo, stop,
     q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-    W: gl.constexpr, MASKED: gl.constexpr,
+    W: gl.constexpr, MASKED: gl.constexpr, VB: gl.constexpr,
 ):  # fmt: skip
     """Step ``i`` of a program: start the copies of step ``i + STAGES - 1`` (unmasked while it
     is a whole step, i.e. before ``n_full``; always masked in a ``MASKED`` step, which lies
     past them), load the norm words of step ``i + 1``, fold step ``i`` into the warp's state.
     Returns the state and the next step's norm words."""
     STEP: gl.constexpr = 32 * W
-    STAGE_BYTES: gl.constexpr = _BLOCKS * 16 * 32 * W
+    if VB == 4:
+        STAGE_BYTES: gl.constexpr = _BLOCKS_V4 * 16 * 32 * W
+    else:
+        STAGE_BYTES: gl.constexpr = _BLOCKS_V2 * 16 * 32 * W
     ahead = i + _STAGES - 1
     at = tw + (start + ahead * STEP)
     soff = tw * 0 + (_LUT + (ahead % _STAGES) * STAGE_BYTES)
     if MASKED:
-        _copy_step(bases, at, stop4, g4, t4, soff, W, True)
+        _copy_step(bases, at, stop4, g4, t4, soff, W, True, VB)
     elif ahead < n_full:
-        _copy_step(bases, at, stop4, g4, t4, soff, W, False)
+        _copy_step(bases, at, stop4, g4, t4, soff, W, False, VB)
     else:
-        _copy_step(bases, at, stop4, g4, t4, soff, W, True)
+        _copy_step(bases, at, stop4, g4, t4, soff, W, True, VB)
     tok = start + i * STEP + w * 32
     m0 = _norm_words(nptr, tok + STEP, g, c, stop)
     m1 = _norm_words(nptr, tok + STEP + 16, g, c, stop)
     m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
         tw * 0 + (_LUT + (i % _STAGES) * STAGE_BYTES), n0, n1, tok, g, t, c, nshift, lo, stop,
-        q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, W, MASKED,
+        q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, W, MASKED, VB,
     )  # fmt: skip
     return m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, m0, m1
 
@@ -610,6 +660,7 @@ def _history_partial(
     kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs, start, stop, lo,
     kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
     G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
+    VB: gl.constexpr,
 ):  # fmt: skip
     """The partial of history tokens ``[start, stop)`` (visible from ``lo``) for the query
     heads of one KV head: the program's walk, then its warps merged and stored at workspace
@@ -622,20 +673,23 @@ def _history_partial(
     g = lane // 4
     t = lane % 4
     # per-thread byte addresses at token 0 (copy_asm): key row of token g (group 4t), value
-    # word g of token 2t
+    # bytes of dims 16g .. 16g + 15 of token 2t (rows of 16 VB bytes)
     kn_row = kn_ptr + bs * kn_sb + h * kn_sh
     vn_row = vn_ptr + bs * vn_sb + h * vn_sh
     zero = gl.zeros([32 * W, 4], gl.int64, layout=L)
     bases = (
         (kp_ptr + bs * kp_sb + h * kp_sh).to(gl.int64) + (g * 64 + 16 * t)[:, None] + zero,
-        (vp_ptr + bs * vp_sb + h * vp_sh).to(gl.int64) + (t * 64 + 4 * g)[:, None] + zero,
+        (vp_ptr + bs * vp_sb + h * vp_sh).to(gl.int64) + (t * 32 * VB + 2 * VB * g)[:, None] + zero,
     )
     g4 = g[:, None] + 0 * c[None, :]
     t4 = t[:, None] + 0 * c[None, :]
     tw = (w * 32)[:, None] + 0 * c[None, :]
     stop4 = tw * 0 + stop
     STEP: gl.constexpr = 32 * W
-    STAGE_BYTES: gl.constexpr = _BLOCKS * 16 * 32 * W
+    if VB == 4:
+        STAGE_BYTES: gl.constexpr = _BLOCKS_V4 * 16 * 32 * W
+    else:
+        STAGE_BYTES: gl.constexpr = _BLOCKS_V2 * 16 * 32 * W
     # software pipeline: each thread copies its own operands STAGES - 1 steps ahead into its
     # own shared-memory blocks (no barriers: no thread reads another's blocks); the first
     # copies fly while the program rotates its query and fills the table
@@ -643,7 +697,7 @@ def _history_partial(
     # the pipeline's stages, the warps' merge at the end
     buf = gl.allocate_shared_memory(
         gl.float32,
-        [_LUT // (512 * W) + _STAGES * _BLOCKS, 32 * W, 4],
+        [_LUT // (512 * W) + _STAGES * STAGE_BYTES // (512 * W), 32 * W, 4],
         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
     )
     # the query rotation first (its own commit group), into the table's bytes
@@ -659,6 +713,7 @@ def _history_partial(
             tw * 0 + (_LUT + s * STAGE_BYTES),  # the stages follow the pair table
             W,
             True,
+            VB,
         )
     # the norm words (int32) holding the key / value norms of token g, by column
     kwords = (kn_row + g).to(gl.int64) & -4
@@ -681,9 +736,13 @@ def _history_partial(
     fr = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, FL))
     fe = (fr // 32)[:, None] + W * gl.arange(0, 256 // W, layout=gl.SliceLayout(0, FL))[None, :]
     pairs = gl.load(ktab_ptr + fe)
-    # the value table per lane: distinct addresses keep it in ordinary registers (from a
-    # uniform load the compiler would move it out of uniform registers before every permute)
-    vtab = gl.load(vtab_ptr + (lane * 4)[:, None] + c[None, :])
+    # V2: the value table per lane: distinct addresses keep it in ordinary registers (from a
+    # uniform load the compiler would move it out of uniform registers before every permute);
+    # V4 values are looked up in the key pair table
+    if VB == 2:
+        vtab = gl.load(vtab_ptr + (lane * 4)[:, None] + c[None, :])
+    else:
+        vtab = (lane * 4)[:, None] + 0 * c[None, :]
     # the staged rotation has landed (the first stage's copies, newer, may still fly)
     gl.inline_asm_elementwise(_WAIT_OLDER, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
     gl.thread_barrier()
@@ -716,13 +775,13 @@ def _history_partial(
         m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, n0, n1 = _pipelined_step(
             i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo,
             stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-            W, False,
+            W, False, VB,
         )  # fmt: skip
     for i in range(n_full, n_steps):
         m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, n0, n1 = _pipelined_step(
             i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo,
             stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-            W, True,
+            W, True, VB,
         )  # fmt: skip
     # the copies beyond the split (zero-fill) land, and every warp is done with the table and
     # its stages, before the buffer is reused below
@@ -788,10 +847,10 @@ def _mma_decode_kernel(
     out_ptr,  # (B, Hq, 1, 128) contiguous, the query dtype
     kp_ptr,  # packed key rows, 64 bytes each (16-byte aligned)
     kn_ptr,  # key norms, fp16, unit token stride
-    vp_ptr,  # packed value rows, 32 bytes each
+    vp_ptr,  # packed value rows, 16 * VB bytes each
     vn_ptr,  # value norms, fp16
     ktab_ptr,  # (256,) int32: the key pair table (pair_table)
-    vtab_ptr,  # (32, 4) int32: per lane, the value table's low bytes, high bytes, 0, 0
+    vtab_ptr,  # (32, 4) int32: per lane, the value table's low bytes, high bytes, 0, 0 (V2)
     T,
     split_len,  # tokens per program, a multiple of 32 * W
     n_kv,
@@ -831,6 +890,7 @@ def _mma_decode_kernel(
     HAS_BOUNDS: gl.constexpr,
     HAS_SEG: gl.constexpr,  # the last n_segp programs of each KV head take the segments
     SEG_SPLIT: gl.constexpr,  # n_segp > 1 (a build apart: the merge's code for one stays lean)
+    VB: gl.constexpr,  # value bits: 2, or 4 (looked up in the key pair table: one codebook)
 ):
     bh = gl.program_id(0)
     split = gl.program_id(1)
@@ -861,14 +921,14 @@ def _mma_decode_kernel(
                 query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
                 acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
                 start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
-                G, GQ, W, HAS_BOUNDS,
+                G, GQ, W, HAS_BOUNDS, VB,
             )  # fmt: skip
     else:
         _history_partial(
             query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
             acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
             start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
-            G, GQ, W, HAS_BOUNDS,
+            G, GQ, W, HAS_BOUNDS, VB,
         )  # fmt: skip
     # take a ticket: the program that takes the last one merges the KV head's parts. The
     # barrier orders every thread's stores of this partial before the ticket, whose release
@@ -889,7 +949,8 @@ _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
     """The constants of a quantizer pair on a device, built once: the key pair table ``(256,)``
-    (:func:`.decode_mma_ptx.pair_table`), the per-lane value table ``(32, 4)``, and the two
+    (:func:`.decode_mma_ptx.pair_table`), the per-lane value table ``(32, 4)`` (2-bit values;
+    4-bit ones share the key pair table, and this is the key table again), and the two
     rotations as the tensor cores' A operands, fp16 ``(128, 128)`` with row ``j`` the weights
     of output dim ``j``: the query's into the keys' domain (``Pi_K``: ``q_rot = Pi_K q``) and
     the values' back (``Pi_V^T``: ``out = Pi_V^T o_rot``)."""
@@ -901,9 +962,11 @@ def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tenso
         per_value = per_key[value_q] = {}
     found = per_value.get(device)
     if found is None:
-        vlo, vhi = table_words(value_q.codebook.centroids)
         ktab = torch.tensor(pair_table(key_q.codebook.centroids), dtype=torch.int32, device=device)
-        vtab = torch.tensor([vlo + vhi + [0, 0]] * 32, dtype=torch.int32, device=device)
+        vtab = ktab
+        if value_q.spec.n_bits == 2:
+            vlo, vhi = table_words(value_q.codebook.centroids)
+            vtab = torch.tensor([vlo + vhi + [0, 0]] * 32, dtype=torch.int32, device=device)
 
         def fp16(a: np.ndarray) -> torch.Tensor:  # rounded once from float64, row-major
             return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float16), device=device)
@@ -915,8 +978,8 @@ def _tables(key_q: Any, value_q: Any, device: torch.device) -> tuple[torch.Tenso
 
 
 def _aligned(qt: Any, row_bytes: int) -> bool:
-    """Whole packed rows on 16-byte boundaries (the copies are 16-byte key groups and 4-byte
-    value words) and norms of unit token stride."""
+    """Whole packed rows on 16-byte boundaries (the copies are 16-byte key groups and 4- or
+    8-byte value words) and norms of unit token stride."""
     p, n = qt.packed, qt.norms
     return (
         p.shape[-1] == row_bytes
@@ -943,17 +1006,22 @@ _GLUON_OK = _triton_at_least(3, 6)
 
 def serves_mma(query: torch.Tensor, keys: Any, values: Any, key_q: Any, value_q: Any) -> bool:
     """Whether this path serves the call (else the block kernel does): Triton >= 3.6, CUDA
-    tensors, K4/V2, head_dim 128, at most 8 query heads per KV head, aligned rows."""
+    tensors, K4/V2, or K4/V4 with one codebook for keys and values (the 4-bit lookups share the
+    key pair table), head_dim 128, at most 8 query heads per KV head, aligned rows."""
     g = query.shape[1] // keys.shape[1]
+    vbits = value_q.spec.n_bits
+    one_codebook = vbits == 4 and np.array_equal(
+        key_q.codebook.centroids, value_q.codebook.centroids
+    )
     return (
         _GLUON_OK
         and query.is_cuda
         and query.shape[-1] == 128
         and 1 <= g <= 8
         and key_q.spec.n_bits == 4
-        and value_q.spec.n_bits == 2
+        and (vbits == 2 or one_codebook)
         and _aligned(keys, 64)
-        and _aligned(values, 32)
+        and _aligned(values, 16 * vbits)
     )
 
 
@@ -985,7 +1053,8 @@ def launch_mma_decode(
     device = query.device
     step = STEP_TOKENS * num_warps
     # a whole wave: as many programs per SM as shared memory holds
-    per_sm = max(1, _SMEM_PER_SM // _program_smem(num_warps))
+    vbits = value_q.spec.n_bits
+    per_sm = max(1, _SMEM_PER_SM // _program_smem(num_warps, vbits))
     if tokens_per_split is None:
         tokens_per_split = math.ceil(t / max(1, per_sm * sm_count // bh))
     split_len = max(step, math.ceil(tokens_per_split / step) * step)
@@ -1011,7 +1080,15 @@ def launch_mma_decode(
         vp.stride(0), vp.stride(1), vn.stride(0), vn.stride(1),
         *prefix, *suffix, n_segp, seg_span,
     )  # fmt: skip
-    constexprs = (g, triton.next_power_of_2(g), num_warps, bounds is not None, has_seg, n_segp > 1)
+    constexprs = (
+        g,
+        triton.next_power_of_2(g),
+        num_warps,
+        bounds is not None,
+        has_seg,
+        n_segp > 1,
+        vbits,
+    )
     _launch(device, (bh, slots, 1), args, constexprs)
 
 
@@ -1048,10 +1125,10 @@ def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -
         knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
     )
     if kernel is None or hooked:
-        g, gq, w, has_bounds, has_seg, seg_split = constexprs
+        g, gq, w, has_bounds, has_seg, seg_split, vb = constexprs
         _COMPILED[key] = _mma_decode_kernel[grid[:2]](
             *args, G=g, GQ=gq, W=w, HAS_BOUNDS=has_bounds, HAS_SEG=has_seg, SEG_SPLIT=seg_split,
-            num_warps=w, maxnreg=_MAX_REGISTERS,
+            VB=vb, num_warps=w, maxnreg=_MAX_REGISTERS,
         )  # fmt: skip
         return
     stream = driver.active.get_current_stream(device.index)
