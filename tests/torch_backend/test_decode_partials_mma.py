@@ -1,4 +1,4 @@
-"""The fragment-lookup decode path (K4/V2 and K4/V4, head_dim 128) matches the core reference.
+"""The fragment-lookup decode path (K4/V2, K4/V4, K3/V2; head_dim 128) matches the core reference.
 
 The kernel is PTX, so its parity tests need a CUDA GPU (marked ``gpu``: skipped in CI). Its
 byte-permute lookups are also interpreted here instruction by instruction on the CPU, and its
@@ -45,13 +45,16 @@ def _in_capacity(qt, multiple=8):
     return QuantizedTensor(spec=qt.spec, shape=qt.shape, dtype=qt.dtype, **arrays)
 
 
-def _inputs(case, dtype, seed, capacity=True, value_bits=2):
+BITS = [(4, 2), (4, 4), (3, 2)]  # (key bits, value bits) the path serves
+
+
+def _inputs(case, dtype, seed, capacity=True, bits=(4, 2)):
     b, hq, hkv, t, s, w = case
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(b, hq, 1, 128, device="cuda", generator=gen).to(dtype)
     k = torch.randn(b, hkv, t, 128, device="cuda", generator=gen).to(dtype) * 2.0
     v = torch.randn(b, hkv, t, 128, device="cuda", generator=gen).to(dtype)
-    kq, vq = TurboQuantMSE(128, 4, seed=seed), TurboQuantMSE(128, value_bits, seed=seed + 1)
+    kq, vq = TurboQuantMSE(128, bits[0], seed=seed), TurboQuantMSE(128, bits[1], seed=seed + 1)
     keys, values = kq.quantize(k[:, :, s : t - w]), vq.quantize(v[:, :, s : t - w])
     if capacity:
         keys, values = _in_capacity(keys), _in_capacity(values)
@@ -63,15 +66,15 @@ def _inputs(case, dtype, seed, capacity=True, value_bits=2):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("value_bits", [2, 4])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("index", range(len(CASES)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_mma_partials_match_reference(index, dtype, value_bits):
+def test_mma_partials_match_reference(index, dtype, bits):
     from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
     # odd cases: contiguous histories (odd lengths give norm rows off 4-byte boundaries)
     q, keys, values, kq, vq, kwargs = _inputs(
-        CASES[index], dtype, seed=index + 5, capacity=index % 2 == 0, value_bits=value_bits
+        CASES[index], dtype, seed=index + 5, capacity=index % 2 == 0, bits=bits
     )
     from tqai_torch.kernels.triton.decode_partials_mma import serves_mma
 
@@ -87,18 +90,18 @@ def test_mma_partials_match_reference(index, dtype, value_bits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("value_bits", [2, 4])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(
     ("segments", "last_start"),
     [((4, 3), 700), ((0, 0), 700), ((4, 3), 1497), ((4, 30), 700), ((4, 30), 1497)],
 )  # 1497: the third sees only window tokens (with a window of 30, those of two programs)
-def test_mma_partials_left_padded_batch(segments, last_start, value_bits):
+def test_mma_partials_left_padded_batch(segments, last_start, bits):
     """``valid_from`` / ``valid_until`` hide what the reference's mask hides, in the history and
     in the sink and window segments."""
     from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
 
     case = (3, 32, 8, 1500, *segments)
-    q, keys, values, kq, vq, kwargs = _inputs(case, torch.bfloat16, seed=21, value_bits=value_bits)
+    q, keys, values, kq, vq, kwargs = _inputs(case, torch.bfloat16, seed=21, bits=bits)
     starts = torch.tensor([0, 2, last_start], device="cuda")
     until = torch.tensor([1500, 1400, 1499], device="cuda")
     pos = torch.arange(1500, device="cuda")[None, :]
@@ -138,10 +141,12 @@ def test_mma_partials_take_four_bit_values_only_with_the_keys_codebook():
 
     from tqai_torch.kernels.triton.decode_partials_mma import serves_mma
 
-    q, keys, values, kq, vq, _ = _inputs((1, 32, 8, 300, 0, 0), torch.float16, 1, value_bits=4)
+    q, keys, values, kq, vq, _ = _inputs((1, 32, 8, 300, 0, 0), torch.float16, 1, bits=(4, 4))
     assert serves_mma(q, keys, values, kq, vq)
     other = dataclasses.replace(vq.codebook, centroids=vq.codebook.centroids * 1.01)
     assert not serves_mma(q, keys, values, kq, types.SimpleNamespace(spec=vq.spec, codebook=other))
+    q, keys, values, kq, vq, _ = _inputs((1, 32, 8, 300, 0, 0), torch.float16, 1, bits=(3, 4))
+    assert not serves_mma(q, keys, values, kq, vq)  # K3/V4: two codebooks
 
 
 def test_mma_partials_refuse_what_they_do_not_serve():
@@ -172,6 +177,7 @@ def _run(lines: list[str], regs: dict[str, int], smem: dict[int, int] | None = N
         "lop3.b32": lop3,
         "mad.lo.u32": lambda x, y, z: (x * y + z) & 0xFFFFFFFF,
         "prmt.b32": prmt,
+        "shf.r.wrap.b32": lambda lo, hi, n: ((hi << 32 | lo) >> (n & 31)) & 0xFFFFFFFF,
     }
     for line in lines:
         op, rest = line.rstrip(";").split(None, 1)
@@ -213,6 +219,31 @@ def test_key_lookup_gives_the_table_entries():
                     int(table[codes[2 * k]]),
                     int(table[codes[2 * k + 1]]),
                 ]
+
+
+def test_three_bit_key_lookup_gives_the_table_entries():
+    """3-bit groups (3 bytes each, 4 of them in 3 words): each 6-bit pair, in one word or
+    straddling two, indexes the 64-entry pair table."""
+    rng = np.random.default_rng(5)
+    centroids = np.sort(rng.standard_normal(8)) / 11
+    table = np.asarray(centroids, np.float16).view(np.uint16)
+    words = [w & 0xFFFFFFFF for w in ptx.pair_table(centroids)]
+    assert words[64:] == [0] * 192
+    base, lane = 0x400, 22
+    smem = {base + 128 * e + 4 * lane: words[e] for e in range(256)}
+    out = [f"o{k}" for k in range(16)]
+    lines = ptx.key3_lookup_lines(["w0", "w1", "w2"], "lane", out)
+    for _ in range(100):
+        codes = rng.integers(0, 8, 32)
+        stream = sum(int(c) << (3 * i) for i, c in enumerate(codes))
+        regs = {f"w{i}": (stream >> (32 * i)) & 0xFFFFFFFF for i in range(3)}
+        got = _run(lines, regs | {"lane": 4 * lane, "base": base}, smem)
+        for p in range(16):
+            pair = got[out[p]]
+            assert [pair & 0xFFFF, pair >> 16] == [
+                int(table[codes[2 * p]]),
+                int(table[codes[2 * p + 1]]),
+            ]
 
 
 def test_value_lookup_pairs_two_tokens_per_dim():
@@ -262,9 +293,9 @@ def test_four_bit_value_lookup_pairs_two_tokens_per_dim():
                     assert [pair & 0xFFFF, pair >> 16] == [int(table[ca[dim]]), int(table[cb[dim]])]
 
 
-@pytest.mark.parametrize("value_bits", [2, 4])
+@pytest.mark.parametrize(("key_bits", "value_bits"), [(4, 2), (4, 4), (3, 2)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, value_bits):
+def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, key_bits, value_bits):
     """copy_asm then stage_load_asm, run for single threads: block j of a thread holds what
     the fragment lookups expect (key groups 4t..4t+3 of tokens g, g+8, g+16, g+24; the value
     bytes of dims 16g..16g+15 of tokens 2t, 2t+1, 2t+8, 2t+9 and those + 16), tokens from
@@ -272,23 +303,24 @@ def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, value_bi
     rng = np.random.default_rng(4)
     tokens, threads = 96, 128
     vrow, vbytes = 16 * value_bits, 2 * value_bits  # a row; a thread's bytes of a token
-    keys = rng.integers(0, 256, (tokens, 64), dtype=np.uint8)
+    krow, kbytes = 16 * key_bits, 4 * key_bits
+    keys = rng.integers(0, 256, (tokens, krow), dtype=np.uint8)
     values = rng.integers(0, 256, (tokens, vrow), dtype=np.uint8)
-    kbase, vbase = 0, tokens * 64
+    kbase, vbase = 0, tokens * krow
     memory = keys.tobytes() + values.tobytes()
-    copy = ptx.copy_asm(threads, masked, value_bits)
-    load = ptx.stage_load_asm(threads, value_bits)
+    copy = ptx.copy_asm(threads, masked, value_bits, key_bits)
+    load = ptx.stage_load_asm(threads, value_bits, key_bits)
     for tid, tb, stop in ((0, 32, 96), (37, 0, 21), (101, 64, 77), (127, 32, 50)):
         if not masked:
             stop = tokens  # unmasked copies need the whole step before stop
         lane = tid % 32
         g, t = lane // 4, lane % 4
         stage = 4096
-        ops = {"$4": kbase + 64 * g + 16 * t, "$8": vbase + 2 * t * vrow + vbytes * g}
+        ops = {"$4": kbase + krow * g + kbytes * t, "$8": vbase + 2 * t * vrow + vbytes * g}
         ops |= {"$12": tb, "$16": stop, "$20": g, "$24": t, "$28": stage}
         smem: dict[int, int] = {}
         run_copy_and_load(copy, ops, memory, smem, tid)
-        blocks = ptx.stage_blocks(value_bits)
+        blocks = ptx.stage_blocks(value_bits, key_bits)
         got = run_copy_and_load(load, {f"${4 * blocks}": stage}, memory, smem, tid)
         words = [got[f"${k}"] for k in range(4 * blocks)]
 
@@ -297,14 +329,15 @@ def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, value_bi
                 return 0
             return int.from_bytes(row[tok, byte : byte + 4].tobytes(), "little")
 
+        per_tok = kbytes // 4  # key words of a token
         for j, off in enumerate((0, 8, 16, 24)):
-            expect = [word(keys, tb + g + off, 16 * t + 4 * k) for k in range(4)]
-            assert words[4 * j : 4 * j + 4] == expect, (tid, j)
+            expect = [word(keys, tb + g + off, kbytes * t + 4 * k) for k in range(per_tok)]
+            assert words[per_tok * j : per_tok * (j + 1)] == expect, (tid, j)
         per_tile = 2 * value_bits  # value words of a tile
         for tile in range(2):
             toks = [tb + 16 * tile + 2 * t + d for d in (0, 1, 8, 9)]
             expect = [
                 word(values, tok, vbytes * g + 4 * k) for tok in toks for k in range(vbytes // 4)
             ]
-            at = 16 + per_tile * tile
+            at = 4 * key_bits + per_tile * tile
             assert words[at : at + per_tile] == expect, (tid, tile)

@@ -2,8 +2,8 @@
 
 Reference: :func:`tqai.attention.compressed_attention` (the parity tests compare against it).
 
-One query token per sequence. K4/V2 and K4/V4 (one codebook) at head_dim 128 with at most 8
-query heads per KV head take the fragment-lookup kernel of :mod:`.decode_partials_mma` (one
+One query token per sequence. K4/V2, K4/V4 (one codebook) and K3/V2 at head_dim 128 with at
+most 8 query heads per KV head take the fragment-lookup kernel of :mod:`.decode_partials_mma` (one
 launch: history splits, segments and merge); everything else takes two launches, no other
 device work per call:
 
@@ -59,7 +59,7 @@ import triton.language as tl
 
 from tqai_torch.kernels.triton.decode_mma_ptx import table_words
 
-try:  # Gluon (Triton >= 3.6): the fragment-lookup fast path for K4/V2 and K4/V4 at head_dim 128
+try:  # Gluon (Triton >= 3.6): the fragment-lookup fast path for K4/V2, K4/V4, K3/V2 at head_dim 128
     from tqai_torch.kernels.triton.decode_partials_mma import launch_mma_decode, serves_mma
 except ImportError:  # older Triton: the block kernel serves every configuration
     launch_mma_decode = serves_mma = None
@@ -835,7 +835,7 @@ def decode_attention_triton(
     holds ``B * rows_per_seq`` rows; row ``r`` reads sequence ``r // rows_per_seq``): the tokens
     of a prefill chunk as rows of their own (:mod:`.prefill_attention`).
     ``partials``: which kernel reads the history: ``"mma"`` the fragment-lookup kernel of
-    :mod:`.decode_partials_mma` (K4/V2 or K4/V4, head_dim 128, at most 8 query heads per KV head, CUDA;
+    :mod:`.decode_partials_mma` (K4/V2, K4/V4 or K3/V2, head_dim 128, at most 8 query heads per KV head, CUDA;
     one launch that also takes the segments and merges), ``"blocks"`` the block kernel here
     and the combine (every configuration), ``"auto"`` the first that serves. ``block_n`` and
     ``lookup`` apply to the block kernel only; ``num_warps`` defaults to 8 for the former and 4

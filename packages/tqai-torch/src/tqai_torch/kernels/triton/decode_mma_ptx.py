@@ -12,6 +12,7 @@ __all__ = [
     "STAGE_BLOCKS",
     "STEP_TOKENS",
     "copy_asm",
+    "key3_lookup_lines",
     "key_asm",
     "key_lookup_lines",
     "lane_sum_asm",
@@ -50,12 +51,38 @@ def key_lookup_lines(x: str, lane: str, out: list[str]) -> list[str]:
 
 
 def pair_table(centroids: np.ndarray) -> list[int]:
-    """The 256 words of the key pair table (int32): entry ``e`` holds the fp16 centroids of
-    codes ``e & 15`` (low half) and ``e >> 4`` (high half), the two codes of a packed byte."""
+    """The 256 words of the key pair table (int32): entry ``e`` holds the fp16 centroids of the
+    two codes of ``e`` (low half: code ``e % n``, high half: ``e // n`` for ``n`` centroids),
+    i.e. of a packed byte (4 bits) or of a pair's 6 bits (3 bits; entries from 64 on are 0)."""
+    n = len(centroids)
     bits = np.asarray(centroids, dtype=np.float16).view(np.uint16).astype(np.int64)
-    e = np.arange(256)
-    words = bits[e & 15] | bits[e >> 4] << 16
+    e = np.arange(n * n)
+    words = np.zeros(256, dtype=np.int64)
+    words[: n * n] = bits[e % n] | bits[e // n] << 16
     return [int(w) - (1 << 32) if w >= 1 << 31 else int(w) for w in words]
+
+
+def key3_lookup_lines(words: list[str], lane: str, out: list[str]) -> list[str]:
+    """PTX turning the 3 words of 4 packing groups of 3-bit codes (32 codes, 96 bits) into 16
+    fp16 pairs ``out`` (codes 0-1, 2-3, ...): pair ``p`` is the 6 bits at stream bit ``6 p``
+    (one word, or two by a funnel shift), the index of a pair-table entry as in
+    :func:`key_lookup_lines` (``128 e + 4 l``)."""
+    lines = []
+    for p in range(16):
+        word, shift = divmod(6 * p, 32)
+        if shift > 26:  # the pair straddles two words
+            lines.append(f"shf.r.wrap.b32 u, {words[word]}, {words[word + 1]}, {shift - 7};")
+        elif shift >= 7:
+            lines.append(f"shr.b32 u, {words[word]}, {shift - 7};")
+        else:
+            lines.append(f"shl.b32 u, {words[word]}, {7 - shift};")
+        lines += [
+            "and.b32 u, u, 0x1F80;",
+            f"or.b32 u, u, {lane};",
+            "add.u32 u, u, base;",
+            f"ld.shared.b32 {out[p]}, [u];",
+        ]
+    return lines
 
 
 def value_lookup_lines(wa: str, wb: str, lo: str, hi: str, out: list[str]) -> list[str]:
@@ -100,10 +127,10 @@ def pair_value_lookup_lines(words: list[str], lane: str, out: list[str]) -> list
     return lines
 
 
-def stage_blocks(value_bits: int) -> int:
-    """16-byte blocks a thread copies per pipeline stage: 4 of key groups, and 2 (V2) or 4 (V4)
-    of value bytes."""
-    return 4 + value_bits
+def stage_blocks(value_bits: int, key_bits: int = 4) -> int:
+    """16-byte blocks a thread copies per pipeline stage: 4 (K4) or 3 (K3) of key groups, and 2
+    (V2) or 4 (V4) of value bytes."""
+    return key_bits + value_bits
 
 
 def _slot_lines(stage: str) -> list[str]:
@@ -118,15 +145,15 @@ def _slot_lines(stage: str) -> list[str]:
     ]
 
 
-def copy_asm(threads: int, masked: bool, value_bits: int = 2) -> str:
+def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4) -> str:
     """Asynchronous copies of one warp step (32 tokens from ``tb``) into this thread's blocks of
     a pipeline stage, then one commit (pack=4; one dummy output ``$0-$3``). In: ``$4`` / ``$8``
     byte addresses of the key row of token ``g`` and of the value bytes of dims ``16 g .. 16 g
     + 15`` of token ``2 t`` (at token 0); ``$12`` ``tb``, ``$16`` ``stop``, ``$20`` ``g``,
-    ``$24`` ``t``, ``$28`` the stage's byte offset. Blocks: 0-3 the key groups of tokens ``g, g
-    + 8, g + 16, g + 24``; then the value bytes of tokens ``2t, 2t+1, 2t+8, 2t+9`` and those
-    + 16: V2 a word each (blocks 4 / 5), V4 8 bytes each (blocks 4-5 / 6-7, two tokens a
-    block). ``masked``: tokens from ``stop`` on are not read (zero-filled); else the whole step
+    ``$24`` ``t``, ``$28`` the stage's byte offset. Blocks: first the key groups ``4 t .. 4 t
+    + 3`` of tokens ``g, g + 8, g + 16, g + 24`` (K4: 16 bytes each, blocks 0-3; K3: 12 bytes
+    each, back to back in blocks 0-2); then the value bytes of tokens ``2t, 2t+1, 2t+8, 2t+9``
+    and those + 16: V2 a word each (a block a tile), V4 8 bytes each (two tokens a block). ``masked``: tokens from ``stop`` on are not read (zero-filled); else the whole step
     must lie before ``stop``."""
     blk = 16 * threads
     lines = [
@@ -135,7 +162,7 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2) -> str:
         ".reg .b32 sm, tid, r, tk, sz, t2;",
         ".reg .b64 ka, va;",
         *_slot_lines("$28"),
-        "mad.wide.s32 ka, $12, 64, $4;",
+        f"mad.wide.s32 ka, $12, {16 * key_bits}, $4;",
         f"mad.wide.s32 va, $12, {16 * value_bits}, $8;",
     ]
     if masked:
@@ -152,25 +179,31 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2) -> str:
         )
         lines.append(f"cp.async.{kind}.shared.global [sm+{dst}], [{src}], {size}, sz;")
 
+    krow = 16 * key_bits  # bytes per packed key row
     for j, off in enumerate((0, 8, 16, 24)):
-        copy(16, j * blk, f"ka+{off * 64}", f"$20, {off}")
+        if key_bits == 4:
+            copy(16, j * blk, f"ka+{off * krow}", f"$20, {off}")
+            continue
+        for i in range(3):  # 12 bytes, 4-byte aligned
+            at = 12 * j + 4 * i
+            copy(4, (at // 16) * blk + at % 16, f"ka+{off * krow + 4 * i}", f"$20, {off}")
     row = 16 * value_bits  # bytes per packed value row
     size = 2 * value_bits  # value bytes a thread takes per token
     for tile in range(2):
         for c in range(4):
             off = 16 * tile + c % 2 + 8 * (c // 2)
             at = 16 * tile * value_bits // 2 + size * c  # from the first value block
-            copy(size, (4 + at // 16) * blk + at % 16, f"va+{off * row}", f"t2, {off}")
+            copy(size, (key_bits + at // 16) * blk + at % 16, f"va+{off * row}", f"t2, {off}")
     lines += ["cp.async.commit_group;", *[f"mov.b32 ${i}, 0;" for i in range(4)], "}"]
     return "\n".join(lines)
 
 
-def stage_load_asm(threads: int, value_bits: int = 2) -> str:
+def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     """This thread's blocks of a pipeline stage (pack=4), once its copies have landed: out
     ``$0 ..`` blocks ``0 .. stage_blocks - 1`` (see :func:`copy_asm`), in the next operand the
     stage's byte offset."""
     blk = 16 * threads
-    n = stage_blocks(value_bits)
+    n = stage_blocks(value_bits, key_bits)
     lines = [
         "{",
         ".reg .b32 sm, tid;",
@@ -183,19 +216,28 @@ def stage_load_asm(threads: int, value_bits: int = 2) -> str:
     return "\n".join(lines)
 
 
-def key_asm(masked: bool) -> str:
+def key_asm(masked: bool, key_bits: int = 4, tile: int = 0) -> str:
     """Scores of one tile (pack=4 operands): out ``$0-$3`` x (f32, C fragment: tokens g / g+8 x
-    heads 2t, 2t+1); in ``$4-$7`` groups of token g, ``$8-$11`` of token g+8, ``$12`` the
-    lane's offset in the pair table (:func:`key_lookup_lines`; ``$13-$15`` unused),
-    ``$16-$31`` query B fragments, ``$32-$35`` norms ``(kn_g, kn_g8, vn_g, vn_g8)``
-    (``vn < 0``: token not visible, when ``masked``)."""
+    heads 2t, 2t+1); in the key groups, the lane's offset in the pair table
+    (:func:`key_lookup_lines`), the query B fragments (16 registers) and the norms ``(kn_g,
+    kn_g8, vn_g, vn_g8)`` (``vn < 0``: token not visible, when ``masked``). K4: ``$4-$7``
+    groups of token g, ``$8-$11`` of token g+8, ``$12`` the lane's offset (``$13-$15``
+    unused), ``$16-$31`` query, ``$32-$35`` norms. K3: ``$4-$15`` the 12 words of the stage's
+    4 tokens (3 each; this ``tile`` takes tokens ``2 tile`` and ``2 tile + 1``), ``$16`` the
+    lane's offset, ``$20-$35`` query, ``$36-$39`` norms."""
+    q, nrm = (16, 32) if key_bits == 4 else (20, 36)
     lines = ["{", ".reg .b32 u, base, h<32>;", ".reg .f32 c<4>, d<4>;"]
     lines.append("mov.u32 base, global_smem;")
     for tok, first in ((0, 4), (1, 8)):
-        for j in range(4):
-            o = 16 * tok + 4 * j
-            out = [f"h{o + k}" for k in range(4)]
-            lines += key_lookup_lines(f"${first + j}", "$12", out)
+        if key_bits == 4:
+            for j in range(4):
+                o = 16 * tok + 4 * j
+                out = [f"h{o + k}" for k in range(4)]
+                lines += key_lookup_lines(f"${first + j}", "$12", out)
+        else:
+            w = 4 + 3 * (2 * tile + tok)
+            words = [f"${w + i}" for i in range(3)]
+            lines += key3_lookup_lines(words, "$16", [f"h{16 * tok + k}" for k in range(16)])
     # two accumulator chains of 4 products each (half the dependent-product latency), summed
     lines += [f"mov.f32 {a}{i}, 0f00000000;" for a in "cd" for i in range(4)]
     for j in range(4):
@@ -206,15 +248,15 @@ def key_asm(masked: bool) -> str:
             acc = ", ".join(f"{'cd'[e]}{i}" for i in range(4))
             lines.append(
                 f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{acc}}}, "
-                f"{{{', '.join(a)}}}, {{${16 + 2 * sigma}, ${17 + 2 * sigma}}}, {{{acc}}};"
+                f"{{{', '.join(a)}}}, {{${q + 2 * sigma}, ${q + 1 + 2 * sigma}}}, {{{acc}}};"
             )
     lines += [f"add.f32 c{i}, c{i}, d{i};" for i in range(4)]
-    lines += ["mul.f32 $0, c0, $32;", "mul.f32 $1, c1, $32;"]
-    lines += ["mul.f32 $2, c2, $33;", "mul.f32 $3, c3, $33;"]
+    lines += [f"mul.f32 $0, c0, ${nrm};", f"mul.f32 $1, c1, ${nrm};"]
+    lines += [f"mul.f32 $2, c2, ${nrm + 1};", f"mul.f32 $3, c3, ${nrm + 1};"]
     if masked:
-        lines += [".reg .pred bad;", "setp.lt.f32 bad, $34, 0f00000000;"]
+        lines += [".reg .pred bad;", f"setp.lt.f32 bad, ${nrm + 2}, 0f00000000;"]
         lines += [f"@bad mov.f32 $0, {_NEG};", f"@bad mov.f32 $1, {_NEG};"]
-        lines += ["setp.lt.f32 bad, $35, 0f00000000;"]
+        lines += [f"setp.lt.f32 bad, ${nrm + 3}, 0f00000000;"]
         lines += [f"@bad mov.f32 $2, {_NEG};", f"@bad mov.f32 $3, {_NEG};"]
     lines.append("}")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""Decode attention for K4/V2 and K4/V4 at head_dim 128 with lookups straight into tensor-core
-fragments (Gluon + PTX), in one launch: the fast path of :mod:`.decode_attention`, which falls back to its
+"""Decode attention for K4/V2, K4/V4 and K3/V2 at head_dim 128 with lookups straight into
+tensor-core fragments (Gluon + PTX), in one launch: the fast path of :mod:`.decode_attention`, which falls back to its
 own block kernel (and combine) for every other configuration.
 
 Reference: :func:`tqai.attention.compressed_attention` (the same parity tests cover this path).
@@ -25,7 +25,9 @@ PTX does the rest:
   ``(g, t) = (lane // 4, lane % 4)`` takes packing groups ``4 t .. 4 t + 3`` (16 bytes) of
   tokens ``g`` and ``g + 8``; each byte (two codes) indexes a 256-entry table of fp16 pairs in
   shared memory, one copy per lane (bank-conflict free), and the words read are A-fragment
-  registers as they stand (two integer instructions and one shared load per pair). The query
+  registers as they stand (two integer instructions and one shared load per pair). 3-bit keys:
+  the lane takes the same groups (12 bytes a token), every 6 bits (a pair of codes, in one
+  word or across two by a funnel shift) index a 64-entry table laid out the same way. The query
   fragments are then simply dims ``32 t .. 32 t + 31`` of head ``g``. Heads ``>= G`` are zero
   columns (G <= 8).
 * Online softmax in base 2 per head (lanes ``t`` hold heads ``2 t, 2 t + 1``; the max reduces
@@ -42,11 +44,11 @@ history in one softmax and rotates the history's normalized share back on the te
 fp16 high and low parts). Scores and values of the history use fp16 operands with fp32
 accumulation, as the block kernel does, and both rotations fp16 matrices: the same parity
 bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits
-(any codebook) or 4 bits (the keys' codebook), fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte
+(any codebook) or 4 bits (the keys' codebook), or keys of 3 bits and values of 2, fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte
 aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's API
 moves between releases; older versions take the block kernel). Shared memory: the table (32 KB,
-which first holds the staged query rotation), ``STAGES`` stages of ``96 * 32 * W`` bytes (V4:
-``128 * 32 * W``) and 2 KB for the rotation's operand exchange (8 warps: 82 KB, V4 98 KB; two
+which first holds the staged query rotation), ``STAGES`` stages of ``96 * 32 * W`` bytes (K4/V4:
+``128 * 32 * W``, K3/V2 ``80 * 32 * W``) and 2 KB for the rotation's operand exchange (8 warps: 82 KB, V4 98 KB; two
 programs per SM).
 Measurements and the design history: ``benchmarks/NOTES.md`` (v9-v11).
 """
@@ -82,9 +84,8 @@ from tqai_torch.kernels.triton.decode_mma_ptx import (
 
 __all__ = ["launch_mma_decode", "serves_mma"]
 
-_KEY = gl.constexpr(key_asm(False))
-_KEY_MASKED = gl.constexpr(key_asm(True))
-_KEY_CONS = gl.constexpr("=f,=f,=f,=f" + ",r" * 28 + ",f,f,f,f")
+# (key bits, value bits) this path serves; V4 needs the keys' codebook (one pair table)
+SERVED_BITS = ((4, 2), (4, 4), (3, 2))
 _SOFTMAX = gl.constexpr(softmax_asm())
 _SOFTMAX_CONS = gl.constexpr(",".join(["=f"] * 12 + ["=r"] * 8) + ",f" * 24)
 _VALUE = gl.constexpr(value_asm(False))
@@ -95,6 +96,53 @@ _VALUE4 = gl.constexpr(value_asm(False, 4))
 _VALUE4_RESCALED = gl.constexpr(value_asm(True, 4))
 _VALUE4_RESCALED_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 16 + ",f" * 36)
 _VALUE4_CONS = gl.constexpr(",".join(["=f"] * 32) + ",r" * 16 + ",f" * 32)
+# the PTX of the score products (by masked, key bits, tile), of the copies (by warps, masked,
+# key bits, value bits) and of the stage reads (by warps, key bits, value bits)
+_KEY_TEXTS = {
+    (masked, kb, tile): key_asm(masked, kb, tile)
+    for masked in (False, True)
+    for kb, tiles in ((4, (0,)), (3, (0, 1)))  # a K4 tile's words are its own operands
+    for tile in tiles
+}
+_COPY_TEXTS = {
+    (w, masked, kb, vb): copy_asm(32 * w, masked, vb, kb)
+    for w in (4, 8)
+    for masked in (False, True)
+    for kb, vb in SERVED_BITS
+}
+_LOAD_TEXTS = {
+    (w, kb, vb): stage_load_asm(32 * w, vb, kb) for w in (4, 8) for kb, vb in SERVED_BITS
+}
+
+
+@gluon.constexpr_function
+def _key_text(MASKED, KB, TILE):
+    return _KEY_TEXTS[(bool(MASKED), KB, TILE if KB == 3 else 0)]
+
+
+@gluon.constexpr_function
+def _key_cons(KB):
+    """Out: 4 scores; in: key words (K4: 2 x 4, K3: 3 x 4), the lane offset (4), the query (16),
+    then 4 norms."""
+    return "=f,=f,=f,=f" + ",r" * (28 if KB == 4 else 32) + ",f,f,f,f"
+
+
+@gluon.constexpr_function
+def _copy_text(W, MASKED, KB, VB):
+    return _COPY_TEXTS[(W, bool(MASKED), KB, VB)]
+
+
+@gluon.constexpr_function
+def _load_text(W, KB, VB):
+    return _LOAD_TEXTS[(W, KB, VB)]
+
+
+@gluon.constexpr_function
+def _load_cons(KB, VB):
+    """Out: the stage's blocks (4 words each); in: the stage's offset."""
+    return ",".join(["=r"] * 4 * (KB + VB)) + ",r,r,r,r"
+
+
 _LANE_SUM = gl.constexpr(lane_sum_asm())
 _SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may hold together
 # 16 warps per SM (2 programs of 8 warps, 4 of 4) need at most 128 registers a thread; without the
@@ -110,27 +158,10 @@ _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.
 _STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
 _LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
 _COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 8 + ",r" * 20)
-_COPY4 = gl.constexpr(copy_asm(128, False))
-_COPY8 = gl.constexpr(copy_asm(256, False))
-_COPY4_MASKED = gl.constexpr(copy_asm(128, True))
-_COPY8_MASKED = gl.constexpr(copy_asm(256, True))
-_COPY4_V4 = gl.constexpr(copy_asm(128, False, 4))
-_COPY8_V4 = gl.constexpr(copy_asm(256, False, 4))
-_COPY4_V4_MASKED = gl.constexpr(copy_asm(128, True, 4))
-_COPY8_V4_MASKED = gl.constexpr(copy_asm(256, True, 4))
-_LOAD_CONS = gl.constexpr(",".join(["=r"] * 24) + ",r,r,r,r")
-_LOAD_V4_CONS = gl.constexpr(",".join(["=r"] * 32) + ",r,r,r,r")
-# 16-byte blocks a thread copies per pipeline stage, by value bits
-_BLOCKS_V2 = gl.constexpr(stage_blocks(2))
-_BLOCKS_V4 = gl.constexpr(stage_blocks(4))
 # wait until a stage's copies have landed: all but the STAGES - 1 newest groups
 _WAIT = gl.constexpr(
     f"cp.async.wait_group {STAGES - 1};\n" + "".join(f"mov.b32 ${i}, 0;\n" for i in range(4))
 )
-_LOAD4 = gl.constexpr(stage_load_asm(128))
-_LOAD8 = gl.constexpr(stage_load_asm(256))
-_LOAD4_V4 = gl.constexpr(stage_load_asm(128, 4))
-_LOAD8_V4 = gl.constexpr(stage_load_asm(256, 4))
 _WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
 _WAIT_OLDER = gl.constexpr("cp.async.wait_group 1;\nmov.b32 $0, 0;")
 
@@ -149,11 +180,11 @@ def _rotation_mma(W):
 _OPERAND_EXCHANGE = 2048  # bytes: the query's B operand, through shared memory to the mma layout
 
 
-def _program_smem(num_warps: int, value_bits: int) -> int:
+def _program_smem(num_warps: int, key_bits: int, value_bits: int) -> int:
     """Bytes of shared memory a program of ``num_warps`` warps takes: the kernel's one
     allocation (the table, whose bytes first hold the staged query rotation, and the stages)
     and the compiler's exchange of the query rotation's operand beyond it."""
-    blocks = LUT_BYTES // (512 * num_warps) + STAGES * stage_blocks(value_bits)
+    blocks = LUT_BYTES // (512 * num_warps) + STAGES * stage_blocks(value_bits, key_bits)
     return blocks * 512 * num_warps + _OPERAND_EXCHANGE
 
 
@@ -185,34 +216,17 @@ def _rotate(mat, xt_hi, xt_lo, W: gl.constexpr):
 
 @gluon.jit
 def _copy_step(
-    bases, tb, stop, g, t, soff, W: gl.constexpr, MASKED: gl.constexpr, VB: gl.constexpr
-):
+    bases, tb, stop, g, t, soff, W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr,
+    VB: gl.constexpr,
+):  # fmt: skip
     """Start the asynchronous copies of one warp step (tokens ``tb .. tb + 31``; ``MASKED``:
     nothing from ``stop`` on, else the whole step lies before it) into the stage at byte offset
     ``soff``; ``bases``: the 2 per-thread byte addresses of :func:`.decode_mma_ptx.copy_asm`."""
     kb, vb = bases
-    if VB == 4:
-        if MASKED:
-            if W == 8:
-                asm: gl.constexpr = _COPY8_V4_MASKED
-            else:
-                asm: gl.constexpr = _COPY4_V4_MASKED
-        elif W == 8:
-            asm: gl.constexpr = _COPY8_V4
-        else:
-            asm: gl.constexpr = _COPY4_V4
-    elif MASKED:
-        if W == 8:
-            asm: gl.constexpr = _COPY8_MASKED
-        else:
-            asm: gl.constexpr = _COPY4_MASKED
-    elif W == 8:
-        asm: gl.constexpr = _COPY8
-    else:
-        asm: gl.constexpr = _COPY4
     gl.inline_asm_elementwise(
-        asm, _COPY_CONS, [kb, vb, tb, stop, g, t, soff], dtype=gl.int32, is_pure=False, pack=4
-    )
+        _copy_text(W, MASKED, KB, VB), _COPY_CONS, [kb, vb, tb, stop, g, t, soff],
+        dtype=gl.int32, is_pure=False, pack=4,
+    )  # fmt: skip
 
 
 @gluon.jit
@@ -234,7 +248,7 @@ def _norms(words, shift):
 def _step(
     soff, n0, n1, tok0, g, t, c, nshift, lo, stop,
     q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-    W: gl.constexpr, MASKED: gl.constexpr, VB: gl.constexpr,
+    W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr, VB: gl.constexpr,
 ):  # fmt: skip
     """32 tokens of one warp (tiles at tok0 and tok0 + 16), read from the pipeline stage at
     byte offset ``soff`` once its copies have landed (norm words ``n0``, ``n1``: see
@@ -242,21 +256,22 @@ def _step(
     gl.inline_asm_elementwise(
         _WAIT, "=r,=r,=r,=r,r,r,r,r", [soff], dtype=gl.int32, is_pure=False, pack=4
     )
-    if VB == 4:
-        if W == 8:
-            load: gl.constexpr = _LOAD8_V4
-        else:
-            load: gl.constexpr = _LOAD4_V4
+    load: gl.constexpr = _load_text(W, KB, VB)
+    load_cons: gl.constexpr = _load_cons(KB, VB)
+    # the stage's blocks: keys (K4: tokens g, g+8 | g+16, g+24 in ka0, kb0 | ka1, kb1; K3: the
+    # 12 words of the 4 tokens in ka0, kb0, ka1), then values (V4: two blocks a tile)
+    if KB == 3:
+        ka0, kb0, ka1, v0, v1 = gl.inline_asm_elementwise(
+            load, load_cons, [soff], dtype=(gl.int32,) * 5, is_pure=False, pack=4
+        )
+        kb1 = ka1
+    elif VB == 4:
         ka0, kb0, ka1, kb1, v0, v0b, v1, v1b = gl.inline_asm_elementwise(
-            load, _LOAD_V4_CONS, [soff], dtype=(gl.int32,) * 8, is_pure=False, pack=4
+            load, load_cons, [soff], dtype=(gl.int32,) * 8, is_pure=False, pack=4
         )
     else:
-        if W == 8:
-            load: gl.constexpr = _LOAD8
-        else:
-            load: gl.constexpr = _LOAD4
         ka0, kb0, ka1, kb1, v0, v1 = gl.inline_asm_elementwise(
-            load, _LOAD_CONS, [soff], dtype=(gl.int32,) * 6, is_pure=False, pack=4
+            load, load_cons, [soff], dtype=(gl.int32,) * 6, is_pure=False, pack=4
         )
     nb0 = _norms(n0, nshift)
     nb1 = _norms(n1, nshift)
@@ -266,17 +281,25 @@ def _step(
         ok1 = (ntok + 16 < stop) & (ntok + 16 >= lo)
         nb0 = gl.where(ok0 | (c < 2)[None, :], nb0, -1.0)
         nb1 = gl.where(ok1 | (c < 2)[None, :], nb1, -1.0)
-        scores: gl.constexpr = _KEY_MASKED
+    key_cons: gl.constexpr = _key_cons(KB)
+    if KB == 3:
+        x0 = gl.inline_asm_elementwise(
+            _key_text(MASKED, KB, 0), key_cons, [ka0, kb0, ka1, lane4, q0, q1, q2, q3, nb0],
+            dtype=gl.float32, is_pure=True, pack=4,
+        )  # fmt: skip
+        x1 = gl.inline_asm_elementwise(
+            _key_text(MASKED, KB, 1), key_cons, [ka0, kb0, ka1, lane4, q0, q1, q2, q3, nb1],
+            dtype=gl.float32, is_pure=True, pack=4,
+        )  # fmt: skip
     else:
-        scores: gl.constexpr = _KEY
-    x0 = gl.inline_asm_elementwise(
-        scores, _KEY_CONS, [ka0, kb0, lane4, q0, q1, q2, q3, nb0],
-        dtype=gl.float32, is_pure=True, pack=4,
-    )  # fmt: skip
-    x1 = gl.inline_asm_elementwise(
-        scores, _KEY_CONS, [ka1, kb1, lane4, q0, q1, q2, q3, nb1],
-        dtype=gl.float32, is_pure=True, pack=4,
-    )  # fmt: skip
+        x0 = gl.inline_asm_elementwise(
+            _key_text(MASKED, KB, 0), key_cons, [ka0, kb0, lane4, q0, q1, q2, q3, nb0],
+            dtype=gl.float32, is_pure=True, pack=4,
+        )  # fmt: skip
+        x1 = gl.inline_asm_elementwise(
+            _key_text(MASKED, KB, 0), key_cons, [ka1, kb1, lane4, q0, q1, q2, q3, nb1],
+            dtype=gl.float32, is_pure=True, pack=4,
+        )  # fmt: skip
     m, l_sum, alpha, p0, p1 = gl.inline_asm_elementwise(
         _SOFTMAX, _SOFTMAX_CONS, [x0, x1, nb0, nb1, m, l_sum],
         dtype=(gl.float32, gl.float32, gl.float32, gl.int32, gl.int32), is_pure=True, pack=4,
@@ -308,32 +331,30 @@ def _step(
 def _pipelined_step(
     i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo, stop,
     q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-    W: gl.constexpr, MASKED: gl.constexpr, VB: gl.constexpr,
+    W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr, VB: gl.constexpr,
 ):  # fmt: skip
     """Step ``i`` of a program: start the copies of step ``i + STAGES - 1`` (unmasked while it
     is a whole step, i.e. before ``n_full``; always masked in a ``MASKED`` step, which lies
     past them), load the norm words of step ``i + 1``, fold step ``i`` into the warp's state.
     Returns the state and the next step's norm words."""
     STEP: gl.constexpr = 32 * W
-    if VB == 4:
-        STAGE_BYTES: gl.constexpr = _BLOCKS_V4 * 16 * 32 * W
-    else:
-        STAGE_BYTES: gl.constexpr = _BLOCKS_V2 * 16 * 32 * W
+    STAGE_BYTES: gl.constexpr = (KB + VB) * 16 * 32 * W  # stage_blocks(VB, KB) 16-byte blocks
     ahead = i + _STAGES - 1
     at = tw + (start + ahead * STEP)
     soff = tw * 0 + (_LUT + (ahead % _STAGES) * STAGE_BYTES)
     if MASKED:
-        _copy_step(bases, at, stop4, g4, t4, soff, W, True, VB)
+        _copy_step(bases, at, stop4, g4, t4, soff, W, True, KB, VB)
     elif ahead < n_full:
-        _copy_step(bases, at, stop4, g4, t4, soff, W, False, VB)
+        _copy_step(bases, at, stop4, g4, t4, soff, W, False, KB, VB)
     else:
-        _copy_step(bases, at, stop4, g4, t4, soff, W, True, VB)
+        _copy_step(bases, at, stop4, g4, t4, soff, W, True, KB, VB)
     tok = start + i * STEP + w * 32
     m0 = _norm_words(nptr, tok + STEP, g, c, stop)
     m1 = _norm_words(nptr, tok + STEP + 16, g, c, stop)
     m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
         tw * 0 + (_LUT + (i % _STAGES) * STAGE_BYTES), n0, n1, tok, g, t, c, nshift, lo, stop,
-        q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, W, MASKED, VB,
+        q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, W, MASKED, KB,
+        VB,
     )  # fmt: skip
     return m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, m0, m1
 
@@ -660,7 +681,7 @@ def _history_partial(
     kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs, start, stop, lo,
     kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
     G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
-    VB: gl.constexpr,
+    KB: gl.constexpr, VB: gl.constexpr,
 ):  # fmt: skip
     """The partial of history tokens ``[start, stop)`` (visible from ``lo``) for the query
     heads of one KV head: the program's walk, then its warps merged and stored at workspace
@@ -672,13 +693,13 @@ def _history_partial(
     w = r // 32
     g = lane // 4
     t = lane % 4
-    # per-thread byte addresses at token 0 (copy_asm): key row of token g (group 4t), value
-    # bytes of dims 16g .. 16g + 15 of token 2t (rows of 16 VB bytes)
+    # per-thread byte addresses at token 0 (copy_asm): key row of token g (group 4t; rows of
+    # 16 KB bytes), value bytes of dims 16g .. 16g + 15 of token 2t (rows of 16 VB bytes)
     kn_row = kn_ptr + bs * kn_sb + h * kn_sh
     vn_row = vn_ptr + bs * vn_sb + h * vn_sh
     zero = gl.zeros([32 * W, 4], gl.int64, layout=L)
     bases = (
-        (kp_ptr + bs * kp_sb + h * kp_sh).to(gl.int64) + (g * 64 + 16 * t)[:, None] + zero,
+        (kp_ptr + bs * kp_sb + h * kp_sh).to(gl.int64) + (g * 16 * KB + 4 * KB * t)[:, None] + zero,
         (vp_ptr + bs * vp_sb + h * vp_sh).to(gl.int64) + (t * 32 * VB + 2 * VB * g)[:, None] + zero,
     )
     g4 = g[:, None] + 0 * c[None, :]
@@ -686,10 +707,7 @@ def _history_partial(
     tw = (w * 32)[:, None] + 0 * c[None, :]
     stop4 = tw * 0 + stop
     STEP: gl.constexpr = 32 * W
-    if VB == 4:
-        STAGE_BYTES: gl.constexpr = _BLOCKS_V4 * 16 * 32 * W
-    else:
-        STAGE_BYTES: gl.constexpr = _BLOCKS_V2 * 16 * 32 * W
+    STAGE_BYTES: gl.constexpr = (KB + VB) * 16 * 32 * W  # stage_blocks(VB, KB) 16-byte blocks
     # software pipeline: each thread copies its own operands STAGES - 1 steps ahead into its
     # own shared-memory blocks (no barriers: no thread reads another's blocks); the first
     # copies fly while the program rotates its query and fills the table
@@ -713,6 +731,7 @@ def _history_partial(
             tw * 0 + (_LUT + s * STAGE_BYTES),  # the stages follow the pair table
             W,
             True,
+            KB,
             VB,
         )
     # the norm words (int32) holding the key / value norms of token g, by column
@@ -775,13 +794,13 @@ def _history_partial(
         m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, n0, n1 = _pipelined_step(
             i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo,
             stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-            W, False, VB,
+            W, False, KB, VB,
         )  # fmt: skip
     for i in range(n_full, n_steps):
         m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, n0, n1 = _pipelined_step(
             i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo,
             stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-            W, True, VB,
+            W, True, KB, VB,
         )  # fmt: skip
     # the copies beyond the split (zero-fill) land, and every warp is done with the table and
     # its stages, before the buffer is reused below
@@ -890,6 +909,7 @@ def _mma_decode_kernel(
     HAS_BOUNDS: gl.constexpr,
     HAS_SEG: gl.constexpr,  # the last n_segp programs of each KV head take the segments
     SEG_SPLIT: gl.constexpr,  # n_segp > 1 (a build apart: the merge's code for one stays lean)
+    KB: gl.constexpr,  # key bits: 4, or 3 (values of 2 bits)
     VB: gl.constexpr,  # value bits: 2, or 4 (looked up in the key pair table: one codebook)
 ):
     bh = gl.program_id(0)
@@ -921,14 +941,14 @@ def _mma_decode_kernel(
                 query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
                 acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
                 start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
-                G, GQ, W, HAS_BOUNDS, VB,
+                G, GQ, W, HAS_BOUNDS, KB, VB,
             )  # fmt: skip
     else:
         _history_partial(
             query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
             acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
             start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
-            G, GQ, W, HAS_BOUNDS, VB,
+            G, GQ, W, HAS_BOUNDS, KB, VB,
         )  # fmt: skip
     # take a ticket: the program that takes the last one merges the KV head's parts. The
     # barrier orders every thread's stores of this partial before the ticket, whose release
@@ -1006,11 +1026,11 @@ _GLUON_OK = _triton_at_least(3, 6)
 
 def serves_mma(query: torch.Tensor, keys: Any, values: Any, key_q: Any, value_q: Any) -> bool:
     """Whether this path serves the call (else the block kernel does): Triton >= 3.6, CUDA
-    tensors, K4/V2, or K4/V4 with one codebook for keys and values (the 4-bit lookups share the
-    key pair table), head_dim 128, at most 8 query heads per KV head, aligned rows."""
+    tensors, K4/V2, K3/V2, or K4/V4 with one codebook for keys and values (the 4-bit lookups
+    share the key pair table), head_dim 128, at most 8 query heads per KV head, aligned rows."""
     g = query.shape[1] // keys.shape[1]
-    vbits = value_q.spec.n_bits
-    one_codebook = vbits == 4 and np.array_equal(
+    kbits, vbits = key_q.spec.n_bits, value_q.spec.n_bits
+    values_ok = vbits == 2 or np.array_equal(  # V4 reads the keys' pair table
         key_q.codebook.centroids, value_q.codebook.centroids
     )
     return (
@@ -1018,9 +1038,9 @@ def serves_mma(query: torch.Tensor, keys: Any, values: Any, key_q: Any, value_q:
         and query.is_cuda
         and query.shape[-1] == 128
         and 1 <= g <= 8
-        and key_q.spec.n_bits == 4
-        and (vbits == 2 or one_codebook)
-        and _aligned(keys, 64)
+        and (kbits, vbits) in SERVED_BITS
+        and values_ok
+        and _aligned(keys, 16 * kbits)
         and _aligned(values, 16 * vbits)
     )
 
@@ -1053,8 +1073,8 @@ def launch_mma_decode(
     device = query.device
     step = STEP_TOKENS * num_warps
     # a whole wave: as many programs per SM as shared memory holds
-    vbits = value_q.spec.n_bits
-    per_sm = max(1, _SMEM_PER_SM // _program_smem(num_warps, vbits))
+    kbits, vbits = key_q.spec.n_bits, value_q.spec.n_bits
+    per_sm = max(1, _SMEM_PER_SM // _program_smem(num_warps, kbits, vbits))
     if tokens_per_split is None:
         tokens_per_split = math.ceil(t / max(1, per_sm * sm_count // bh))
     split_len = max(step, math.ceil(tokens_per_split / step) * step)
@@ -1081,14 +1101,9 @@ def launch_mma_decode(
         *prefix, *suffix, n_segp, seg_span,
     )  # fmt: skip
     constexprs = (
-        g,
-        triton.next_power_of_2(g),
-        num_warps,
-        bounds is not None,
-        has_seg,
-        n_segp > 1,
-        vbits,
-    )
+        g, triton.next_power_of_2(g), num_warps, bounds is not None, has_seg, n_segp > 1,
+        kbits, vbits,
+    )  # fmt: skip
     _launch(device, (bh, slots, 1), args, constexprs)
 
 
@@ -1125,10 +1140,10 @@ def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -
         knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
     )
     if kernel is None or hooked:
-        g, gq, w, has_bounds, has_seg, seg_split, vb = constexprs
+        g, gq, w, has_bounds, has_seg, seg_split, kb, vb = constexprs
         _COMPILED[key] = _mma_decode_kernel[grid[:2]](
             *args, G=g, GQ=gq, W=w, HAS_BOUNDS=has_bounds, HAS_SEG=has_seg, SEG_SPLIT=seg_split,
-            VB=vb, num_warps=w, maxnreg=_MAX_REGISTERS,
+            KB=kb, VB=vb, num_warps=w, maxnreg=_MAX_REGISTERS,
         )  # fmt: skip
         return
     stream = driver.active.get_current_stream(device.index)
