@@ -145,6 +145,7 @@ def _load_cons(KB, VB):
 
 _LANE_SUM = gl.constexpr(lane_sum_asm())
 _SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may hold together
+_REGISTERS_PER_SM = 65536  # sm_90: 32-bit registers of a multiprocessor
 # 16 warps per SM (2 programs of 8 warps, 4 of 4) need at most 128 registers a thread; without the
 # cap ptxas takes ~200 for the builds with segments (their cold code) and one program fits
 _MAX_REGISTERS = 128
@@ -1072,9 +1073,11 @@ def launch_mma_decode(
     bh = b * n_kv
     device = query.device
     step = STEP_TOKENS * num_warps
-    # a whole wave: as many programs per SM as shared memory holds
+    # a whole wave: as many programs per SM as shared memory and the register file hold (K3/V2's
+    # 74 KB would let three 8-warp programs in by shared memory; the registers hold two)
     kbits, vbits = key_q.spec.n_bits, value_q.spec.n_bits
-    per_sm = max(1, _SMEM_PER_SM // _program_smem(num_warps, kbits, vbits))
+    by_smem = _SMEM_PER_SM // _program_smem(num_warps, kbits, vbits)
+    per_sm = max(1, min(by_smem, _REGISTERS_PER_SM // (_MAX_REGISTERS * 32 * num_warps)))
     if tokens_per_split is None:
         tokens_per_split = math.ceil(t / max(1, per_sm * sm_count // bh))
     split_len = max(step, math.ceil(tokens_per_split / step) * step)
