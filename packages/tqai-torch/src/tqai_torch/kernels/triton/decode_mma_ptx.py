@@ -9,7 +9,6 @@ import numpy as np
 
 __all__ = [
     "LUT_BYTES",
-    "STAGE_BLOCKS",
     "STEP_TOKENS",
     "copy_asm",
     "key3_lookup_lines",
@@ -28,7 +27,6 @@ __all__ = [
 
 STEP_TOKENS = 32  # tokens per warp and loop step (two tiles of 16)
 LUT_BYTES = 256 * 128  # the key pair table, one copy per lane, at the start of shared memory
-STAGE_BLOCKS = 6  # 16-byte blocks per thread and pipeline stage at V2 (keys 4, values 2)
 _NEG = "0fF149F2CA"  # -1e30: the score of a token outside the visible range
 
 
@@ -153,8 +151,9 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
     ``$24`` ``t``, ``$28`` the stage's byte offset. Blocks: first the key groups ``4 t .. 4 t
     + 3`` of tokens ``g, g + 8, g + 16, g + 24`` (K4: 16 bytes each, blocks 0-3; K3: 12 bytes
     each, back to back in blocks 0-2); then the value bytes of tokens ``2t, 2t+1, 2t+8, 2t+9``
-    and those + 16: V2 a word each (a block a tile), V4 8 bytes each (two tokens a block). ``masked``: tokens from ``stop`` on are not read (zero-filled); else the whole step
-    must lie before ``stop``."""
+    and those + 16: V2 a word each (a block a tile), V4 8 bytes each (two tokens a block).
+    ``masked``: tokens from ``stop`` on are not read (zero-filled); else the whole step must
+    lie before ``stop``."""
     blk = 16 * threads
     lines = [
         "{",

@@ -1,6 +1,6 @@
 """Decode attention for K4/V2, K4/V4 and K3/V2 at head_dim 128 with lookups straight into
-tensor-core fragments (Gluon + PTX), in one launch: the fast path of :mod:`.decode_attention`, which falls back to its
-own block kernel (and combine) for every other configuration.
+tensor-core fragments (Gluon + PTX), in one launch: the fast path of :mod:`.decode_attention`,
+which falls back to its own block kernel (and combine) for every other configuration.
 
 Reference: :func:`tqai.attention.compressed_attention` (the same parity tests cover this path).
 
@@ -44,12 +44,13 @@ history in one softmax and rotates the history's normalized share back on the te
 fp16 high and low parts). Scores and values of the history use fp16 operands with fp32
 accumulation, as the block kernel does, and both rotations fp16 matrices: the same parity
 bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and values of 2 bits
-(any codebook) or 4 bits (the keys' codebook), or keys of 3 bits and values of 2, fp16 norms, head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte
-aligned; CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's API
-moves between releases; older versions take the block kernel). Shared memory: the table (32 KB,
-which first holds the staged query rotation), ``STAGES`` stages of ``96 * 32 * W`` bytes (K4/V4:
-``128 * 32 * W``, K3/V2 ``80 * 32 * W``) and 2 KB for the rotation's operand exchange (8 warps: 82 KB, V4 98 KB; two
-programs per SM).
+(any codebook) or 4 bits (the keys' codebook), or keys of 3 bits and values of 2; fp16 norms,
+head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte aligned;
+CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's API moves
+between releases; older versions take the block kernel). Shared memory: the table (32 KB,
+which first holds the staged query rotation), ``STAGES`` stages of ``96 * 32 * W`` bytes
+(K4/V4: ``128 * 32 * W``, K3/V2: ``80 * 32 * W``) and 2 KB for the rotation's operand exchange
+(8 warps: 82, 98 and 74 KB; two programs per SM, which the registers allow).
 Measurements and the design history: ``benchmarks/NOTES.md`` (v9-v11).
 """
 
