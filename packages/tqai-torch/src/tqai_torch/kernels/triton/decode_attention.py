@@ -837,9 +837,9 @@ def decode_attention_triton(
     ``partials``: which kernel reads the history: ``"mma"`` the fragment-lookup kernel of
     :mod:`.decode_partials_mma` (K4/V2, K4/V4 or K3/V2, head_dim 128, at most 8 query heads
     per KV head, CUDA; one launch that also takes the segments and merges), ``"blocks"`` the
-    block kernel here and the combine (every configuration), ``"auto"`` the first that serves. ``block_n`` and
-    ``lookup`` apply to the block kernel only; ``num_warps`` defaults to 8 for the former and 4
-    for the latter (measured on H100 and H200, benchmarks/NOTES.md).
+    block kernel here and the combine (every configuration), ``"auto"`` the first that serves.
+    ``block_n`` and ``lookup`` apply to the block kernel only; ``num_warps`` defaults to 8 for
+    the former and 4 for the latter (measured on H100 and H200, benchmarks/NOTES.md).
     """
     b, hq, tq, d = query.shape
     if tq != 1:
