@@ -64,6 +64,14 @@ def run_copy_and_load(
             regs[args[0]] = val(args[1]) - val(args[2])
         elif op == "shl.b32":
             regs[args[0]] = val(args[1]) << val(args[2])
+        elif op == "shr.b32":
+            regs[args[0]] = val(args[1]) >> val(args[2])
+        elif op == "and.b32":
+            regs[args[0]] = val(args[1]) & val(args[2])
+        elif op == "mul.lo.u32":
+            regs[args[0]] = val(args[1]) * val(args[2])
+        elif op == "bar.warp.sync":  # the callers run a warp's lanes one after another
+            pass
         elif op in ("mad.lo.u32", "mad.wide.s32"):
             regs[args[0]] = val(args[1]) * val(args[2]) + val(args[3])
         elif op == "setp.lt.s32":
@@ -77,6 +85,9 @@ def run_copy_and_load(
                 smem[dst + i] = memory[src + i] if i < n else 0
         elif op == "cp.async.commit_group":
             pass
+        elif op == "ld.shared.b32":
+            at = addr(args[1])
+            regs[args[0]] = int.from_bytes(bytes(smem[at + i] for i in range(4)), "little")
         elif op == "ld.shared.v4.b32":
             outs = [r.strip("{} ") for r in rest.split("}")[0].split(",")]
             at = addr(rest.split("}")[1].strip(" ,"))

@@ -296,7 +296,7 @@ def test_four_bit_value_lookup_pairs_two_tokens_per_dim():
 @pytest.mark.parametrize(("key_bits", "value_bits"), [(4, 2), (4, 4), (3, 2)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, key_bits, value_bits):
-    """copy_asm then stage_load_asm, run for single threads: block j of a thread holds what
+    """copy_asm for every lane of a warp, then stage_load_asm for one thread: its words are what
     the fragment lookups expect (key groups 4t..4t+3 of tokens g, g+8, g+16, g+24; the value
     bytes of dims 16g..16g+15 of tokens 2t, 2t+1, 2t+8, 2t+9 and those + 16), tokens from
     ``stop`` on zero-filled."""
@@ -313,13 +313,16 @@ def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, key_bits
     for tid, tb, stop in ((0, 32, 96), (37, 0, 21), (101, 64, 77), (127, 32, 50)):
         if not masked:
             stop = tokens  # unmasked copies need the whole step before stop
+        stage = 4096
+        smem: dict[int, int] = {}
+        for other in range(tid - tid % 32, tid - tid % 32 + 32):  # the warp's lanes
+            lane = other % 32
+            g, t = lane // 4, lane % 4
+            ops = {"$4": kbase + 16 * lane, "$8": vbase + 2 * t * vrow + vbytes * g}
+            ops |= {"$12": tb, "$16": stop, "$20": g, "$24": t, "$28": stage}
+            run_copy_and_load(copy, ops, memory, smem, other)
         lane = tid % 32
         g, t = lane // 4, lane % 4
-        stage = 4096
-        ops = {"$4": kbase + krow * g + kbytes * t, "$8": vbase + 2 * t * vrow + vbytes * g}
-        ops |= {"$12": tb, "$16": stop, "$20": g, "$24": t, "$28": stage}
-        smem: dict[int, int] = {}
-        run_copy_and_load(copy, ops, memory, smem, tid)
         blocks = ptx.stage_blocks(value_bits, key_bits)
         got = run_copy_and_load(load, {f"${4 * blocks}": stage}, memory, smem, tid)
         words = [got[f"${k}"] for k in range(4 * blocks)]

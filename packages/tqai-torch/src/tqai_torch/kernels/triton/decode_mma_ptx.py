@@ -148,17 +148,19 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
     a pipeline stage, then one commit (pack=4; one dummy output ``$0-$3``). In: ``$4`` / ``$8``
     byte addresses of the key row of token ``g`` and of the value bytes of dims ``16 g .. 16 g
     + 15`` of token ``2 t`` (at token 0); ``$12`` ``tb``, ``$16`` ``stop``, ``$20`` ``g``,
-    ``$24`` ``t``, ``$28`` the stage's byte offset. Blocks: first the key groups ``4 t .. 4 t
-    + 3`` of tokens ``g, g + 8, g + 16, g + 24`` (K4: 16 bytes each, blocks 0-3; K3: 12 bytes
-    each, back to back in blocks 0-2); then the value bytes of tokens ``2t, 2t+1, 2t+8, 2t+9``
-    and those + 16: V2 a word each (a block a tile), V4 8 bytes each (two tokens a block).
-    ``masked``: tokens from ``stop`` on are not read (zero-filled); else the whole step must
-    lie before ``stop``."""
+    ``$24`` ``t``, ``$28`` the stage's byte offset. Blocks: first the keys (K4: key groups ``4 t
+    .. 4 t + 3`` of tokens ``g, g + 8, g + 16, g + 24``, 16 bytes each, blocks 0-3; K3: the
+    warp's 32 key rows of 48 bytes, contiguous, 1536 bytes a warp in blocks 0-2, each lane
+    copying 16-byte chunks ``L, L + 32, L + 64`` of them, ``$4`` then the address of chunk
+    ``L`` at token 0, so lanes read each other's bytes: :func:`stage_load_asm` syncs the warp);
+    then the value bytes of tokens ``2t, 2t+1, 2t+8, 2t+9`` and those + 16: V2 a word each (a
+    block a tile), V4 8 bytes each (two tokens a block). ``masked``: tokens from ``stop`` on are
+    not read (zero-filled); else the whole step must lie before ``stop``."""
     blk = 16 * threads
     lines = [
         "{",
         ".reg .pred p;",
-        ".reg .b32 sm, tid, r, tk, sz, t2;",
+        ".reg .b32 sm, tid, r, tk, sz, t2, sk, w;",
         ".reg .b64 ka, va;",
         *_slot_lines("$28"),
         f"mad.wide.s32 ka, $12, {16 * key_bits}, $4;",
@@ -179,13 +181,35 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
         lines.append(f"cp.async.{kind}.shared.global [sm+{dst}], [{src}], {size}, sz;")
 
     krow = 16 * key_bits  # bytes per packed key row
-    for j, off in enumerate((0, 8, 16, 24)):
-        if key_bits == 4:
+    if key_bits == 4:
+        for j, off in enumerate((0, 8, 16, 24)):
             copy(16, j * blk, f"ka+{off * krow}", f"$20, {off}")
-            continue
-        for i in range(3):  # 12 bytes, 4-byte aligned
-            at = 12 * j + 4 * i
-            copy(4, (at // 16) * blk + at % 16, f"ka+{off * krow + 4 * i}", f"$20, {off}")
+    else:
+        # every lane of the warp is done reading the stage these copies overwrite
+        lines.insert(5, "bar.warp.sync 0xffffffff;")
+        # the warp's rows, contiguous: lane L's chunk k at 1536 w + 16 L + 512 k (row (L + 32 k)
+        # // 3, i.e. * 43 >> 7 for L + 32 k < 96)
+        lines += [
+            "shr.b32 w, tid, 5;",
+            "and.b32 tk, tid, 31;",
+            "mov.u32 sk, global_smem;",
+            "add.u32 sk, sk, $28;",
+            "mad.lo.u32 sk, w, 1536, sk;",
+            "mad.lo.u32 sk, tk, 16, sk;",
+        ]
+        for k in range(3):
+            if not masked:
+                lines.append(f"cp.async.cg.shared.global [sk+{512 * k}], [ka+{512 * k}], 16;")
+                continue
+            lines += [
+                "and.b32 tk, tid, 31;",
+                f"add.s32 tk, tk, {32 * k};",
+                "mul.lo.u32 tk, tk, 43;",
+                "shr.b32 tk, tk, 7;",
+                "setp.lt.s32 p, tk, r;",
+                "selp.b32 sz, 16, 0, p;",
+                f"cp.async.cg.shared.global [sk+{512 * k}], [ka+{512 * k}], 16, sz;",
+            ]
     row = 16 * value_bits  # bytes per packed value row
     size = 2 * value_bits  # value bytes a thread takes per token
     for tile in range(2):
@@ -198,17 +222,36 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
 
 
 def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
-    """This thread's blocks of a pipeline stage (pack=4), once its copies have landed: out
+    """This thread's words of a pipeline stage (pack=4), once its copies have landed: out
     ``$0 ..`` blocks ``0 .. stage_blocks - 1`` (see :func:`copy_asm`), in the next operand the
-    stage's byte offset."""
+    stage's byte offset. K3: the warp's lanes first sync (their copies are each other's), then
+    each reads its 12 bytes of rows ``g, g + 8, g + 16, g + 24`` (words ``3 j .. 3 j + 2`` of
+    token ``j``; a warp's reads of a word hit 32 banks: ``12 g + 3 t`` differ mod 32)."""
     blk = 16 * threads
     n = stage_blocks(value_bits, key_bits)
     lines = [
         "{",
-        ".reg .b32 sm, tid;",
+        ".reg .b32 sm, tid, rb, w, l;",
         *_slot_lines(f"${4 * n}"),
     ]
-    for j in range(n):
+    first = 0
+    if key_bits == 3:
+        lines = [
+            *lines[:2],
+            "bar.warp.sync 0xffffffff;",
+            *lines[2:],
+            "shr.b32 w, tid, 5;",
+            "and.b32 l, tid, 31;",
+            "mov.u32 rb, global_smem;",
+            f"add.u32 rb, rb, ${4 * n};",
+            "mad.lo.u32 rb, w, 1536, rb;",
+            "mad.lo.u32 rb, l, 12, rb;",  # 48 g + 12 t = 12 (4 g + t)
+        ]
+        for j in range(4):
+            for i in range(3):
+                lines.append(f"ld.shared.b32 ${3 * j + i}, [rb+{384 * j + 4 * i}];")
+        first = 3
+    for j in range(first, n):
         regs = ", ".join(f"${4 * j + i}" for i in range(4))
         lines.append(f"ld.shared.v4.b32 {{{regs}}}, [sm+{j * blk}];")
     lines.append("}")
