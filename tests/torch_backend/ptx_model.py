@@ -66,6 +66,10 @@ def run_copy_and_load(
             regs[args[0]] = val(args[1]) << val(args[2])
         elif op == "shr.b32":
             regs[args[0]] = val(args[1]) >> val(args[2])
+        elif op == "xor.b32":
+            regs[args[0]] = val(args[1]) ^ val(args[2])
+        elif op == "sub.u32":
+            regs[args[0]] = val(args[1]) - val(args[2])
         elif op == "and.b32":
             regs[args[0]] = val(args[1]) & val(args[2])
         elif op == "mul.lo.u32":

@@ -181,12 +181,14 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
         lines.append(f"cp.async.{kind}.shared.global [sm+{dst}], [{src}], {size}, sz;")
 
     krow = 16 * key_bits  # bytes per packed key row
+    if key_bits == 3 or value_bits == 2:
+        # lanes copy each other's bytes: every lane of the warp is done reading the stage
+        # these copies overwrite
+        lines.insert(5, "bar.warp.sync 0xffffffff;")
     if key_bits == 4:
         for j, off in enumerate((0, 8, 16, 24)):
             copy(16, j * blk, f"ka+{off * krow}", f"$20, {off}")
     else:
-        # every lane of the warp is done reading the stage these copies overwrite
-        lines.insert(5, "bar.warp.sync 0xffffffff;")
         # the warp's rows, contiguous: lane L's chunk k at 1536 w + 16 L + 512 k (row (L + 32 k)
         # // 3, i.e. * 43 >> 7 for L + 32 k < 96)
         lines += [
@@ -210,13 +212,44 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
                 "selp.b32 sz, 16, 0, p;",
                 f"cp.async.cg.shared.global [sk+{512 * k}], [ka+{512 * k}], 16, sz;",
             ]
-    row = 16 * value_bits  # bytes per packed value row
-    size = 2 * value_bits  # value bytes a thread takes per token
-    for tile in range(2):
-        for c in range(4):
-            off = 16 * tile + c % 2 + 8 * (c // 2)
-            at = 16 * tile * value_bits // 2 + size * c  # from the first value block
-            copy(size, (key_bits + at // 16) * blk + at % 16, f"va+{off * row}", f"t2, {off}")
+    if value_bits == 2:
+        # the warp's 32 value rows (1024 bytes) in 16-byte chunks, lane L's chunks L and L + 32
+        # (rows 0-15 and 16-31: the warp's 512 bytes of the first and second value block), a
+        # chunk's index swizzled by ^ 2 where row bit 2 is set (the reads then hit 32 banks)
+        lines += [
+            "and.b32 tk, tid, 31;",
+            "shr.b32 w, tk, 3;",
+            "and.b32 w, w, 1;",
+            "shl.b32 w, w, 1;",
+            "xor.b32 w, w, tk;",
+            "mov.u32 sk, global_smem;",
+            "add.u32 sk, sk, $28;",
+            "shr.b32 tk, tid, 5;",
+            "mad.lo.u32 sk, tk, 512, sk;",
+            "mad.lo.u32 sk, w, 16, sk;",
+        ]
+        for k in range(2):
+            dst, src = f"sk+{(key_bits + k) * blk}", f"va+{512 * k}"
+            if not masked:
+                lines.append(f"cp.async.cg.shared.global [{dst}], [{src}], 16;")
+                continue
+            lines += [
+                "and.b32 tk, tid, 31;",
+                f"add.s32 tk, tk, {32 * k};",
+                "shr.b32 tk, tk, 1;",
+                "setp.lt.s32 p, tk, r;",
+                "selp.b32 sz, 16, 0, p;",
+                f"cp.async.cg.shared.global [{dst}], [{src}], 16, sz;",
+            ]
+    else:
+        row = 16 * value_bits  # bytes per packed value row
+        size = 2 * value_bits  # value bytes a thread takes per token
+        for tile in range(2):
+            for c in range(4):
+                off = 16 * tile + c % 2 + 8 * (c // 2)
+                at = 16 * tile * value_bits // 2 + size * c  # from the first value block
+                dst = (key_bits + at // 16) * blk + at % 16
+                copy(size, dst, f"va+{off * row}", f"t2, {off}")
     lines += ["cp.async.commit_group;", *[f"mov.b32 ${i}, 0;" for i in range(4)], "}"]
     return "\n".join(lines)
 
@@ -224,24 +257,23 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
 def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     """This thread's words of a pipeline stage (pack=4), once its copies have landed: out
     ``$0 ..`` blocks ``0 .. stage_blocks - 1`` (see :func:`copy_asm`), in the next operand the
-    stage's byte offset. K3: the warp's lanes first sync (their copies are each other's), then
-    each reads its 12 bytes of rows ``g, g + 8, g + 16, g + 24`` (words ``3 j .. 3 j + 2`` of
-    token ``j``; a warp's reads of a word hit 32 banks: ``12 g + 3 t`` differ mod 32)."""
+    stage's byte offset. Where lanes copied each other's bytes (K3 keys, V2 values) the warp
+    syncs first. K3: each lane reads its 12 bytes of rows ``g, g + 8, g + 16, g + 24`` (words
+    ``3 j .. 3 j + 2`` of token ``j``; a warp's reads of a word hit 32 banks: ``12 g + 3 t``
+    differ mod 32). V2: word ``g`` of rows ``2t, 2t+1, 2t+8, 2t+9`` (and those + 16), rows ``r``
+    and ``r ^ 1`` swapped where ``r`` has bit 2 set (``t >= 2``), so a read hits 32 banks."""
     blk = 16 * threads
     n = stage_blocks(value_bits, key_bits)
     lines = [
         "{",
-        ".reg .b32 sm, tid, rb, w, l;",
+        ".reg .b32 sm, tid, rb, w, l, s, be, bo;",
         *_slot_lines(f"${4 * n}"),
     ]
-    first = 0
+    if key_bits == 3 or value_bits == 2:
+        lines.insert(2, "bar.warp.sync 0xffffffff;")
+    lines += ["shr.b32 w, tid, 5;", "and.b32 l, tid, 31;"]
     if key_bits == 3:
-        lines = [
-            *lines[:2],
-            "bar.warp.sync 0xffffffff;",
-            *lines[2:],
-            "shr.b32 w, tid, 5;",
-            "and.b32 l, tid, 31;",
+        lines += [
             "mov.u32 rb, global_smem;",
             f"add.u32 rb, rb, ${4 * n};",
             "mad.lo.u32 rb, w, 1536, rb;",
@@ -250,10 +282,34 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
         for j in range(4):
             for i in range(3):
                 lines.append(f"ld.shared.b32 ${3 * j + i}, [rb+{384 * j + 4 * i}];")
-        first = 3
-    for j in range(first, n):
-        regs = ", ".join(f"${4 * j + i}" for i in range(4))
-        lines.append(f"ld.shared.v4.b32 {{{regs}}}, [sm+{j * blk}];")
+    else:
+        for j in range(4):
+            regs = ", ".join(f"${4 * j + i}" for i in range(4))
+            lines.append(f"ld.shared.v4.b32 {{{regs}}}, [sm+{j * blk}];")
+    if value_bits == 2:
+        lines += [
+            "and.b32 s, l, 3;",  # t
+            "shr.b32 rb, l, 2;",  # g
+            "mov.u32 be, global_smem;",
+            f"add.u32 be, be, ${4 * n};",
+            "mad.lo.u32 be, w, 512, be;",
+            "mad.lo.u32 be, s, 64, be;",
+            "mad.lo.u32 be, rb, 4, be;",
+            "shr.b32 s, s, 1;",
+            "mad.lo.u32 be, s, 32, be;",  # even rows 2t + d: 32 (2t + d + s)
+            "mul.lo.u32 s, s, 64;",
+            "sub.u32 bo, be, s;",
+            "add.u32 bo, bo, 32;",  # odd rows: 32 (2t + d - s)
+        ]
+        out = 4 * key_bits
+        for tile in range(2):
+            for k, (base, d) in enumerate((("be", 0), ("bo", 0), ("be", 256), ("bo", 256))):
+                at = (key_bits + tile) * blk + d
+                lines.append(f"ld.shared.b32 ${out + 4 * tile + k}, [{base}+{at}];")
+    else:
+        for j in range(key_bits, n):
+            regs = ", ".join(f"${4 * j + i}" for i in range(4))
+            lines.append(f"ld.shared.v4.b32 {{{regs}}}, [sm+{j * blk}];")
     lines.append("}")
     return "\n".join(lines)
 
