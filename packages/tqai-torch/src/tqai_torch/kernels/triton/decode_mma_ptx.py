@@ -153,9 +153,12 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
     warp's 32 key rows of 48 bytes, contiguous, 1536 bytes a warp in blocks 0-2, each lane
     copying 16-byte chunks ``L, L + 32, L + 64`` of them, ``$4`` then the address of chunk
     ``L`` at token 0, so lanes read each other's bytes: :func:`stage_load_asm` syncs the warp);
-    then the value bytes of tokens ``2t, 2t+1, 2t+8, 2t+9`` and those + 16: V2 a word each (a
-    block a tile), V4 8 bytes each (two tokens a block). ``masked``: tokens from ``stop`` on are
-    not read (zero-filled); else the whole step must lie before ``stop``."""
+    then the values (V2: the warp's 32 rows of 32 bytes, lane ``L`` copying chunks ``L`` and ``L
+    + 32``, ``$8`` the address of chunk ``L`` at token 0, rows 0-15 in the first value block's
+    512 bytes of the warp and rows 16-31 in the second's; V4: the 8 bytes of dims ``16 g .. 16
+    g + 15`` of tokens ``2t, 2t+1, 2t+8, 2t+9`` and those + 16, two tokens a block).
+    ``masked``: tokens (rows) from ``stop`` on are not read (zero-filled); else the whole step
+    must lie before ``stop``."""
     blk = 16 * threads
     lines = [
         "{",
