@@ -197,28 +197,38 @@ def test_pair_table_holds_both_codes_of_a_byte():
         assert [words[e] & 0xFFFF, words[e] >> 16] == [int(table[e & 15]), int(table[e >> 4])]
 
 
+def _table_smem(centroids, base: int, lane: int) -> tuple[np.ndarray, dict[int, int]]:
+    """The codebook's fp16 bits and the lane's copy of its pair table in shared memory."""
+    words = [w & 0xFFFFFFFF for w in ptx.pair_table(centroids)]
+    smem = {base + 128 * e + 4 * lane: words[e] for e in range(256)}
+    return np.asarray(centroids, np.float16).view(np.uint16), smem
+
+
+def _assert_pairs(got: dict[str, int], out: list[str], table: np.ndarray, codes) -> None:
+    """Register ``out[k]`` holds the fp16 entries of codes ``2 k`` (low) and ``2 k + 1``."""
+    for k, reg in enumerate(out):
+        pair = got[reg]
+        assert [pair & 0xFFFF, pair >> 16] == [
+            int(table[codes[2 * k]]),
+            int(table[codes[2 * k + 1]]),
+        ]
+
+
 def test_key_lookup_gives_the_table_entries():
     """Each fp16 pair is (code 2k, code 2k+1) of the group, read from the lane's own copy of
     the pair table (any 16-entry codebook: no symmetry is assumed)."""
     rng = np.random.default_rng(0)
     centroids = np.sort(rng.standard_normal(16)) / 11
-    table = np.asarray(centroids, np.float16).view(np.uint16)
-    words = [w & 0xFFFFFFFF for w in ptx.pair_table(centroids)]
     base = 0x400  # wherever shared memory starts: only offsets from it are laid out
     out = [f"o{k}" for k in range(4)]
     lines = ptx.key_lookup_lines("x", "lane", out)
     for lane in (0, 5, 31):
-        smem = {base + 128 * e + 4 * lane: words[e] for e in range(256)}
+        table, smem = _table_smem(centroids, base, lane)
         for _ in range(100):
             codes = rng.integers(0, 16, 8)
             regs = {"x": sum(int(c) << (4 * i) for i, c in enumerate(codes))}
             got = _run(lines, regs | {"lane": 4 * lane, "base": base}, smem)
-            for k in range(4):
-                pair = got[out[k]]
-                assert [pair & 0xFFFF, pair >> 16] == [
-                    int(table[codes[2 * k]]),
-                    int(table[codes[2 * k + 1]]),
-                ]
+            _assert_pairs(got, out, table, codes)
 
 
 def test_three_bit_key_lookup_gives_the_table_entries():
@@ -226,11 +236,9 @@ def test_three_bit_key_lookup_gives_the_table_entries():
     straddling two, indexes the 64-entry pair table."""
     rng = np.random.default_rng(5)
     centroids = np.sort(rng.standard_normal(8)) / 11
-    table = np.asarray(centroids, np.float16).view(np.uint16)
-    words = [w & 0xFFFFFFFF for w in ptx.pair_table(centroids)]
-    assert words[64:] == [0] * 192
+    assert ptx.pair_table(centroids)[64:] == [0] * 192
     base, lane = 0x400, 22
-    smem = {base + 128 * e + 4 * lane: words[e] for e in range(256)}
+    table, smem = _table_smem(centroids, base, lane)
     out = [f"o{k}" for k in range(16)]
     lines = ptx.key3_lookup_lines(["w0", "w1", "w2"], "lane", out)
     for _ in range(100):
@@ -238,12 +246,7 @@ def test_three_bit_key_lookup_gives_the_table_entries():
         stream = sum(int(c) << (3 * i) for i, c in enumerate(codes))
         regs = {f"w{i}": (stream >> (32 * i)) & 0xFFFFFFFF for i in range(3)}
         got = _run(lines, regs | {"lane": 4 * lane, "base": base}, smem)
-        for p in range(16):
-            pair = got[out[p]]
-            assert [pair & 0xFFFF, pair >> 16] == [
-                int(table[codes[2 * p]]),
-                int(table[codes[2 * p + 1]]),
-            ]
+        _assert_pairs(got, out, table, codes)
 
 
 def test_value_lookup_pairs_two_tokens_per_dim():
@@ -271,10 +274,8 @@ def test_four_bit_value_lookup_pairs_two_tokens_per_dim():
     the two tokens are paired, in :func:`value_lookup_lines`'s order."""
     rng = np.random.default_rng(2)
     centroids = np.sort(rng.standard_normal(16)) / 11
-    table = np.asarray(centroids, np.float16).view(np.uint16)
-    words = [w & 0xFFFFFFFF for w in ptx.pair_table(centroids)]
     base, lane = 0x400, 9
-    smem = {base + 128 * e + 4 * lane: words[e] for e in range(256)}
+    table, smem = _table_smem(centroids, base, lane)
     out = [f"o{k}" for k in range(16)]
     lines = ptx.pair_value_lookup_lines(["a0", "a1", "b0", "b1"], "lane", out)
     for _ in range(100):
