@@ -17,10 +17,11 @@ PTX does the rest:
 * The program first rotates and scales the query heads of its KV head itself, on the tensor
   cores (the fp16 rotation copied into shared memory by ``cp.async`` first), and hands each
   lane its B-fragment words through shared memory, while its first copies are in flight.
-* Operands arrive by a software pipeline: each thread copies (``cp.async``) exactly the key and
-  value bytes its fragments need ``STAGES - 1`` (one) steps ahead into its own shared-memory
-  blocks, so no barrier is needed in the loop; the norms (8 words a step) are loaded into
-  registers one step ahead.
+* Operands arrive by a software pipeline, ``STAGES - 1`` (one) steps ahead (``cp.async``): for
+  4-bit keys each thread copies exactly the bytes its fragments need into its own blocks; 3-bit
+  keys and 2-bit values are copied by each warp as its 32 rows whole, in 16-byte chunks, and
+  read back after a warp sync (the layouts keep the reads free of bank conflicts); no block
+  barrier in the loop. The norms (8 words a step) are loaded into registers one step ahead.
 * Scores ``S^T (16 tokens x 8 heads)``: A = key centroids (fp16), B = the rotated query. Lane
   ``(g, t) = (lane // 4, lane % 4)`` takes packing groups ``4 t .. 4 t + 3`` (16 bytes) of
   tokens ``g`` and ``g + 8``; each byte (two codes) indexes a 256-entry table of fp16 pairs in
@@ -711,9 +712,10 @@ def _history_partial(
     stop4 = tw * 0 + stop
     STEP: gl.constexpr = 32 * W
     STAGE_BYTES: gl.constexpr = (KB + VB) * 16 * 32 * W  # stage_blocks(VB, KB) 16-byte blocks
-    # software pipeline: each thread copies its own operands STAGES - 1 steps ahead into its
-    # own shared-memory blocks (no barriers: no thread reads another's blocks); the first
-    # copies fly while the program rotates its query and fills the table
+    # software pipeline: the operands are copied STAGES - 1 steps ahead (K4 keys: each thread
+    # its own words into its own blocks; K3 keys and V2 values: each warp its rows whole, read
+    # back after a warp sync; no block barriers); the first copies fly while the program
+    # rotates its query and fills the table
     # the kernel's one allocation: the pair table's bytes (the staged query rotation first),
     # the pipeline's stages, the warps' merge at the end
     buf = gl.allocate_shared_memory(
