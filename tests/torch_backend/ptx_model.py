@@ -42,6 +42,9 @@ def run_copy_and_load(
             return regs[tok]
         return int(tok, 0)
 
+    def word(at: int) -> int:
+        return int.from_bytes(bytes(smem[at + i] for i in range(4)), "little")
+
     def addr(tok: str) -> int:
         base, _, off = tok.strip("[] ").partition("+")
         return val(base) + (int(off) if off else 0)
@@ -60,7 +63,7 @@ def run_copy_and_load(
             regs[args[0]] = val(args[1])
         elif op in ("add.u32", "add.s32"):
             regs[args[0]] = val(args[1]) + val(args[2])
-        elif op == "sub.s32":
+        elif op in ("sub.s32", "sub.u32"):
             regs[args[0]] = val(args[1]) - val(args[2])
         elif op == "shl.b32":
             regs[args[0]] = val(args[1]) << val(args[2])
@@ -68,8 +71,6 @@ def run_copy_and_load(
             regs[args[0]] = val(args[1]) >> val(args[2])
         elif op == "xor.b32":
             regs[args[0]] = val(args[1]) ^ val(args[2])
-        elif op == "sub.u32":
-            regs[args[0]] = val(args[1]) - val(args[2])
         elif op == "and.b32":
             regs[args[0]] = val(args[1]) & val(args[2])
         elif op == "mul.lo.u32":
@@ -90,13 +91,12 @@ def run_copy_and_load(
         elif op == "cp.async.commit_group":
             pass
         elif op == "ld.shared.b32":
-            at = addr(args[1])
-            regs[args[0]] = int.from_bytes(bytes(smem[at + i] for i in range(4)), "little")
+            regs[args[0]] = word(addr(args[1]))
         elif op == "ld.shared.v4.b32":
             outs = [r.strip("{} ") for r in rest.split("}")[0].split(",")]
             at = addr(rest.split("}")[1].strip(" ,"))
             for k, reg in enumerate(outs):
-                regs[reg] = int.from_bytes(bytes(smem[at + 4 * k + i] for i in range(4)), "little")
+                regs[reg] = word(at + 4 * k)
         else:
             raise ValueError(f"not modelled: {line}")
     return regs

@@ -115,6 +115,13 @@ _COPY_TEXTS = {
 _LOAD_TEXTS = {
     (w, kb, vb): stage_load_asm(32 * w, vb, kb) for w in (4, 8) for kb, vb in SERVED_BITS
 }
+_STAGE_BLOCKS = {(kb, vb): stage_blocks(vb, kb) for kb, vb in SERVED_BITS}
+
+
+@gluon.constexpr_function
+def _stage_blocks(KB, VB):
+    """16-byte blocks a thread copies per pipeline stage (:func:`.decode_mma_ptx.stage_blocks`)."""
+    return _STAGE_BLOCKS[(KB, VB)]
 
 
 @gluon.constexpr_function
@@ -142,7 +149,7 @@ def _load_text(W, KB, VB):
 @gluon.constexpr_function
 def _load_cons(KB, VB):
     """Out: the stage's blocks (4 words each); in: the stage's offset."""
-    return ",".join(["=r"] * 4 * (KB + VB)) + ",r,r,r,r"
+    return ",".join(["=r"] * 4 * _STAGE_BLOCKS[(KB, VB)]) + ",r,r,r,r"
 
 
 _LANE_SUM = gl.constexpr(lane_sum_asm())
@@ -341,7 +348,7 @@ def _pipelined_step(
     past them), load the norm words of step ``i + 1``, fold step ``i`` into the warp's state.
     Returns the state and the next step's norm words."""
     STEP: gl.constexpr = 32 * W
-    STAGE_BYTES: gl.constexpr = (KB + VB) * 16 * 32 * W  # stage_blocks(VB, KB) 16-byte blocks
+    STAGE_BYTES: gl.constexpr = _stage_blocks(KB, VB) * 16 * 32 * W
     ahead = i + _STAGES - 1
     at = tw + (start + ahead * STEP)
     soff = tw * 0 + (_LUT + (ahead % _STAGES) * STAGE_BYTES)
@@ -711,7 +718,7 @@ def _history_partial(
     tw = (w * 32)[:, None] + 0 * c[None, :]
     stop4 = tw * 0 + stop
     STEP: gl.constexpr = 32 * W
-    STAGE_BYTES: gl.constexpr = (KB + VB) * 16 * 32 * W  # stage_blocks(VB, KB) 16-byte blocks
+    STAGE_BYTES: gl.constexpr = _stage_blocks(KB, VB) * 16 * 32 * W
     # software pipeline: the operands are copied STAGES - 1 steps ahead (K4 keys: each thread
     # its own words into its own blocks; K3 keys and V2 values: each warp its rows whole, read
     # back after a warp sync; no block barriers); the first copies fly while the program
@@ -1035,9 +1042,9 @@ def serves_mma(query: torch.Tensor, keys: Any, values: Any, key_q: Any, value_q:
     share the key pair table), head_dim 128, at most 8 query heads per KV head, aligned rows."""
     g = query.shape[1] // keys.shape[1]
     kbits, vbits = key_q.spec.n_bits, value_q.spec.n_bits
-    values_ok = vbits == 2 or np.array_equal(  # V4 reads the keys' pair table
-        key_q.codebook.centroids, value_q.codebook.centroids
-    )
+    # V4 reads the keys' pair table (codebooks are cached per width: mostly the same object)
+    kc, vc = key_q.codebook, value_q.codebook
+    values_ok = vbits == 2 or kc is vc or np.array_equal(kc.centroids, vc.centroids)
     return (
         _GLUON_OK
         and query.is_cuda
