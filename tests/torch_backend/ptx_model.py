@@ -92,7 +92,7 @@ def run_copy_and_load(
             pass
         elif op == "ld.shared.b32":
             regs[args[0]] = word(addr(args[1]))
-        elif op == "ld.shared.v4.b32":
+        elif op in ("ld.shared.v2.b32", "ld.shared.v4.b32"):
             outs = [r.strip("{} ") for r in rest.split("}")[0].split(",")]
             at = addr(rest.split("}")[1].strip(" ,"))
             for k, reg in enumerate(outs):

@@ -319,8 +319,7 @@ def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, key_bits
         for other in range(tid - tid % 32, tid - tid % 32 + 32):  # the warp's lanes
             lane = other % 32
             g, t = lane // 4, lane % 4
-            vlane = 16 * lane if value_bits == 2 else 2 * t * vrow + vbytes * g
-            ops = {"$4": kbase + 16 * lane, "$8": vbase + vlane}
+            ops = {"$4": kbase + 16 * lane, "$8": vbase + 16 * lane}
             ops |= {"$12": tb, "$16": stop, "$20": g, "$24": t, "$28": stage}
             run_copy_and_load(copy, ops, memory, smem, other)
         lane = tid % 32

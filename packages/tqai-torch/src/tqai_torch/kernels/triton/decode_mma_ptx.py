@@ -163,14 +163,14 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
     lines = [
         "{",
         ".reg .pred p;",
-        ".reg .b32 sm, tid, r, tk, sz, t2, sk, w;",
+        ".reg .b32 sm, tid, r, tk, sz, sk, w;",
         ".reg .b64 ka, va;",
         *_slot_lines("$28"),
         f"mad.wide.s32 ka, $12, {16 * key_bits}, $4;",
         f"mad.wide.s32 va, $12, {16 * value_bits}, $8;",
     ]
     if masked:
-        lines += ["sub.s32 r, $16, $12;", "shl.b32 t2, $24, 1;"]
+        lines.append("sub.s32 r, $16, $12;")
 
     def copy(size: int, dst: int, src: str, tok: str) -> None:
         kind = "cg" if size == 16 else "ca"  # .cg copies 16 bytes only
@@ -184,10 +184,9 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
         lines.append(f"cp.async.{kind}.shared.global [sm+{dst}], [{src}], {size}, sz;")
 
     krow = 16 * key_bits  # bytes per packed key row
-    if key_bits == 3 or value_bits == 2:
-        # lanes copy each other's bytes: every lane of the warp is done reading the stage
-        # these copies overwrite
-        lines.insert(5, "bar.warp.sync 0xffffffff;")
+    # lanes copy each other's bytes: every lane of the warp is done reading the stage these
+    # copies overwrite
+    lines.insert(5, "bar.warp.sync 0xffffffff;")
     if key_bits == 4:
         for j, off in enumerate((0, 8, 16, 24)):
             copy(16, j * blk, f"ka+{off * krow}", f"$20, {off}")
@@ -215,44 +214,36 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
                 "selp.b32 sz, 16, 0, p;",
                 f"cp.async.cg.shared.global [sk+{512 * k}], [ka+{512 * k}], 16, sz;",
             ]
-    if value_bits == 2:
-        # the warp's 32 value rows (1024 bytes) in 16-byte chunks, lane L's chunks L and L + 32
-        # (rows 0-15 and 16-31: the warp's 512 bytes of the first and second value block), a
-        # chunk's index swizzled by ^ 2 where row bit 2 is set (the reads then hit 32 banks)
+    # the warp's 32 value rows in 16-byte chunks, lane L's chunks L + 32 k (k < value_bits; a
+    # chunk k holds 32 / value_bits rows, the warp's 512 bytes of value block k), its position
+    # swizzled so that the reads hit 32 banks: V2 rows r and r ^ 1 swapped where r has bit 2
+    # set; V4 chunk positions ^ 2 * (row bit 1, 2 of the block's 8 rows)
+    lines += [
+        "and.b32 tk, tid, 31;",
+        f"shr.b32 w, tk, {3 if value_bits == 2 else 2};",
+        f"and.b32 w, w, {1 if value_bits == 2 else 6};",
+        *(["shl.b32 w, w, 1;"] if value_bits == 2 else []),
+        "xor.b32 w, w, tk;",
+        "mov.u32 sk, global_smem;",
+        "add.u32 sk, sk, $28;",
+        "shr.b32 tk, tid, 5;",
+        "mad.lo.u32 sk, tk, 512, sk;",
+        "mad.lo.u32 sk, w, 16, sk;",
+    ]
+    row_shift = 1 if value_bits == 2 else 2  # a row is 2 (V2) or 4 (V4) chunks
+    for k in range(value_bits):
+        dst, src = f"sk+{(key_bits + k) * blk}", f"va+{512 * k}"
+        if not masked:
+            lines.append(f"cp.async.cg.shared.global [{dst}], [{src}], 16;")
+            continue
         lines += [
             "and.b32 tk, tid, 31;",
-            "shr.b32 w, tk, 3;",
-            "and.b32 w, w, 1;",
-            "shl.b32 w, w, 1;",
-            "xor.b32 w, w, tk;",
-            "mov.u32 sk, global_smem;",
-            "add.u32 sk, sk, $28;",
-            "shr.b32 tk, tid, 5;",
-            "mad.lo.u32 sk, tk, 512, sk;",
-            "mad.lo.u32 sk, w, 16, sk;",
+            f"add.s32 tk, tk, {32 * k};",
+            f"shr.b32 tk, tk, {row_shift};",  # the chunk's row
+            "setp.lt.s32 p, tk, r;",
+            "selp.b32 sz, 16, 0, p;",
+            f"cp.async.cg.shared.global [{dst}], [{src}], 16, sz;",
         ]
-        for k in range(2):
-            dst, src = f"sk+{(key_bits + k) * blk}", f"va+{512 * k}"
-            if not masked:
-                lines.append(f"cp.async.cg.shared.global [{dst}], [{src}], 16;")
-                continue
-            lines += [
-                "and.b32 tk, tid, 31;",
-                f"add.s32 tk, tk, {32 * k};",
-                "shr.b32 tk, tk, 1;",
-                "setp.lt.s32 p, tk, r;",
-                "selp.b32 sz, 16, 0, p;",
-                f"cp.async.cg.shared.global [{dst}], [{src}], 16, sz;",
-            ]
-    else:
-        row = 16 * value_bits  # bytes per packed value row
-        size = 2 * value_bits  # value bytes a thread takes per token
-        for tile in range(2):
-            for c in range(4):
-                off = 16 * tile + c % 2 + 8 * (c // 2)
-                at = 16 * tile * value_bits // 2 + size * c  # from the first value block
-                dst = (key_bits + at // 16) * blk + at % 16
-                copy(size, dst, f"va+{off * row}", f"t2, {off}")
     lines += ["cp.async.commit_group;", *[f"mov.b32 ${i}, 0;" for i in range(4)], "}"]
     return "\n".join(lines)
 
@@ -269,11 +260,10 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     n = stage_blocks(value_bits, key_bits)
     lines = [
         "{",
-        ".reg .b32 sm, tid, rb, w, l, s, be, bo;",
+        ".reg .b32 sm, tid, rb, w, l, s, be, bo, x, h;",
         *_slot_lines(f"${4 * n}"),
     ]
-    if key_bits == 3 or value_bits == 2:
-        lines.insert(2, "bar.warp.sync 0xffffffff;")
+    lines.insert(2, "bar.warp.sync 0xffffffff;")  # the lanes' copies are each other's
     lines += ["shr.b32 w, tid, 5;", "and.b32 l, tid, 31;"]
     if key_bits == 3:
         lines += [
@@ -289,10 +279,9 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
         for j in range(4):
             regs = ", ".join(f"${4 * j + i}" for i in range(4))
             lines.append(f"ld.shared.v4.b32 {{{regs}}}, [sm+{j * blk}];")
+    lines += ["and.b32 s, l, 3;", "shr.b32 rb, l, 2;"]  # t, g
     if value_bits == 2:
         lines += [
-            "and.b32 s, l, 3;",  # t
-            "shr.b32 rb, l, 2;",  # g
             "mov.u32 be, global_smem;",
             f"add.u32 be, be, ${4 * n};",
             "mad.lo.u32 be, w, 512, be;",
@@ -310,9 +299,28 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
                 at = (key_bits + tile) * blk + d
                 lines.append(f"ld.shared.b32 ${out + 4 * tile + k}, [{base}+{at}];")
     else:
-        for j in range(key_bits, n):
-            regs = ", ".join(f"${4 * j + i}" for i in range(4))
-            lines.append(f"ld.shared.v4.b32 {{{regs}}}, [sm+{j * blk}];")
+        # row 2t + e of a block (e = 0, 1): chunk 8t + 4e + g / 2 at position ^ 2t, the 8 bytes
+        # of dims 16g .. 16g + 15 in its half g % 2
+        lines += [
+            "mov.u32 h, global_smem;",
+            f"add.u32 h, h, ${4 * n};",
+            "mad.lo.u32 h, w, 512, h;",
+            "mad.lo.u32 h, s, 128, h;",
+            "and.b32 x, rb, 1;",
+            "mad.lo.u32 h, x, 8, h;",  # the block's rows 2t, 2t + 1 and the half g % 2
+            "shl.b32 s, s, 1;",  # 2t
+            "shr.b32 x, rb, 1;",  # g / 2
+            "xor.b32 x, x, s;",
+            "mad.lo.u32 be, x, 16, h;",  # even row 2t
+            "xor.b32 x, x, 4;",
+            "mad.lo.u32 bo, x, 16, h;",  # odd row 2t + 1
+        ]
+        out = 4 * key_bits
+        for tile in range(2):
+            for k, (base, blk_k) in enumerate((("be", 0), ("bo", 0), ("be", 1), ("bo", 1))):
+                at = (key_bits + 2 * tile + blk_k) * blk
+                regs = f"${out + 8 * tile + 2 * k}, ${out + 8 * tile + 2 * k + 1}"
+                lines.append(f"ld.shared.v2.b32 {{{regs}}}, [{base}+{at}];")
     lines.append("}")
     return "\n".join(lines)
 

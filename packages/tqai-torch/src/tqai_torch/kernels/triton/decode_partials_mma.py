@@ -704,15 +704,14 @@ def _history_partial(
     g = lane // 4
     t = lane % 4
     # per-thread byte addresses at token 0 (copy_asm): byte 16 lane of the key rows (K4: group
-    # 4t of token g; K3: chunk lane of the warp's rows) and of the value rows (V2: chunk lane
-    # of the warp's rows; V4: the bytes of dims 16g .. 16g + 15 of token 2t)
+    # 4t of token g; K3: chunk lane of the warp's rows) and of the value rows (chunk lane of
+    # the warp's rows)
     kn_row = kn_ptr + bs * kn_sb + h * kn_sh
     vn_row = vn_ptr + bs * vn_sb + h * vn_sh
     zero = gl.zeros([32 * W, 4], gl.int64, layout=L)
     kp_row = (kp_ptr + bs * kp_sb + h * kp_sh).to(gl.int64)
     vp_row = (vp_ptr + bs * vp_sb + h * vp_sh).to(gl.int64)
-    vlane = 16 * lane if VB == 2 else t * 128 + 8 * g
-    bases = (kp_row + (16 * lane)[:, None] + zero, vp_row + vlane[:, None] + zero)
+    bases = (kp_row + (16 * lane)[:, None] + zero, vp_row + (16 * lane)[:, None] + zero)
     g4 = g[:, None] + 0 * c[None, :]
     t4 = t[:, None] + 0 * c[None, :]
     tw = (w * 32)[:, None] + 0 * c[None, :]
