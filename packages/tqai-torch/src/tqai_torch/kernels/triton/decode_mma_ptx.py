@@ -19,6 +19,7 @@ __all__ = [
     "pair_value_lookup_lines",
     "softmax_asm",
     "stage_blocks",
+    "stage_bytes",
     "stage_load_asm",
     "table_words",
     "value_asm",
@@ -129,6 +130,14 @@ def stage_blocks(value_bits: int, key_bits: int = 4) -> int:
     """16-byte blocks a thread copies per pipeline stage: 4 (K4) or 3 (K3) of key groups, and 2
     (V2) or 4 (V4) of value bytes."""
     return key_bits + value_bits
+
+
+NORM_BYTES = 256  # per warp and stage: the superset of the key norms (128), of the values' (128)
+
+
+def stage_bytes(threads: int, value_bits: int, key_bits: int = 4) -> int:
+    """Bytes of a pipeline stage: the 16-byte blocks of the rows, then the warps' norms."""
+    return stage_blocks(value_bits, key_bits) * 16 * threads + NORM_BYTES * (threads // 32)
 
 
 def _slot_lines(stage: str) -> list[str]:
@@ -253,24 +262,61 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
                 at = 16 * tile * value_bits // 2 + size * c  # from the first value block
                 dst = (key_bits + at // 16) * blk + at % 16
                 copy(size, dst, f"va+{off * row}", f"t2, {off}")
+    # the norms: the 16-byte chunks holding the 64 bytes of each kind's 32 norms from the row
+    # address ``$32`` + 2 tb (key rows for lanes 0-7, value rows for lanes 8-15; rows need not
+    # be aligned, so 5 chunks a kind), each copy clamped to the bytes before ``stop`` (never
+    # past a row's visible tokens, never before an allocation's aligned start)
+    n_blocks = stage_blocks(value_bits, key_bits)
+    lines += [
+        "{",
+        ".reg .pred pn;",
+        ".reg .b32 j, kd, nz;",
+        ".reg .b64 na, ne, nd, jj;",
+        "and.b32 tk, tid, 31;",
+        "and.b32 j, tk, 7;",
+        "shr.b32 kd, tk, 3;",
+        "setp.lt.u32 pn, j, 5;",
+        "setp.lt.and.u32 pn, kd, 2, pn;",
+        "mad.wide.s32 na, $12, 2, $32;",
+        "and.b64 na, na, -16;",
+        "mul.wide.u32 jj, j, 16;",
+        "add.s64 na, na, jj;",
+        "mad.wide.s32 ne, $16, 2, $32;",
+        "sub.s64 nd, ne, na;",
+        "max.s64 nd, nd, 0;",
+        "min.s64 nd, nd, 16;",
+        "cvt.u32.u64 nz, nd;",
+        "mov.u32 sk, global_smem;",
+        "add.u32 sk, sk, $28;",
+        "shr.b32 w, tid, 5;",
+        f"mad.lo.u32 sk, w, {NORM_BYTES}, sk;",
+        "mad.lo.u32 sk, kd, 128, sk;",
+        "mad.lo.u32 sk, j, 16, sk;",
+        f"@pn cp.async.cg.shared.global [sk+{n_blocks * blk}], [na], 16, nz;",
+        "}",
+    ]
     lines += ["cp.async.commit_group;", *[f"mov.b32 ${i}, 0;" for i in range(4)], "}"]
     return "\n".join(lines)
 
 
 def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     """This thread's words of a pipeline stage (pack=4), once its copies have landed: out
-    ``$0 ..`` blocks ``0 .. stage_blocks - 1`` (see :func:`copy_asm`), in the next operand the
-    stage's byte offset. Where lanes copied each other's bytes (K3 keys, V2 values) the warp
-    syncs first. K3: each lane reads its 12 bytes of rows ``g, g + 8, g + 16, g + 24`` (words
-    ``3 j .. 3 j + 2`` of token ``j``; a warp's reads of a word hit 32 banks: ``12 g + 3 t``
-    differ mod 32). V2: word ``g`` of rows ``2t, 2t+1, 2t+8, 2t+9`` (and those + 16), rows ``r``
-    and ``r ^ 1`` swapped where ``r`` has bit 2 set (``t >= 2``), so a read hits 32 banks."""
+    ``$0 ..`` blocks ``0 .. stage_blocks - 1`` (see :func:`copy_asm`), then 8 norms (fp16 bits
+    in 32-bit registers: key g, g + 8, value g, g + 8 of tile 0, then of tile 1); in the
+    stage's byte offset, then the thread's offsets of its key and value norms in its warp's
+    norm bytes (``256 w + mis + 2 g``, ``+ 128`` for values; ``mis``: the row's address mod 16).
+    The warp syncs first (its lanes copied each other's bytes). K3: each lane reads its 12 bytes
+    of rows ``g, g + 8, g + 16, g + 24`` (words ``3 j .. 3 j + 2`` of token ``j``; a warp's reads
+    of a word hit 32 banks: ``12 g + 3 t`` differ mod 32). V2: word ``g`` of rows ``2t, 2t+1,
+    2t+8, 2t+9`` (and those + 16), rows ``r`` and ``r ^ 1`` swapped where ``r`` has bit 2 set
+    (``t >= 2``), so a read hits 32 banks."""
     blk = 16 * threads
     n = stage_blocks(value_bits, key_bits)
+    soff, nrd = 4 * n + 8, 4 * n + 12  # operands after the outputs (blocks, 8 norms)
     lines = [
         "{",
-        ".reg .b32 sm, tid, rb, w, l, s, be, bo;",
-        *_slot_lines(f"${4 * n}"),
+        ".reg .b32 sm, tid, rb, w, l, s, be, bo, x, h;",
+        *_slot_lines(f"${soff}"),
     ]
     if key_bits == 3 or value_bits == 2:
         lines.insert(2, "bar.warp.sync 0xffffffff;")
@@ -278,7 +324,7 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     if key_bits == 3:
         lines += [
             "mov.u32 rb, global_smem;",
-            f"add.u32 rb, rb, ${4 * n};",
+            f"add.u32 rb, rb, ${soff};",
             "mad.lo.u32 rb, w, 1536, rb;",
             "mad.lo.u32 rb, l, 12, rb;",  # 48 g + 12 t = 12 (4 g + t)
         ]
@@ -294,7 +340,7 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
             "and.b32 s, l, 3;",  # t
             "shr.b32 rb, l, 2;",  # g
             "mov.u32 be, global_smem;",
-            f"add.u32 be, be, ${4 * n};",
+            f"add.u32 be, be, ${soff};",
             "mad.lo.u32 be, w, 512, be;",
             "mad.lo.u32 be, s, 64, be;",
             "mad.lo.u32 be, rb, 4, be;",
@@ -313,6 +359,13 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
         for j in range(key_bits, n):
             regs = ", ".join(f"${4 * j + i}" for i in range(4))
             lines.append(f"ld.shared.v4.b32 {{{regs}}}, [sm+{j * blk}];")
+    # the norms: tokens g + 8 j, j = 0..3 (tiles 0 and 1), keys then values
+    lines += ["mov.u32 h, global_smem;", f"add.u32 h, h, ${soff};"]
+    for kind in range(2):
+        lines.append(f"add.u32 x, h, ${nrd + kind};")
+        for j in range(4):
+            reg = 4 * n + 4 * (j // 2) + 2 * kind + j % 2
+            lines.append(f"ld.shared.u16 ${reg}, [x+{n * blk + 16 * j}];")
     lines.append("}")
     return "\n".join(lines)
 
