@@ -53,6 +53,10 @@ def run_copy_and_load(
         line = line.strip().rstrip(";")
         if not line or line in "{}" or line.startswith(".reg"):
             continue
+        if line.startswith("@"):  # a predicated instruction
+            guard, _, line = line.partition(" ")
+            if not preds[guard[1:]]:
+                continue
         op, _, rest = line.partition(" ")
         args = [a.strip() for a in rest.split(",")] if rest else []
         if op == "mov.u32" and args[1] == "global_smem":
@@ -79,8 +83,24 @@ def run_copy_and_load(
             pass
         elif op in ("mad.lo.u32", "mad.wide.s32"):
             regs[args[0]] = val(args[1]) * val(args[2]) + val(args[3])
-        elif op == "setp.lt.s32":
+        elif op in ("setp.lt.s32", "setp.lt.u32"):
             preds[args[0]] = val(args[1]) < val(args[2])
+        elif op == "setp.lt.and.u32":
+            preds[args[0]] = val(args[1]) < val(args[2]) and preds[args[3]]
+        elif op == "and.b64":
+            regs[args[0]] = val(args[1]) & val(args[2])
+        elif op == "mul.wide.u32":
+            regs[args[0]] = val(args[1]) * val(args[2])
+        elif op == "add.s64":
+            regs[args[0]] = val(args[1]) + val(args[2])
+        elif op == "sub.s64":
+            regs[args[0]] = val(args[1]) - val(args[2])
+        elif op == "max.s64":
+            regs[args[0]] = max(val(args[1]), val(args[2]))
+        elif op == "min.s64":
+            regs[args[0]] = min(val(args[1]), val(args[2]))
+        elif op == "cvt.u32.u64":
+            regs[args[0]] = val(args[1]) & 0xFFFFFFFF
         elif op == "selp.b32":
             regs[args[0]] = val(args[1]) if preds[args[3]] else val(args[2])
         elif op.startswith("cp.async.c") and op.endswith(".shared.global"):
@@ -90,6 +110,9 @@ def run_copy_and_load(
                 smem[dst + i] = memory[src + i] if i < n else 0
         elif op == "cp.async.commit_group":
             pass
+        elif op == "ld.shared.u16":
+            at = addr(args[1])
+            regs[args[0]] = smem[at] | smem[at + 1] << 8
         elif op == "ld.shared.b32":
             regs[args[0]] = word(addr(args[1]))
         elif op in ("ld.shared.v2.b32", "ld.shared.v4.b32"):

@@ -299,16 +299,23 @@ def test_four_bit_value_lookup_pairs_two_tokens_per_dim():
 def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, key_bits, value_bits):
     """copy_asm for every lane of a warp, then stage_load_asm for one thread: its words are what
     the fragment lookups expect (key groups 4t..4t+3 of tokens g, g+8, g+16, g+24; the value
-    bytes of dims 16g..16g+15 of tokens 2t, 2t+1, 2t+8, 2t+9 and those + 16), tokens from
-    ``stop`` on zero-filled."""
+    bytes of dims 16g..16g+15 of tokens 2t, 2t+1, 2t+8, 2t+9 and those + 16; the key and value
+    norms of tokens g, g+8, g+16, g+24 from rows at any even address), tokens from ``stop`` on
+    zero-filled."""
     rng = np.random.default_rng(4)
     tokens, threads = 96, 128
     vrow, vbytes = 16 * value_bits, 2 * value_bits  # a row; a thread's bytes of a token
     krow, kbytes = 16 * key_bits, 4 * key_bits
     keys = rng.integers(0, 256, (tokens, krow), dtype=np.uint8)
     values = rng.integers(0, 256, (tokens, vrow), dtype=np.uint8)
+    knorms = rng.integers(0, 1 << 16, tokens, dtype=np.uint16)
+    vnorms = rng.integers(0, 1 << 16, tokens, dtype=np.uint16)
     kbase, vbase = 0, tokens * krow
-    memory = keys.tobytes() + values.tobytes()
+    # norm rows off 16-byte boundaries (as a cache of any capacity holds them)
+    knbase = vbase + tokens * vrow + 6
+    vnbase = knbase + 2 * tokens + 10
+    memory = keys.tobytes() + values.tobytes() + bytes(6) + knorms.tobytes() + bytes(10)
+    memory += vnorms.tobytes() + bytes(16)
     copy = ptx.copy_asm(threads, masked, value_bits, key_bits)
     load = ptx.stage_load_asm(threads, value_bits, key_bits)
     for tid, tb, stop in ((0, 32, 96), (37, 0, 21), (101, 64, 77), (127, 32, 50)):
@@ -320,13 +327,25 @@ def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, key_bits
             lane = other % 32
             g, t = lane // 4, lane % 4
             ops = {"$4": kbase + 16 * lane, "$8": vbase + 16 * lane}
-            ops |= {"$12": tb, "$16": stop, "$20": g, "$24": t, "$28": stage}
+            ops |= {"$12": tb, "$16": stop, "$20": g, "$24": stage}
+            ops["$28"] = knbase if lane < 8 else vnbase
             run_copy_and_load(copy, ops, memory, smem, other)
         lane = tid % 32
         g, t = lane // 4, lane % 4
         blocks = ptx.stage_blocks(value_bits, key_bits)
-        got = run_copy_and_load(load, {f"${4 * blocks}": stage}, memory, smem, tid)
+        nrd = 256 * (tid // 32) + 2 * g
+        ops = {f"${4 * blocks + 8}": stage}
+        ops |= {
+            f"${4 * blocks + 12}": nrd + knbase % 16,
+            f"${4 * blocks + 13}": nrd + 128 + vnbase % 16,
+        }
+        got = run_copy_and_load(load, ops, memory, smem, tid)
         words = [got[f"${k}"] for k in range(4 * blocks)]
+        norms = [got[f"${4 * blocks + k}"] for k in range(8)]
+        for tile in range(2):
+            toks = [tb + 16 * tile + g, tb + 16 * tile + g + 8]
+            expect = [int(n[k]) if k < stop else 0 for n in (knorms, vnorms) for k in toks]
+            assert norms[4 * tile : 4 * tile + 4] == expect, (tid, tile)
 
         def word(row: np.ndarray, tok: int, byte: int, stop: int = stop) -> int:
             if tok >= stop:

@@ -19,6 +19,7 @@ __all__ = [
     "pair_value_lookup_lines",
     "softmax_asm",
     "stage_blocks",
+    "stage_bytes",
     "stage_load_asm",
     "table_words",
     "value_asm",
@@ -131,6 +132,14 @@ def stage_blocks(value_bits: int, key_bits: int = 4) -> int:
     return key_bits + value_bits
 
 
+NORM_BYTES = 256  # per warp and stage: the superset of the key norms (128), of the values' (128)
+
+
+def stage_bytes(threads: int, value_bits: int, key_bits: int = 4) -> int:
+    """Bytes of a pipeline stage: the 16-byte blocks of the rows, then the warps' norms."""
+    return stage_blocks(value_bits, key_bits) * 16 * threads + NORM_BYTES * (threads // 32)
+
+
 def _slot_lines(stage: str) -> list[str]:
     """PTX setting ``sm`` to this thread's first 16-byte block of a stage: block ``j`` of the
     stage lies ``j * 16 * threads`` bytes further (a warp's blocks are 512 contiguous bytes:
@@ -144,28 +153,29 @@ def _slot_lines(stage: str) -> list[str]:
 
 
 def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4) -> str:
-    """Asynchronous copies of one warp step (32 tokens from ``tb``) into this thread's blocks of
-    a pipeline stage, then one commit (pack=4; one dummy output ``$0-$3``). In: ``$4`` / ``$8``
-    byte addresses of the key row of token ``g`` and of the value bytes of dims ``16 g .. 16 g
-    + 15`` of token ``2 t`` (at token 0); ``$12`` ``tb``, ``$16`` ``stop``, ``$20`` ``g``,
-    ``$24`` ``t``, ``$28`` the stage's byte offset. Blocks: first the keys (K4: key groups ``4 t
-    .. 4 t + 3`` of tokens ``g, g + 8, g + 16, g + 24``, 16 bytes each, blocks 0-3; K3: the
-    warp's 32 key rows of 48 bytes, contiguous, 1536 bytes a warp in blocks 0-2, each lane
-    copying 16-byte chunks ``L, L + 32, L + 64`` of them, ``$4`` then the address of chunk
-    ``L`` at token 0, so lanes read each other's bytes: :func:`stage_load_asm` syncs the warp);
-    then the values (V2: the warp's 32 rows of 32 bytes, lane ``L`` copying chunks ``L`` and ``L
-    + 32``, ``$8`` the address of chunk ``L`` at token 0, rows 0-15 in the first value block's
-    512 bytes of the warp and rows 16-31 in the second's; V4: the 8 bytes of dims ``16 g .. 16
-    g + 15`` of tokens ``2t, 2t+1, 2t+8, 2t+9`` and those + 16, two tokens a block).
-    ``masked``: tokens (rows) from ``stop`` on are not read (zero-filled); else the whole step
-    must lie before ``stop``."""
+    """Asynchronous copies of one warp step (32 tokens from ``tb``) into this warp's part of a
+    pipeline stage, then one commit (pack=4; one dummy output ``$0-$3``). In: ``$4`` / ``$8``
+    the thread's key / value base at token 0 (K4: the key row of token ``g``; K3 keys and all
+    values: the row bytes' chunk ``L`` = the lane), ``$12`` ``tb``, ``$16`` ``stop``, ``$20``
+    ``g``, ``$24`` the stage's byte offset, ``$28`` the norm row's address (key norms for lanes
+    0-7, value norms for lanes 8-15). Blocks: first the keys (K4: key groups ``4 t .. 4 t + 3``
+    of tokens ``g, g + 8, g + 16, g + 24``, 16 bytes each, blocks 0-3; K3: the warp's 32 rows
+    of 48 bytes, contiguous, 1536 bytes a warp in blocks 0-2, lane ``L`` copying 16-byte
+    chunks ``L, L + 32, L + 64``); then the values, the warp's 32 rows in 16-byte chunks, lane
+    ``L`` copying chunks ``L + 32 k`` (``k < value_bits``) into value block ``k`` (V2 rows
+    ``r`` and ``r ^ 1`` swapped where ``r`` has bit 2 set; V4 chunk positions ``^ 2 *`` bits 1
+    and 2 of the row in its block of 8, so reads hit 32 banks); then the 64 bytes of each
+    kind's 32 norms as 5 aligned 16-byte chunks (rows need not be aligned), 256 bytes a warp.
+    Lanes copy each other's bytes: :func:`stage_load_asm` syncs the warp. ``masked``: tokens
+    (rows) from ``stop`` on are not read (zero-filled; the norm chunks clamped to the bytes
+    before ``stop``); else the whole step must lie before ``stop``."""
     blk = 16 * threads
     lines = [
         "{",
         ".reg .pred p;",
         ".reg .b32 sm, tid, r, tk, sz, sk, w;",
         ".reg .b64 ka, va;",
-        *_slot_lines("$28"),
+        *_slot_lines("$24"),
         f"mad.wide.s32 ka, $12, {16 * key_bits}, $4;",
         f"mad.wide.s32 va, $12, {16 * value_bits}, $8;",
     ]
@@ -197,7 +207,7 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
             "shr.b32 w, tid, 5;",
             "and.b32 tk, tid, 31;",
             "mov.u32 sk, global_smem;",
-            "add.u32 sk, sk, $28;",
+            "add.u32 sk, sk, $24;",
             "mad.lo.u32 sk, w, 1536, sk;",
             "mad.lo.u32 sk, tk, 16, sk;",
         ]
@@ -225,7 +235,7 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
         *(["shl.b32 w, w, 1;"] if value_bits == 2 else []),
         "xor.b32 w, w, tk;",
         "mov.u32 sk, global_smem;",
-        "add.u32 sk, sk, $28;",
+        "add.u32 sk, sk, $24;",
         "shr.b32 tk, tid, 5;",
         "mad.lo.u32 sk, tk, 512, sk;",
         "mad.lo.u32 sk, w, 16, sk;",
@@ -244,31 +254,69 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
             "selp.b32 sz, 16, 0, p;",
             f"cp.async.cg.shared.global [{dst}], [{src}], 16, sz;",
         ]
+    # the norms: the 16-byte chunks holding the 64 bytes of each kind's 32 norms from the row
+    # address ``$28`` + 2 tb (key rows for lanes 0-7, value rows for lanes 8-15; rows need not
+    # be aligned, so 5 chunks a kind), each copy clamped to the bytes before ``stop`` (never
+    # past a row's visible tokens, never before an allocation's aligned start)
+    n_blocks = stage_blocks(value_bits, key_bits)
+    lines += [
+        "{",
+        ".reg .pred pn;",
+        ".reg .b32 j, kd, nz;",
+        ".reg .b64 na, ne, nd, jj;",
+        "and.b32 tk, tid, 31;",
+        "and.b32 j, tk, 7;",
+        "shr.b32 kd, tk, 3;",
+        "setp.lt.u32 pn, j, 5;",
+        "setp.lt.and.u32 pn, kd, 2, pn;",
+        "mad.wide.s32 na, $12, 2, $28;",
+        "and.b64 na, na, -16;",
+        "mul.wide.u32 jj, j, 16;",
+        "add.s64 na, na, jj;",
+        "mad.wide.s32 ne, $16, 2, $28;",
+        "sub.s64 nd, ne, na;",
+        "max.s64 nd, nd, 0;",
+        "min.s64 nd, nd, 16;",
+        "cvt.u32.u64 nz, nd;",
+        "mov.u32 sk, global_smem;",
+        "add.u32 sk, sk, $24;",
+        "shr.b32 w, tid, 5;",
+        f"mad.lo.u32 sk, w, {NORM_BYTES}, sk;",
+        "mad.lo.u32 sk, kd, 128, sk;",
+        "mad.lo.u32 sk, j, 16, sk;",
+        f"@pn cp.async.cg.shared.global [sk+{n_blocks * blk}], [na], 16, nz;",
+        "}",
+    ]
     lines += ["cp.async.commit_group;", *[f"mov.b32 ${i}, 0;" for i in range(4)], "}"]
     return "\n".join(lines)
 
 
 def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     """This thread's words of a pipeline stage (pack=4), once its copies have landed: out
-    ``$0 ..`` blocks ``0 .. stage_blocks - 1`` (see :func:`copy_asm`), in the next operand the
-    stage's byte offset. Where lanes copied each other's bytes (K3 keys, V2 values) the warp
-    syncs first. K3: each lane reads its 12 bytes of rows ``g, g + 8, g + 16, g + 24`` (words
-    ``3 j .. 3 j + 2`` of token ``j``; a warp's reads of a word hit 32 banks: ``12 g + 3 t``
-    differ mod 32). V2: word ``g`` of rows ``2t, 2t+1, 2t+8, 2t+9`` (and those + 16), rows ``r``
-    and ``r ^ 1`` swapped where ``r`` has bit 2 set (``t >= 2``), so a read hits 32 banks."""
+    ``$0 ..`` blocks ``0 .. stage_blocks - 1`` (see :func:`copy_asm`), then 8 norms (fp16 bits
+    in 32-bit registers: key g, g + 8, value g, g + 8 of tile 0, then of tile 1); in the
+    stage's byte offset, then the thread's offsets of its key and value norms in its warp's
+    norm bytes (``256 w + mis + 2 g``, ``+ 128`` for values; ``mis``: the row's address mod 16).
+    The warp syncs first (its lanes copied each other's bytes). K3: each lane reads its 12 bytes
+    of rows ``g, g + 8, g + 16, g + 24`` (words ``3 j .. 3 j + 2`` of token ``j``; a warp's reads
+    of a word hit 32 banks: ``12 g + 3 t`` differ mod 32). V2: word ``g`` of rows ``2t, 2t+1,
+    2t+8, 2t+9`` (and those + 16). V4: the 8 bytes of dims ``16 g .. 16 g + 15`` of the same
+    rows, row ``2t + e`` of a block at chunk ``8t + 4e + g / 2`` (position ``^ 2t``). Every read
+    hits 32 banks."""
     blk = 16 * threads
     n = stage_blocks(value_bits, key_bits)
+    soff, nrd = 4 * n + 8, 4 * n + 12  # operands after the outputs (blocks, 8 norms)
     lines = [
         "{",
         ".reg .b32 sm, tid, rb, w, l, s, be, bo, x, h;",
-        *_slot_lines(f"${4 * n}"),
+        *_slot_lines(f"${soff}"),
     ]
     lines.insert(2, "bar.warp.sync 0xffffffff;")  # the lanes' copies are each other's
     lines += ["shr.b32 w, tid, 5;", "and.b32 l, tid, 31;"]
     if key_bits == 3:
         lines += [
             "mov.u32 rb, global_smem;",
-            f"add.u32 rb, rb, ${4 * n};",
+            f"add.u32 rb, rb, ${soff};",
             "mad.lo.u32 rb, w, 1536, rb;",
             "mad.lo.u32 rb, l, 12, rb;",  # 48 g + 12 t = 12 (4 g + t)
         ]
@@ -283,7 +331,7 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     if value_bits == 2:
         lines += [
             "mov.u32 be, global_smem;",
-            f"add.u32 be, be, ${4 * n};",
+            f"add.u32 be, be, ${soff};",
             "mad.lo.u32 be, w, 512, be;",
             "mad.lo.u32 be, s, 64, be;",
             "mad.lo.u32 be, rb, 4, be;",
@@ -303,7 +351,7 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
         # of dims 16g .. 16g + 15 in its half g % 2
         lines += [
             "mov.u32 h, global_smem;",
-            f"add.u32 h, h, ${4 * n};",
+            f"add.u32 h, h, ${soff};",
             "mad.lo.u32 h, w, 512, h;",
             "mad.lo.u32 h, s, 128, h;",
             "and.b32 x, rb, 1;",
@@ -321,6 +369,13 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
                 at = (key_bits + 2 * tile + blk_k) * blk
                 regs = f"${out + 8 * tile + 2 * k}, ${out + 8 * tile + 2 * k + 1}"
                 lines.append(f"ld.shared.v2.b32 {{{regs}}}, [{base}+{at}];")
+    # the norms: tokens g + 8 j, j = 0..3 (tiles 0 and 1), keys then values
+    lines += ["mov.u32 h, global_smem;", f"add.u32 h, h, ${soff};"]
+    for kind in range(2):
+        lines.append(f"add.u32 x, h, ${nrd + kind};")
+        for j in range(4):
+            reg = 4 * n + 4 * (j // 2) + 2 * kind + j % 2
+            lines.append(f"ld.shared.u16 ${reg}, [x+{n * blk + 16 * j}];")
     lines.append("}")
     return "\n".join(lines)
 

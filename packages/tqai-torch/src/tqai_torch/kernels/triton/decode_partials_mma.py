@@ -21,7 +21,8 @@ PTX does the rest:
   4-bit keys each thread copies exactly the bytes its fragments need into its own blocks; 3-bit
   keys and 2-bit values are copied by each warp as its 32 rows whole, in 16-byte chunks, and
   read back after a warp sync (the layouts keep the reads free of bank conflicts); no block
-  barrier in the loop. The norms (8 words a step) are loaded into registers one step ahead.
+  barrier in the loop. The norms are copied the same way (the chunks holding a warp step's,
+  each copy clamped at the visible tokens).
 * Scores ``S^T (16 tokens x 8 heads)``: A = key centroids (fp16), B = the rotated query. Lane
   ``(g, t) = (lane // 4, lane % 4)`` takes packing groups ``4 t .. 4 t + 3`` (16 bytes) of
   tokens ``g`` and ``g + 8``; each byte (two codes) indexes a 256-entry table of fp16 pairs in
@@ -79,6 +80,7 @@ from tqai_torch.kernels.triton.decode_mma_ptx import (
     pair_table,
     softmax_asm,
     stage_blocks,
+    stage_bytes,
     stage_load_asm,
     table_words,
     value_asm,
@@ -148,8 +150,9 @@ def _load_text(W, KB, VB):
 
 @gluon.constexpr_function
 def _load_cons(KB, VB):
-    """Out: the stage's blocks (4 words each); in: the stage's offset."""
-    return ",".join(["=r"] * 4 * _STAGE_BLOCKS[(KB, VB)]) + ",r,r,r,r"
+    """Out: the stage's blocks (4 words each) and 8 norms; in: the stage's offset, the thread's
+    norm offsets."""
+    return ",".join(["=r"] * (4 * _STAGE_BLOCKS[(KB, VB)] + 8)) + ",r" * 8
 
 
 _LANE_SUM = gl.constexpr(lane_sum_asm())
@@ -167,7 +170,7 @@ _LUT = gl.constexpr(LUT_BYTES)
 _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b32 [$0], $2;")
 _STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
 _LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
-_COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 8 + ",r" * 20)
+_COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 8 + ",r" * 16 + ",l" * 4)
 # wait until a stage's copies have landed: all but the STAGES - 1 newest groups
 _WAIT = gl.constexpr(
     f"cp.async.wait_group {STAGES - 1};\n" + "".join(f"mov.b32 ${i}, 0;\n" for i in range(4))
@@ -194,8 +197,8 @@ def _program_smem(num_warps: int, key_bits: int, value_bits: int) -> int:
     """Bytes of shared memory a program of ``num_warps`` warps takes: the kernel's one
     allocation (the table, whose bytes first hold the staged query rotation, and the stages)
     and the compiler's exchange of the query rotation's operand beyond it."""
-    blocks = LUT_BYTES // (512 * num_warps) + STAGES * stage_blocks(value_bits, key_bits)
-    return blocks * 512 * num_warps + _OPERAND_EXCHANGE
+    stages = -(-STAGES * stage_bytes(32 * num_warps, value_bits, key_bits) // (512 * num_warps))
+    return (LUT_BYTES // (512 * num_warps) + stages) * 512 * num_warps + _OPERAND_EXCHANGE
 
 
 @gluon.jit
@@ -226,43 +229,34 @@ def _rotate(mat, xt_hi, xt_lo, W: gl.constexpr):
 
 @gluon.jit
 def _copy_step(
-    bases, tb, stop, g, t, soff, W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr,
+    bases, tb, stop, g, soff, W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr,
     VB: gl.constexpr,
 ):  # fmt: skip
     """Start the asynchronous copies of one warp step (tokens ``tb .. tb + 31``; ``MASKED``:
     nothing from ``stop`` on, else the whole step lies before it) into the stage at byte offset
-    ``soff``; ``bases``: the 2 per-thread byte addresses of :func:`.decode_mma_ptx.copy_asm`."""
-    kb, vb = bases
+    ``soff``; ``bases``: the 3 per-thread byte addresses of :func:`.decode_mma_ptx.copy_asm`."""
+    kb, vb, nb = bases
     gl.inline_asm_elementwise(
-        _copy_text(W, MASKED, KB, VB), _COPY_CONS, [kb, vb, tb, stop, g, t, soff],
+        _copy_text(W, MASKED, KB, VB), _COPY_CONS, [kb, vb, tb, stop, g, soff, nb],
         dtype=gl.int32, is_pure=False, pack=4,
     )  # fmt: skip
 
 
 @gluon.jit
-def _norm_words(nptr, tok0, g, c, stop):
-    """The words holding the norms of a thread's tokens of one tile (key ``g``, key ``g + 8``,
-    value ``g``, value ``g + 8``), 0 from ``stop`` on; ``nptr``: the words of token ``g``."""
-    tok = (tok0 + g)[:, None] + 8 * (c % 2)[None, :]
-    return gl.load(nptr + (tok0 // 2)[:, None] + 4 * (c % 2)[None, :], mask=tok < stop, other=0)
-
-
-@gluon.jit
-def _norms(words, shift):
-    """The fp16 norms (f32) of a thread's tokens from the words holding them (bit ``shift``)."""
-    half = (words >> shift) & 0xFFFF
-    return half.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+def _norms(bits):
+    """The fp16 norms (f32) of a thread's tokens from their bits (the low 16 of each word)."""
+    return (bits & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
 
 
 @gluon.jit
 def _step(
-    soff, n0, n1, tok0, g, t, c, nshift, lo, stop,
+    soff, nrd, tok0, g, t, c, lo, stop,
     q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
     W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr, VB: gl.constexpr,
 ):  # fmt: skip
     """32 tokens of one warp (tiles at tok0 and tok0 + 16), read from the pipeline stage at
-    byte offset ``soff`` once its copies have landed (norm words ``n0``, ``n1``: see
-    :func:`_norm_words`), folded into the warp's running state."""
+    byte offset ``soff`` once its copies have landed (``nrd``: the thread's norm offsets, see
+    :func:`.decode_mma_ptx.stage_load_asm`), folded into the warp's running state."""
     gl.inline_asm_elementwise(
         _WAIT, "=r,=r,=r,=r,r,r,r,r", [soff], dtype=gl.int32, is_pure=False, pack=4
     )
@@ -271,20 +265,20 @@ def _step(
     # the stage's blocks: keys (K4: tokens g, g+8 | g+16, g+24 in ka0, kb0 | ka1, kb1; K3: the
     # 12 words of the 4 tokens in ka0, kb0, ka1), then values (V4: two blocks a tile)
     if KB == 3:
-        ka0, kb0, ka1, v0, v1 = gl.inline_asm_elementwise(
-            load, load_cons, [soff], dtype=(gl.int32,) * 5, is_pure=False, pack=4
+        ka0, kb0, ka1, v0, v1, n0, n1 = gl.inline_asm_elementwise(
+            load, load_cons, [soff, nrd], dtype=(gl.int32,) * 7, is_pure=False, pack=4
         )
         kb1 = ka1
     elif VB == 4:
-        ka0, kb0, ka1, kb1, v0, v0b, v1, v1b = gl.inline_asm_elementwise(
-            load, load_cons, [soff], dtype=(gl.int32,) * 8, is_pure=False, pack=4
+        ka0, kb0, ka1, kb1, v0, v0b, v1, v1b, n0, n1 = gl.inline_asm_elementwise(
+            load, load_cons, [soff, nrd], dtype=(gl.int32,) * 10, is_pure=False, pack=4
         )
     else:
-        ka0, kb0, ka1, kb1, v0, v1 = gl.inline_asm_elementwise(
-            load, load_cons, [soff], dtype=(gl.int32,) * 6, is_pure=False, pack=4
+        ka0, kb0, ka1, kb1, v0, v1, n0, n1 = gl.inline_asm_elementwise(
+            load, load_cons, [soff, nrd], dtype=(gl.int32,) * 8, is_pure=False, pack=4
         )
-    nb0 = _norms(n0, nshift)
-    nb1 = _norms(n1, nshift)
+    nb0 = _norms(n0)
+    nb1 = _norms(n1)
     if MASKED:  # value norm -1: the token is not visible (its score becomes -1e30)
         ntok = (tok0 + g)[:, None] + 8 * (c % 2)[None, :]
         ok0 = (ntok < stop) & (ntok >= lo)
@@ -339,34 +333,31 @@ def _step(
 
 @gluon.jit
 def _pipelined_step(
-    i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo, stop,
+    i, n_full, start, bases, nrd, tw, stop4, g4, w, g, t, c, lo, stop,
     q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
     W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr, VB: gl.constexpr,
 ):  # fmt: skip
     """Step ``i`` of a program: start the copies of step ``i + STAGES - 1`` (unmasked while it
     is a whole step, i.e. before ``n_full``; always masked in a ``MASKED`` step, which lies
-    past them), load the norm words of step ``i + 1``, fold step ``i`` into the warp's state.
-    Returns the state and the next step's norm words."""
+    past them), fold step ``i`` into the warp's state."""
     STEP: gl.constexpr = 32 * W
-    STAGE_BYTES: gl.constexpr = _stage_blocks(KB, VB) * 16 * 32 * W
+    STAGE_BYTES: gl.constexpr = _stage_blocks(KB, VB) * 16 * 32 * W + 256 * W  # stage_bytes
     ahead = i + _STAGES - 1
     at = tw + (start + ahead * STEP)
     soff = tw * 0 + (_LUT + (ahead % _STAGES) * STAGE_BYTES)
     if MASKED:
-        _copy_step(bases, at, stop4, g4, t4, soff, W, True, KB, VB)
+        _copy_step(bases, at, stop4, g4, soff, W, True, KB, VB)
     elif ahead < n_full:
-        _copy_step(bases, at, stop4, g4, t4, soff, W, False, KB, VB)
+        _copy_step(bases, at, stop4, g4, soff, W, False, KB, VB)
     else:
-        _copy_step(bases, at, stop4, g4, t4, soff, W, True, KB, VB)
+        _copy_step(bases, at, stop4, g4, soff, W, True, KB, VB)
     tok = start + i * STEP + w * 32
-    m0 = _norm_words(nptr, tok + STEP, g, c, stop)
-    m1 = _norm_words(nptr, tok + STEP + 16, g, c, stop)
     m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
-        tw * 0 + (_LUT + (i % _STAGES) * STAGE_BYTES), n0, n1, tok, g, t, c, nshift, lo, stop,
+        tw * 0 + (_LUT + (i % _STAGES) * STAGE_BYTES), nrd, tok, g, t, c, lo, stop,
         q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, W, MASKED, KB,
         VB,
     )  # fmt: skip
-    return m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, m0, m1
+    return m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7
 
 
 @gluon.jit
@@ -711,22 +702,36 @@ def _history_partial(
     zero = gl.zeros([32 * W, 4], gl.int64, layout=L)
     kp_row = (kp_ptr + bs * kp_sb + h * kp_sh).to(gl.int64)
     vp_row = (vp_ptr + bs * vp_sb + h * vp_sh).to(gl.int64)
-    bases = (kp_row + (16 * lane)[:, None] + zero, vp_row + (16 * lane)[:, None] + zero)
+    # the norms' rows (key rows for lanes 0-7, value rows for lanes 8-15: copy_asm), and where
+    # a thread's key and value norms lie in its warp's norm bytes (rows need not be aligned)
+    kn_a = kn_row.to(gl.int64)
+    vn_a = vn_row.to(gl.int64)
+    nrow = gl.where(lane < 8, kn_a, vn_a)
+    bases = (
+        kp_row + (16 * lane)[:, None] + zero,
+        vp_row + (16 * lane)[:, None] + zero,
+        nrow[:, None] + zero,
+    )
+    nbase = w * 256 + 2 * g
+    nrd = gl.where(
+        (c == 0)[None, :],
+        (nbase + (kn_a % 16).to(gl.int32))[:, None],
+        (nbase + 128 + (vn_a % 16).to(gl.int32))[:, None],
+    )
     g4 = g[:, None] + 0 * c[None, :]
-    t4 = t[:, None] + 0 * c[None, :]
     tw = (w * 32)[:, None] + 0 * c[None, :]
     stop4 = tw * 0 + stop
     STEP: gl.constexpr = 32 * W
-    STAGE_BYTES: gl.constexpr = _stage_blocks(KB, VB) * 16 * 32 * W
+    STAGE_BYTES: gl.constexpr = _stage_blocks(KB, VB) * 16 * 32 * W + 256 * W  # stage_bytes
     # software pipeline: the operands are copied STAGES - 1 steps ahead (K4 keys: each thread
-    # its own words into its own blocks; K3 keys and V2 values: each warp its rows whole, read
-    # back after a warp sync; no block barriers); the first copies fly while the program
-    # rotates its query and fills the table
+    # its own words into its own blocks; K3 keys, V2 values and the norms: each warp its rows
+    # whole, read back after a warp sync; no block barriers); the first copies fly while the
+    # program rotates its query and fills the table
     # the kernel's one allocation: the pair table's bytes (the staged query rotation first),
     # the pipeline's stages, the warps' merge at the end
     buf = gl.allocate_shared_memory(
         gl.float32,
-        [_LUT // (512 * W) + _STAGES * STAGE_BYTES // (512 * W), 32 * W, 4],
+        [_LUT // (512 * W) + (_STAGES * STAGE_BYTES + 512 * W - 1) // (512 * W), 32 * W, 4],
         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
     )
     # the query rotation first (its own commit group), into the table's bytes
@@ -738,27 +743,12 @@ def _history_partial(
             tw + (start + s * STEP),
             stop4,
             g4,
-            t4,
             tw * 0 + (_LUT + s * STAGE_BYTES),  # the stages follow the pair table
             W,
             True,
             KB,
             VB,
         )
-    # the norm words (int32) holding the key / value norms of token g, by column
-    kwords = (kn_row + g).to(gl.int64) & -4
-    vwords = (vn_row + g).to(gl.int64) & -4
-    nptr = gl.where((c < 2)[None, :], kwords[:, None], vwords[:, None]).to(
-        gl.pointer_type(gl.int32)
-    )
-    # which half of its word a token's norm is (rows need not be 4-byte aligned)
-    kpar = ((kn_row + g).to(gl.int64) // 2) % 2
-    vpar = ((vn_row + g).to(gl.int64) // 2) % 2
-    nshift = gl.where((c < 2)[None, :], kpar[:, None], vpar[:, None]).to(gl.int32) * 16
-    # norms travel in registers, loaded one step ahead
-    tok = start + w * 32
-    n0 = _norm_words(nptr, tok, g, c, stop)
-    n1 = _norm_words(nptr, tok + 16, g, c, stop)
     # the tables' loads are issued before the query's rotation, to overlap their latency:
     # the key pair table goes into shared memory, one copy per lane (entry e of lane l at byte
     # 128 e + 4 l; thread (warp w, lane l) writes entries w, w + W, ... of column l)
@@ -802,14 +792,14 @@ def _history_partial(
     if not HAS_BOUNDS:
         n_full = (stop - start) // STEP
     for i in range(n_full):
-        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, n0, n1 = _pipelined_step(
-            i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo,
+        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _pipelined_step(
+            i, n_full, start, bases, nrd, tw, stop4, g4, w, g, t, c, lo,
             stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
             W, False, KB, VB,
         )  # fmt: skip
     for i in range(n_full, n_steps):
-        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, n0, n1 = _pipelined_step(
-            i, n_full, start, bases, nptr, n0, n1, tw, stop4, g4, t4, w, g, t, c, nshift, lo,
+        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _pipelined_step(
+            i, n_full, start, bases, nrd, tw, stop4, g4, w, g, t, c, lo,
             stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
             W, True, KB, VB,
         )  # fmt: skip
