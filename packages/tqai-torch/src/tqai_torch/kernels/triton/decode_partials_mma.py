@@ -177,6 +177,14 @@ _WAIT = gl.constexpr(
 )
 _WAIT_ALL = gl.constexpr("cp.async.wait_all;\nmov.b32 $0, 0;")
 _WAIT_OLDER = gl.constexpr("cp.async.wait_group 1;\nmov.b32 $0, 0;")
+# programmatic dependent launch (the kernel is launched with it): a program reads nothing an
+# earlier kernel may still write (query, cache, bounds, tickets, workspace) before
+# _GRID_WAIT, which returns once the stream's earlier kernels have completed (the constants
+# it reads before, tables and rotations, are written once by blocking copies); _GRID_LAUNCH,
+# once a program's partial is stored, lets the next kernel's programs start their own
+# prologues on the SMs this call frees (the merge's tail)
+_GRID_WAIT = gl.constexpr("griddepcontrol.wait;\nmov.b32 $0, 0;")
+_GRID_LAUNCH = gl.constexpr("griddepcontrol.launch_dependents;\nmov.b32 $0, 0;")
 
 # the (128, 128) fp16 rotations in shared memory, read as tensor-core A operands (ldmatrix):
 # rows of 256 bytes, their 16-byte chunks swizzled by row % 8
@@ -416,6 +424,7 @@ def _segment_partial(
     DL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, K3))
     hh = gl.arange(0, 8, layout=HL)[:, None, None]
     dd = gl.arange(0, 128, layout=DL)[None, None, :]
+    gl.inline_asm_elementwise(_GRID_WAIT, "=r,r", [hh], dtype=gl.int32, is_pure=False, pack=1)
     q = gl.load(
         query_ptr + b * stride_qb + (h * G + hh) * stride_qh + dd, mask=hh < G, other=0.0
     ).to(gl.float32)
@@ -447,6 +456,7 @@ def _segment_partial(
     gl.store(ws_ptr + m_off + part * 16 + hh, m, mask=real)
     gl.store(ws_ptr + l_off + part * 16 + hh, l_sum, mask=real)
     gl.store(ws_ptr + acc_off + (part * G + hh) * 128 + dd, acc, mask=real)
+    gl.inline_asm_elementwise(_GRID_LAUNCH, "=r,r", [hh], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -679,14 +689,16 @@ def _rotated_query(
 @gluon.jit
 def _history_partial(
     query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off, acc_off, part,
-    kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs, start, stop, lo,
-    kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
+    kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs, start, stop, bounds_ptr,
+    n_pre, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
     G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
     KB: gl.constexpr, VB: gl.constexpr,
 ):  # fmt: skip
-    """The partial of history tokens ``[start, stop)`` (visible from ``lo``) for the query
-    heads of one KV head: the program's walk, then its warps merged and stored at workspace
-    part ``part`` (m / l: 16 rows; sums: ``G x 128`` in the values' rotated domain)."""
+    """The partial of history tokens ``[start, stop)`` (of them the visible ones, when
+    ``HAS_BOUNDS``) for the query heads of one KV head: the program's walk, then its warps
+    merged and stored at workspace part ``part`` (m / l: 16 rows; sums: ``G x 128`` in the
+    values' rotated domain). Before the grid wait it only stages the constants (the query
+    rotation, the tables)."""
     L: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [W, 1], [1, 0])
     r = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, L))
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, L))
@@ -720,7 +732,6 @@ def _history_partial(
     )
     g4 = g[:, None] + 0 * c[None, :]
     tw = (w * 32)[:, None] + 0 * c[None, :]
-    stop4 = tw * 0 + stop
     STEP: gl.constexpr = 32 * W
     STAGE_BYTES: gl.constexpr = _stage_blocks(KB, VB) * 16 * 32 * W + 256 * W  # stage_bytes
     # software pipeline: the operands are copied STAGES - 1 steps ahead (K4 keys: each thread
@@ -737,18 +748,6 @@ def _history_partial(
     # the query rotation first (its own commit group), into the table's bytes
     mat = buf._reinterpret(gl.float16, [128, 128], _ROTATION_SMEM)
     _copy_rotation(mat, rot_ptr, W)
-    for s in gl.static_range(_STAGES - 1):
-        _copy_step(
-            bases,
-            tw + (start + s * STEP),
-            stop4,
-            g4,
-            tw * 0 + (_LUT + s * STAGE_BYTES),  # the stages follow the pair table
-            W,
-            True,
-            KB,
-            VB,
-        )
     # the tables' loads are issued before the query's rotation, to overlap their latency:
     # the key pair table goes into shared memory, one copy per lane (entry e of lane l at byte
     # 128 e + 4 l; thread (warp w, lane l) writes entries w, w + W, ... of column l)
@@ -763,6 +762,25 @@ def _history_partial(
         vtab = gl.load(vtab_ptr + (lane * 4)[:, None] + c[None, :])
     else:
         vtab = (lane * 4)[:, None] + 0 * c[None, :]
+    # the constants are staged: from here on the program reads what earlier kernels wrote
+    gl.inline_asm_elementwise(_GRID_WAIT, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
+    lo = 0
+    if HAS_BOUNDS:
+        lo = gl.load(bounds_ptr + 2 * b) - n_pre
+        stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
+    stop4 = tw * 0 + stop
+    for s in gl.static_range(_STAGES - 1):
+        _copy_step(
+            bases,
+            tw + (start + s * STEP),
+            stop4,
+            g4,
+            tw * 0 + (_LUT + s * STAGE_BYTES),  # the stages follow the pair table
+            W,
+            True,
+            KB,
+            VB,
+        )
     # the staged rotation has landed (the first stage's copies, newer, may still fly)
     gl.inline_asm_elementwise(_WAIT_OLDER, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
     gl.thread_barrier()
@@ -844,6 +862,7 @@ def _history_partial(
     gl.store(out + 9, _merge_column(buf, 5, wts, W, ML), mask=real)
     gl.store(out + 10, _merge_column(buf, 6, wts, W, ML), mask=real)
     gl.store(out + 11, _merge_column(buf, 7, wts, W, ML), mask=real)
+    gl.inline_asm_elementwise(_GRID_LAUNCH, "=r,r", [col], dtype=gl.int32, is_pure=False, pack=1)
 
 
 # run-time values the kernel is never specialized on (each call has its own); the other integer
@@ -922,10 +941,6 @@ def _mma_decode_kernel(
     part = bh * n_parts + split
     start = split * split_len
     stop = gl.minimum(start + split_len, T)
-    lo = 0
-    if HAS_BOUNDS:
-        lo = gl.load(bounds_ptr + 2 * b) - n_pre
-        stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
     if HAS_SEG:
         if split >= n_parts - n_segp:
             seg_from = 0  # a lone program takes them all (a constant: no spill in this build)
@@ -941,14 +956,16 @@ def _mma_decode_kernel(
             _history_partial(
                 query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
                 acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
-                start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
+                start, stop, bounds_ptr, n_pre, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb,
+                vn_sh,
                 G, GQ, W, HAS_BOUNDS, KB, VB,
             )  # fmt: skip
     else:
         _history_partial(
             query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
             acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
-            start, stop, lo, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
+            start, stop, bounds_ptr, n_pre, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb,
+            vn_sh,
             G, GQ, W, HAS_BOUNDS, KB, VB,
         )  # fmt: skip
     # take a ticket: the program that takes the last one merges the KV head's parts. The
@@ -1146,7 +1163,7 @@ def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -
         g, gq, w, has_bounds, has_seg, seg_split, kb, vb = constexprs
         _COMPILED[key] = _mma_decode_kernel[grid[:2]](
             *args, G=g, GQ=gq, W=w, HAS_BOUNDS=has_bounds, HAS_SEG=has_seg, SEG_SPLIT=seg_split,
-            KB=kb, VB=vb, num_warps=w, maxnreg=_MAX_REGISTERS,
+            KB=kb, VB=vb, num_warps=w, maxnreg=_MAX_REGISTERS, launch_pdl=True,
         )  # fmt: skip
         return
     stream = driver.active.get_current_stream(device.index)
