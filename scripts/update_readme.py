@@ -459,6 +459,12 @@ def render_attention(doc: Any) -> str:
         ("speedup", lambda r: f"{r['sdpa_us'] / r['tqai_us']:.2f}x", True),
         ("tqai GB/s", lambda r: round(r["tqai_gbps"]), True),
     ]
+    if any("tqai_after_us" in r for r in rows):
+        columns += [
+            ("SDPA us, after a writer", _key("sdpa_after_us"), True),
+            ("tqai us, after a writer", _key("tqai_after_us"), True),
+            ("speedup, after a writer", _speedup("sdpa_after_us", "tqai_after_us"), True),
+        ]
     if roof:
         columns.append(
             ("% of copy roofline", lambda r: f"{100 * r['tqai_gbps'] / roof:.0f}%", True)
@@ -473,6 +479,10 @@ def render_attention(doc: Any) -> str:
     if isinstance(doc, dict) and doc.get("segments"):
         notes.append(f"Segments: {doc['segments']}.")
     return _join(_table(columns, rows), " ".join(notes), _machine(doc))
+
+
+def _speedup(num: str, den: str) -> Callable[[Row], Any]:
+    return lambda r: None if r.get(den) is None else f"{r[num] / r[den]:.2f}x"
 
 
 def _speed(name: str) -> Callable[[Row], Any]:

@@ -50,10 +50,17 @@ bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and v
 head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte aligned;
 CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's API moves
 between releases; older versions take the block kernel). Shared memory: the table (32 KB,
-which first holds the staged query rotation), ``STAGES`` stages of ``96 * 32 * W`` bytes
-(K4/V4: ``128 * 32 * W``, K3/V2: ``80 * 32 * W``) and 2 KB for the rotation's operand exchange
-(8 warps: 82, 98 and 74 KB; two programs per SM, which the registers allow).
-Measurements and the design history: ``benchmarks/NOTES.md`` (v9-v11).
+which first holds the staged query rotation), ``STAGES`` stages of ``96 * 32 * W`` bytes of
+rows (K4/V4: ``128 * 32 * W``, K3/V2: ``80 * 32 * W``) and ``256 * W`` of norms, and 2 KB for
+the rotation's operand exchange (8 warps: 86, 102 and 78 KB; two programs per SM, which the
+registers allow).
+
+The kernel is launched with programmatic dependent launch: a program stages its constants (the
+query rotation, the tables) before ``griddepcontrol.wait`` and reads nothing else before it,
+and each merging program lets the next such launch begin once its loads have landed, so that
+back-to-back calls overlap one call's staging with the previous call's merge. After a kernel
+that does not signal its dependents early (a model's own kernels) it runs as a plain launch.
+Measurements and the design history: ``benchmarks/NOTES.md`` (v9-v12).
 """
 
 from __future__ import annotations
@@ -180,9 +187,10 @@ _WAIT_OLDER = gl.constexpr("cp.async.wait_group 1;\nmov.b32 $0, 0;")
 # programmatic dependent launch (the kernel is launched with it): a program reads nothing an
 # earlier kernel may still write (query, cache, bounds, tickets, workspace) before
 # _GRID_WAIT, which returns once the stream's earlier kernels have completed (the constants
-# it reads before, tables and rotations, are written once by blocking copies); _GRID_LAUNCH,
-# once a program's partial is stored, lets the next kernel's programs start their own
-# prologues on the SMs this call frees (the merge's tail)
+# it reads before, tables and rotations, are written once by blocking copies). _GRID_LAUNCH
+# by each KV head's merging program, once the merge's loads have landed (the other programs
+# have exited), lets a next kernel launched the same way start on the SMs this call freed
+# while the merge ends (only its staging: it waits for this call before reading anything)
 _GRID_WAIT = gl.constexpr("griddepcontrol.wait;\nmov.b32 $0, 0;")
 _GRID_LAUNCH = gl.constexpr("griddepcontrol.launch_dependents;\nmov.b32 $0, 0;")
 
@@ -456,7 +464,6 @@ def _segment_partial(
     gl.store(ws_ptr + m_off + part * 16 + hh, m, mask=real)
     gl.store(ws_ptr + l_off + part * 16 + hh, l_sum, mask=real)
     gl.store(ws_ptr + acc_off + (part * G + hh) * 128 + dd, acc, mask=real)
-    gl.inline_asm_elementwise(_GRID_LAUNCH, "=r,r", [hh], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -631,6 +638,9 @@ def _merge_splits(
         ys.slice(0, GQ, dim=0).store(y)
     async_copy.wait_group(0)
     gl.thread_barrier()
+    # the merge's loads have landed: the next kernel's programs may start (see _GRID_LAUNCH)
+    hs = gl.arange(0, GQ, layout=HL)
+    gl.inline_asm_elementwise(_GRID_LAUNCH, "=r,r", [hs], dtype=gl.int32, is_pure=False, pack=1)
     QL: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [W, 1], [0, 1])  # (128 dims, 8 heads)
     xt = xs.permute((1, 0)).load(QL)
     hi = xt.to(gl.float16)
@@ -862,7 +872,6 @@ def _history_partial(
     gl.store(out + 9, _merge_column(buf, 5, wts, W, ML), mask=real)
     gl.store(out + 10, _merge_column(buf, 6, wts, W, ML), mask=real)
     gl.store(out + 11, _merge_column(buf, 7, wts, W, ML), mask=real)
-    gl.inline_asm_elementwise(_GRID_LAUNCH, "=r,r", [col], dtype=gl.int32, is_pure=False, pack=1)
 
 
 # run-time values the kernel is never specialized on (each call has its own); the other integer
