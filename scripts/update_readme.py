@@ -459,16 +459,16 @@ def render_attention(doc: Any) -> str:
         ("speedup", lambda r: f"{r['sdpa_us'] / r['tqai_us']:.2f}x", True),
         ("tqai GB/s", lambda r: round(r["tqai_gbps"]), True),
     ]
+    if roof:
+        columns.append(
+            ("% of copy roofline", lambda r: f"{100 * r['tqai_gbps'] / roof:.0f}%", True)
+        )
     if any("tqai_after_us" in r for r in rows):
         columns += [
             ("SDPA us, after a writer", _key("sdpa_after_us"), True),
             ("tqai us, after a writer", _key("tqai_after_us"), True),
             ("speedup, after a writer", _speedup("sdpa_after_us", "tqai_after_us"), True),
         ]
-    if roof:
-        columns.append(
-            ("% of copy roofline", lambda r: f"{100 * r['tqai_gbps'] / roof:.0f}%", True)
-        )
     card = rows[0].get("card") if rows else None
     notes = []
     if card:
