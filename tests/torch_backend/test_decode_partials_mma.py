@@ -149,6 +149,35 @@ def test_mma_partials_take_four_bit_values_only_with_the_keys_codebook():
     assert not serves_mma(q, keys, values, kq, vq)  # K3/V4: two codebooks
 
 
+@pytest.mark.gpu
+def test_mma_launch_skips_the_jit_after_the_first_call(monkeypatch):
+    """Once a specialization is compiled, a call goes straight to its launcher (the JIT's
+    binder is most of an eager call's host time); with a launch hook set it takes the JIT."""
+    from triton import knobs
+
+    from tqai_torch.kernels.triton import decode_partials_mma as dpm
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    q, keys, values, kq, vq, kwargs = _inputs((1, 32, 8, 700, 4, 3), torch.float16, seed=5)
+    first = decode_attention_triton(q, keys, values, kq, vq, partials="mma", **kwargs)
+    jit_calls = []
+    run = dpm._mma_decode_kernel.run
+    monkeypatch.setattr(
+        dpm._mma_decode_kernel, "run", lambda *a, **k: jit_calls.append(1) or run(*a, **k)
+    )
+    again = decode_attention_triton(q, keys, values, kq, vq, partials="mma", **kwargs)
+    assert not jit_calls
+    assert torch.equal(first, again)
+    seen = []
+    knobs.runtime.launch_enter_hook.add(seen.append)
+    try:
+        decode_attention_triton(q, keys, values, kq, vq, partials="mma", **kwargs)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(seen.append)
+    assert jit_calls
+    assert seen
+
+
 def test_mma_partials_refuse_what_they_do_not_serve():
     pytest.importorskip("triton")
     from tqai_torch.kernels.triton.decode_attention import decode_attention_triton

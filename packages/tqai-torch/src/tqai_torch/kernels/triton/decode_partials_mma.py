@@ -72,11 +72,9 @@ from typing import Any
 import numpy as np
 import torch
 import triton
-from triton import knobs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-from triton.runtime import driver
 
 from tqai_torch.kernels.triton.decode_mma_ptx import (
     LUT_BYTES,
@@ -92,6 +90,7 @@ from tqai_torch.kernels.triton.decode_mma_ptx import (
     table_words,
     value_asm,
 )
+from tqai_torch.kernels.triton.launch import FastLaunch, int_key, pointer_key
 
 __all__ = ["launch_mma_decode", "serves_mma"]
 
@@ -1136,7 +1135,6 @@ def launch_mma_decode(
     _launch(device, (bh, slots, 1), args, constexprs)
 
 
-_COMPILED: dict = {}
 # positions, in the kernel's run-time arguments, of the integers Triton specializes on: all
 # but the pointers (``*_ptr``), the float ``qscale`` and ``_RUNTIME_INTS``
 _SPECIALIZED = tuple(
@@ -1146,37 +1144,25 @@ _SPECIALIZED = tuple(
 )
 
 
-def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -> None:
-    """Launch ``_mma_decode_kernel``: through Triton's JIT the first time for a specialization,
-    then straight through the compiled kernel's launcher, skipping the JIT's argument binder
-    and cache lookup (most of a call's host time; decode is one call per layer and token).
+_LAUNCHES = FastLaunch(_mma_decode_kernel)
 
-    The key is what Triton 3.6 specializes a compiled kernel on: the constexprs, each pointer's
-    dtype and 16-byte alignment, each integer's divisibility by 16 (but ``_RUNTIME_INTS``) and
-    each integer's type (int32, or int64 past its range). With launch hooks set (profilers)
-    every call takes the JIT."""
-    pointers = [a for a in args if isinstance(a, torch.Tensor)]
+
+def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -> None:
+    """Launch ``_mma_decode_kernel`` (:class:`.launch.FastLaunch`: through Triton's JIT once a
+    specialization, then straight through its compiled launcher), keyed on what Triton 3.6
+    specializes it on: the constexprs, each pointer's dtype and alignment, each integer's
+    divisibility (but ``_RUNTIME_INTS``, which change every call) and each integer's type."""
     key = (
         device.index,
         constexprs,
-        tuple(p.dtype for p in pointers),
-        tuple(p.data_ptr() % 16 == 0 for p in pointers),
-        tuple(args[i] % 16 == 0 for i in _SPECIALIZED),
+        tuple(pointer_key(a) for a in args if isinstance(a, torch.Tensor)),
+        tuple(int_key(args[i]) for i in _SPECIALIZED),
         tuple(-(2**31) <= a < 2**31 for a in args if type(a) is int),
     )
-    kernel = _COMPILED.get(key)
-    hooked = (
-        knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
-    )
-    if kernel is None or hooked:
-        g, gq, w, has_bounds, has_seg, seg_split, kb, vb = constexprs
-        _COMPILED[key] = _mma_decode_kernel[grid[:2]](
-            *args, G=g, GQ=gq, W=w, HAS_BOUNDS=has_bounds, HAS_SEG=has_seg, SEG_SPLIT=seg_split,
-            KB=kb, VB=vb, num_warps=w, maxnreg=_MAX_REGISTERS, launch_pdl=True,
-        )  # fmt: skip
-        return
-    stream = driver.active.get_current_stream(device.index)
-    kernel.run(
-        grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
-        None, None, None, *args, *constexprs,
+    g, gq, w, has_bounds, has_seg, seg_split, kb, vb = constexprs
+    names = {"G": g, "GQ": gq, "W": w, "HAS_BOUNDS": has_bounds, "HAS_SEG": has_seg}
+    names |= {"SEG_SPLIT": seg_split, "KB": kb, "VB": vb}
+    _LAUNCHES(
+        key, device.index, grid[:2], args, names,
+        num_warps=w, maxnreg=_MAX_REGISTERS, launch_pdl=True,
     )  # fmt: skip

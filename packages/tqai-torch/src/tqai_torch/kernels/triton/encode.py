@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from tqai.container import QuantizedTensor, dtype_name
+from tqai_torch.kernels.triton.launch import FastLaunch, int_key, pointer_key
 
 __all__ = ["TritonEncoder", "quantize_triton", "supports"]
 
@@ -100,6 +101,7 @@ def _encode_kernel(
     tl.store(norm_ptr + rows * stride_n, norm.to(norm_ptr.dtype.element_ty), mask=row_ok)
 
 
+_LAUNCHES = FastLaunch(_encode_kernel)
 _ROTATIONS: dict = {}
 
 
@@ -191,11 +193,18 @@ def quantize_triton(
             raise ValueError("out[0]: packed rows must be contiguous (last stride 1)")
         rot, bounds = _device_constants(quantizer, x.device)
         dp = rot.shape[0]
-        _encode_kernel[(triton.cdiv(n, block_m),)](
-            rows, rows.stride(0), rot, bounds, packed_rows, packed_rows.stride(0),
-            norm_rows, norm_rows.stride(0), n,
-            BITS=bits, D=d, DP=dp, WR=-(-d // 8), WP=dp // 8, DC=min(dp, 64), BLOCK_M=block_m,
-        )  # fmt: skip
+        strides = (rows.stride(0), packed_rows.stride(0), norm_rows.stride(0))
+        args = (rows, strides[0], rot, bounds, packed_rows, strides[1], norm_rows, strides[2], n)
+        constexprs = {"BITS": bits, "D": d, "DP": dp, "WR": -(-d // 8), "WP": dp // 8}
+        constexprs |= {"DC": min(dp, 64), "BLOCK_M": block_m}
+        key = (  # what Triton specializes the kernel on (n_rows: its type only)
+            x.device.index,
+            tuple(constexprs.values()),
+            tuple(pointer_key(t) for t in (rows, rot, bounds, packed_rows, norm_rows)),
+            tuple(int_key(s) for s in strides),
+            -(2**31) <= n < 2**31,
+        )
+        _LAUNCHES(key, x.device.index, (triton.cdiv(n, block_m),), args, constexprs)
     if check:
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or Inf; only finite values can be quantized")

@@ -1,0 +1,74 @@
+"""Launching compiled Triton kernels without Triton's JIT on every call.
+
+Decode calls each kernel once per layer and token, and Triton's JIT binds and specializes the
+arguments of every call in Python before it launches (most of an eager call's host time). A
+:class:`FastLaunch` keeps each compiled kernel under a key the caller builds from exactly what
+Triton specializes that kernel on, and launches it through the compiled kernel's own launcher
+afterwards. What Triton 3.6 specializes on: the constexprs, each pointer's dtype and 16-byte
+alignment, each integer's divisibility by 16 (not for ``do_not_specialize`` arguments) and
+type (int32, or int64 past its range); :func:`int_key` also keys on ``== 1`` (older versions
+specialized it; one more key never launches a kernel on values it was not compiled for).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from triton import knobs
+from triton.runtime import driver
+
+__all__ = ["FastLaunch", "int_key", "launch_hooks_set", "pointer_key"]
+
+
+def launch_hooks_set() -> bool:
+    """Whether a Triton launch hook (a profiler's) is set: then every call takes the JIT, which
+    calls it. Triton 3.6 keeps empty hook chains (``HookChain``, its hooks in ``.calls``) where
+    older versions kept None."""
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
+
+
+def int_key(value: int) -> tuple[bool, bool, bool]:
+    """An integer argument's part of a key: divisible by 16, equal to 1, within int32."""
+    return value % 16 == 0, value == 1, -(2**31) <= value < 2**31
+
+
+def pointer_key(tensor: Any) -> tuple[Any, bool]:
+    """A pointer argument's part of a key: its dtype and whether it is 16-byte aligned."""
+    return tensor.dtype, tensor.data_ptr() % 16 == 0
+
+
+class FastLaunch:
+    """The compiled kernels of one ``@triton.jit`` (or Gluon) function, by caller-built keys.
+
+    ``fn``'s constexpr parameters must come after all its other parameters (the compiled
+    launcher takes the arguments in signature order)."""
+
+    def __init__(self, fn: Any) -> None:
+        # (under TRITON_INTERPRET the function has none, and never reaches a compiled launcher)
+        params = list(getattr(fn, "params", ()))
+        self.constexprs = [p.name for p in params if p.is_constexpr]
+        if any(p.is_constexpr for p in params[: len(params) - len(self.constexprs)]):
+            raise ValueError(f"{fn}: constexpr parameters must come last")
+        self.fn = fn
+        self.kernels: dict[Any, Any] = {}
+
+    def __call__(
+        self, key: Any, device_index: int, grid: tuple, args: tuple, constexprs: dict, **options
+    ) -> None:
+        """Launch ``fn[grid](*args, **constexprs, **options)``: through the JIT the first time
+        for ``key`` (or while a launch hook is set), then through the kernel compiled then.
+        ``key`` must hold every argument's specialization (:func:`pointer_key`,
+        :func:`int_key`), the constexprs and the options."""
+        kernel = self.kernels.get(key)
+        if kernel is None or launch_hooks_set():
+            kernel = self.fn[grid](*args, **constexprs, **options)
+            if hasattr(kernel, "packed_metadata"):  # a compiled kernel (not the interpreter)
+                self.kernels[key] = kernel
+            return
+        x, y, z = (*grid, 1, 1)[:3]
+        kernel.run(
+            x, y, z, driver.active.get_current_stream(device_index), kernel.function,
+            kernel.packed_metadata, None, None, None, *args,
+            *(constexprs[name] for name in self.constexprs),
+        )  # fmt: skip

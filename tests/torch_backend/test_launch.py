@@ -1,0 +1,98 @@
+"""FastLaunch: the JIT once a key (or while a launch hook is set), the compiled launcher after.
+
+Runs on the CPU with stand-ins for the jitted function and its compiled kernel (needs triton
+importable for its hook chains; the CUDA launches themselves are covered by the GPU tests of
+the decode and encode kernels)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton import knobs  # noqa: E402
+
+from tqai_torch.kernels.triton import launch  # noqa: E402
+
+
+class _Param:
+    def __init__(self, name: str, constexpr: bool) -> None:
+        self.name, self.is_constexpr = name, constexpr
+
+
+class _Jitted:
+    """A jitted function's stand-in: ``fn[grid](*args, **kw)`` records the call and returns a
+    compiled kernel's stand-in whose ``run`` records the direct launches."""
+
+    def __init__(self, names: list[tuple[str, bool]]) -> None:
+        self.params = [_Param(n, c) for n, c in names]
+        self.jit_calls: list = []
+        self.runs: list = []
+        jitted = self
+
+        class Compiled:
+            function, packed_metadata = "function", "metadata"
+
+            def run(self, *args):
+                jitted.runs.append(args)
+
+        self.compiled = Compiled()
+
+    def __getitem__(self, grid):
+        def call(*args, **kw):
+            self.jit_calls.append((grid, args, kw))
+            return self.compiled
+
+        return call
+
+
+@pytest.fixture
+def stream(monkeypatch):
+    fake = types.SimpleNamespace(active=types.SimpleNamespace(get_current_stream=lambda i: 7))
+    monkeypatch.setattr(launch, "driver", fake)
+
+
+def test_fast_launch_takes_the_jit_once_per_key(stream):
+    fn = _Jitted([("x_ptr", False), ("n", False), ("B", True), ("A", True)])
+    fast = launch.FastLaunch(fn)
+    fast("k1", 0, (3,), ("x", 5), {"A": 2, "B": 1}, num_warps=4)
+    assert fn.jit_calls == [((3,), ("x", 5), {"A": 2, "B": 1, "num_warps": 4})]
+    fast("k1", 0, (3,), ("y", 6), {"A": 2, "B": 1}, num_warps=4)
+    # grid padded to 3, the stream, the kernel, no hooks, then args and constexprs in order
+    assert fn.runs == [(3, 1, 1, 7, "function", "metadata", None, None, None, "y", 6, 1, 2)]
+    fast("k2", 0, (3, 2), ("z", 16), {"A": 2, "B": 1}, num_warps=4)
+    assert len(fn.jit_calls) == 2
+    assert len(fn.runs) == 1
+
+
+def test_fast_launch_takes_the_jit_while_a_launch_hook_is_set(stream):
+    fn = _Jitted([("x_ptr", False), ("A", True)])
+    fast = launch.FastLaunch(fn)
+    fast("k", 0, (1,), ("x",), {"A": 1})
+    chain = knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):  # Triton before 3.6: hooks are plain attributes
+        pytest.skip("needs Triton's hook chains")
+    assert not launch.launch_hooks_set()
+    chain.add(print)
+    try:
+        assert launch.launch_hooks_set()
+        fast("k", 0, (1,), ("x",), {"A": 1})
+    finally:
+        chain.remove(print)
+    assert not launch.launch_hooks_set()
+    assert len(fn.jit_calls) == 2
+    assert not fn.runs
+
+
+def test_fast_launch_refuses_constexprs_before_other_parameters():
+    with pytest.raises(ValueError, match="constexpr parameters must come last"):
+        launch.FastLaunch(_Jitted([("A", True), ("x_ptr", False)]))
+
+
+def test_int_key_tells_apart_what_triton_specializes_on():
+    keys = {launch.int_key(v) for v in (16, 32, 1, 3, 2**31, -(2**31) - 16)}
+    assert launch.int_key(16) == launch.int_key(32)
+    assert len(keys) == 4  # 16 and 32 alike; 1, 3 and the two int64 values each their own
+    assert launch.int_key(2**31) == launch.int_key(-(2**31) - 16)
