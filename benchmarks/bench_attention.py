@@ -7,9 +7,13 @@ rotations, fp16 norms; histories quantized by the core quantizer, the same codes
 How it is timed (benchmarks/NOTES.md says why): a decode step runs attention once per layer,
 each layer over its own cache, so the timed unit is a CUDA graph that calls the op over ``n``
 different copies of the cache (``n`` chosen so that the copies together exceed the 50 MB L2
-several times over); the graph is replayed and the time divided by the calls. Both providers
-are timed the same way. Host (Python) overhead is not in these numbers; the eager per-call
-time of one call is reported separately (``eager`` in the JSON).
+several times over), cycling over them to at least ``MIN_CALLS`` calls; the graph is replayed
+and the time divided by the calls. Both providers are timed the same way, back to back and
+after a small kernel writing the query (``*_after_us``: the (writer, call) pairs' graph minus
+the writers'; back to back, tqai's fast path overlaps each call's staging with the previous
+call's merge through programmatic dependent launch, which a model's own kernels do not
+allow). Host (Python) overhead is not in these numbers; the eager per-call time of one call is
+reported separately (``eager`` in the JSON).
 
 The tqai calls carry what the cache passes: ``--sinks`` (4) full-precision tokens before the
 packed history and ``--window`` (33: the 32-token window and the staged token) after it, bf16;
