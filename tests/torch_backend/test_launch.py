@@ -91,8 +91,17 @@ def test_fast_launch_refuses_constexprs_before_other_parameters():
         launch.FastLaunch(_Jitted([("A", True), ("x_ptr", False)]))
 
 
-def test_int_key_tells_apart_what_triton_specializes_on():
-    keys = {launch.int_key(v) for v in (16, 32, 1, 3, 2**31, -(2**31) - 16)}
-    assert launch.int_key(16) == launch.int_key(32)
-    assert len(keys) == 4  # 16 and 32 alike; 1, 3 and the two int64 values each their own
-    assert launch.int_key(2**31) == launch.int_key(-(2**31) - 16)
+def test_keys_tell_apart_what_triton_specializes_on():
+    import torch
+
+    assert launch.ints_key((16, 32, 1, 3)) == (
+        (True, True, False, False),
+        (False, False, True, False),
+    )
+    assert launch.int_types_key((16, 2**31 - 1, -(2**31))) is True
+    assert launch.int_types_key((16, 2**31, -(2**31) - 1)) == (True, False, False)
+    assert launch.int_types_key(()) is True
+    base = torch.zeros(64, dtype=torch.float32)
+    dtypes, aligned = launch.pointers_key((base, base[1:], base.to(torch.float16)))
+    assert dtypes == (torch.float32, torch.float32, torch.float16)
+    assert aligned == (base.data_ptr() % 16 == 0, False, True)

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -90,7 +91,7 @@ from tqai_torch.kernels.triton.decode_mma_ptx import (
     table_words,
     value_asm,
 )
-from tqai_torch.kernels.triton.launch import FastLaunch, int_key, pointer_key
+from tqai_torch.kernels.triton.launch import FastLaunch, int_types_key, ints_key, pointers_key
 
 __all__ = ["launch_mma_decode", "serves_mma"]
 
@@ -1027,13 +1028,16 @@ def _aligned(qt: Any, row_bytes: int) -> bool:
     """Whole packed rows on 16-byte boundaries (the copies are 16-byte key groups and 4- or
     8-byte value words) and norms of unit token stride."""
     p, n = qt.packed, qt.norms
+    if p.dim() != 4:
+        return False
+    sb, sh, st, sd = p.stride()
     return (
         p.shape[-1] == row_bytes
-        and p.stride(3) == 1
-        and p.stride(2) == row_bytes
+        and sd == 1
+        and st == row_bytes
         and p.data_ptr() % 16 == 0
-        and p.stride(0) % 16 == 0
-        and p.stride(1) % 16 == 0
+        and sb % 16 == 0
+        and sh % 16 == 0
         and n.stride(2) == 1
     )
 
@@ -1120,28 +1124,28 @@ def launch_mma_decode(
     ktab, vtab, kmat, vmat = _tables(key_q, value_q, device)
     kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
     args = (
-        query, query.stride(0), query.stride(1), qscale, kmat, vmat,
+        query, *query.stride()[:2], qscale, kmat, vmat,
         ws, m_off, l_off, acc_off, _counters(device, bh), out,
         kp, kn, vp, vn, ktab, vtab,
         t, split_len, n_kv, rows_per_seq, query if bounds is None else bounds,
-        kp.stride(0), kp.stride(1), kn.stride(0), kn.stride(1),
-        vp.stride(0), vp.stride(1), vn.stride(0), vn.stride(1),
+        *kp.stride()[:2], *kn.stride()[:2], *vp.stride()[:2], *vn.stride()[:2],
         *prefix, *suffix, n_segp, seg_span,
     )  # fmt: skip
     constexprs = (
-        g, triton.next_power_of_2(g), num_warps, bounds is not None, has_seg, n_segp > 1,
+        g, 1 << (g - 1).bit_length(), num_warps, bounds is not None, has_seg, n_segp > 1,
         kbits, vbits,
     )  # fmt: skip
     _launch(device, (bh, slots, 1), args, constexprs)
 
 
-# positions, in the kernel's run-time arguments, of the integers Triton specializes on: all
-# but the pointers (``*_ptr``), the float ``qscale`` and ``_RUNTIME_INTS``
-_SPECIALIZED = tuple(
-    i
-    for i, name in enumerate(p.name for p in _mma_decode_kernel.params if not p.is_constexpr)
-    if not name.endswith("_ptr") and name != "qscale" and name not in _RUNTIME_INTS
-)
+# the kernel's run-time arguments by kind: the pointers (``*_ptr``, tensors), the integers
+# (all but those and the float ``qscale``), of those the ones Triton specializes on (all but
+# ``_RUNTIME_INTS``)
+_NAMES = [p.name for p in _mma_decode_kernel.params if not p.is_constexpr]
+_pointers = itemgetter(*(i for i, name in enumerate(_NAMES) if name.endswith("_ptr")))
+_INTS = [i for i, name in enumerate(_NAMES) if not name.endswith("_ptr") and name != "qscale"]
+_ints = itemgetter(*_INTS)
+_specialized = itemgetter(*(i for i in _INTS if _NAMES[i] not in _RUNTIME_INTS))
 
 
 _LAUNCHES = FastLaunch(_mma_decode_kernel)
@@ -1155,9 +1159,9 @@ def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -
     key = (
         device.index,
         constexprs,
-        tuple(pointer_key(a) for a in args if isinstance(a, torch.Tensor)),
-        tuple(int_key(args[i]) for i in _SPECIALIZED),
-        tuple(-(2**31) <= a < 2**31 for a in args if type(a) is int),
+        pointers_key(_pointers(args)),
+        ints_key(_specialized(args)),
+        int_types_key(_ints(args)),
     )
     g, gq, w, has_bounds, has_seg, seg_split, kb, vb = constexprs
     names = {"G": g, "GQ": gq, "W": w, "HAS_BOUNDS": has_bounds, "HAS_SEG": has_seg}

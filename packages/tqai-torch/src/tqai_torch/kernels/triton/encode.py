@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from tqai.container import QuantizedTensor, dtype_name
-from tqai_torch.kernels.triton.launch import FastLaunch, int_key, pointer_key
+from tqai_torch.kernels.triton.launch import FastLaunch, int_types_key, ints_key, pointers_key
 
 __all__ = ["TritonEncoder", "quantize_triton", "supports"]
 
@@ -200,9 +200,9 @@ def quantize_triton(
         key = (  # what Triton specializes the kernel on (n_rows: its type only)
             x.device.index,
             tuple(constexprs.values()),
-            tuple(pointer_key(t) for t in (rows, rot, bounds, packed_rows, norm_rows)),
-            tuple(int_key(s) for s in strides),
-            -(2**31) <= n < 2**31,
+            pointers_key((rows, rot, bounds, packed_rows, norm_rows)),
+            ints_key(strides),
+            int_types_key((*strides, n)),
         )
         _LAUNCHES(key, x.device.index, (triton.cdiv(n, block_m),), args, constexprs)
     if check:
