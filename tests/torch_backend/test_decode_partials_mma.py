@@ -116,6 +116,49 @@ def test_mma_partials_left_padded_batch(segments, last_start, bits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_mma_calls_back_to_back_each_read_their_own_inputs(graph):
+    """Calls queued one after another with nothing between them (eager, and captured in one
+    CUDA graph) overlap through programmatic dependent launch: each must still read its own
+    query, cache, tickets and workspace only after the call before it has finished."""
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    cases = [
+        ((1, 32, 8, 4096, 4, 3), 31),
+        ((2, 32, 8, 1000, 0, 5), 32),
+        ((1, 32, 8, 300, 4, 0), 33),
+    ]
+    inputs = [_inputs(case, torch.bfloat16, seed=seed) for case, seed in cases]
+    refs = [
+        compressed_attention(q.float(), keys, values, kq, vq, **kw)
+        for q, keys, values, kq, vq, kw in inputs
+    ]
+
+    def calls():
+        return [
+            decode_attention_triton(q, keys, values, kq, vq, partials="mma", **kw)
+            for q, keys, values, kq, vq, kw in inputs * 3
+        ]
+
+    outs = calls()  # compiles, and eager back to back
+    if graph:
+        torch.cuda.synchronize()
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            outs = calls()
+        for q, *_ in inputs:  # new queries after the capture: the replay must read them
+            q.copy_(torch.randn_like(q))
+        refs = [
+            compressed_attention(q.float(), keys, values, kq, vq, **kw)
+            for q, keys, values, kq, vq, kw in inputs
+        ]
+        captured.replay()
+    torch.cuda.synchronize()
+    for i, out in enumerate(outs):
+        check_kernel_output(out, refs[i % len(refs)], torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_mma_and_block_partials_agree_on_a_history_view():
     """A view into a larger buffer is read in place; both partials kernels agree."""
     from tqai.attention import slice_tokens
