@@ -103,3 +103,42 @@ def test_crop_and_map_batch():
 def test_config_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KVCacheConfig(**kwargs)
+
+
+class _InPlace:
+    """A quantizer that writes its codes straight into the history (as the fused GPU encodes
+    do), or declines to (``write=False``: the store must then quantize and copy)."""
+
+    def __init__(self, inner, write: bool = True) -> None:
+        self.inner, self.write, self.calls = inner, write, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def quantize_into(self, x, arrays) -> bool:
+        self.calls += 1
+        if not self.write:
+            return False
+        for name, a in self.inner.quantize(x, xp=np).arrays().items():
+            arrays[name][...] = a
+        return True
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_in_place_encodes_hold_the_same_history(write):
+    """Tokens leaving the window go straight into the packed history's buffers when the
+    quantizer can write there; the history, its growth and attention are as with a copy."""
+    config = KVCacheConfig(bits_k=4, bits_v=2, sink_tokens=2, residual_window=5)
+    plain, direct = KVStore(config), KVStore(config)
+    _run(plain, np, [7, 1, 1, 150, 1, 1], np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    _run(direct, np, [7], rng)  # the store makes its quantizers at its first update
+    direct_k = direct.key_quantizer = _InPlace(direct.key_quantizer, write)
+    direct.value_quantizer = _InPlace(direct.value_quantizer, write)
+    _run(direct, np, [1, 1, 150, 1, 1], rng)
+    assert direct_k.calls == 4  # every commit to the history after the first (its buffers)
+    for a, b in zip(plain.dequantize(), direct.dequantize(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for hist_a, hist_b in ((plain.keys, direct.keys), (plain.values, direct.values)):
+        assert hist_a.length == hist_b.length
+        assert hist_a.capacity == hist_b.capacity

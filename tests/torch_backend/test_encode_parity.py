@@ -127,3 +127,53 @@ def test_cuda_cache_encodes_with_the_kernel(monkeypatch):
     layer = TqaiLayer(KVCacheConfig(bits_k=4, bits_v=2))
     layer.update(k, k)
     assert not isinstance(layer.store.key_quantizer, TritonEncoder)
+
+
+def test_triton_encoder_writes_in_place_only_where_it_encodes_fused():
+    """``quantize_into`` (the store's in-place append) writes only on the fused path."""
+    from tqai_torch.kernels.triton.encode import TritonEncoder
+
+    enc = TritonEncoder(TurboQuantMSE(64, 4, seed=3))
+    x = torch.randn(1, 2, 3, 64)  # CPU: the wrapped quantizer's path, nothing written
+    arrays = {"packed": torch.zeros(1, 2, 3, 32, dtype=torch.uint8), "norms": torch.zeros(1, 2, 3)}
+    assert not enc.quantize_into(x, arrays)
+    assert not arrays["packed"].any()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the cache installs the fused encode on CUDA only")
+def test_cuda_store_appends_the_kernel_codes_in_place(monkeypatch):
+    """Decode-step commits write the kernel's codes straight into the history: the same bytes
+    as quantizing into a new tensor and copying it there."""
+    from tqai.kvstore import KVCacheConfig
+    from tqai_torch.cache import TqaiLayer
+    from tqai_torch.kernels.triton.encode import TritonEncoder
+
+    def run():
+        gen = torch.Generator(device="cuda").manual_seed(7)
+        layer = TqaiLayer(KVCacheConfig(bits_k=4, bits_v=2, residual_window=3))
+        for t in (40, 1, 1, 1, 300, 1):
+            k = torch.randn(1, 2, t, 64, device="cuda", generator=gen)
+            layer.update(k, -k)
+            layer.store.commit()
+        return layer.store
+
+    original = TritonEncoder.quantize_into
+    wrote, declined = [], []
+
+    def counted(self, x, arrays):
+        wrote.append(original(self, x, arrays))
+        return wrote[-1]
+
+    monkeypatch.setattr(TritonEncoder, "quantize_into", counted)
+    direct = run()
+    assert wrote
+    assert all(wrote)  # every commit after the first went straight into the buffers
+    monkeypatch.setattr(
+        TritonEncoder, "quantize_into", lambda self, x, a: declined.append(1) and False
+    )
+    copied = run()
+    assert declined  # offered, declined: quantized into new tensors, then copied
+    for ha, hb in ((direct.keys, copied.keys), (direct.values, copied.values)):
+        assert ha.length == hb.length
+        for name, buf in ha.buffers.items():
+            assert torch.equal(buf[:, :, : ha.length], hb.buffers[name][:, :, : hb.length])

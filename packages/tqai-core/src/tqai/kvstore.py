@@ -365,20 +365,43 @@ class _PackedHistory:
         new = qt.shape[2]
         if self.template is None:
             self.template = qt
-        if self.length + new > self.capacity:
-            needed = self.length + new
-            # Decode-sized appends get spare room (amortized growth); a large append (prefill)
-            # gets exactly what it needs, so a prompt cache holds no unused capacity.
-            spare = max(_MIN_GROWTH, needed // 16) if new < _MIN_GROWTH else 0
-            grow = needed + spare - self.capacity
-            for name, a in qt.arrays().items():
-                old = self.buffers.get(name)
-                shape = (*a.shape[:2], grow, *a.shape[3:])
-                pad = xp.zeros(shape, dtype=a.dtype, device=_xp.device_of(a))
-                self.buffers[name] = pad if old is None else xp.concat([old, pad], axis=2)
+        self._reserve(new, qt.arrays(), xp)
         for name, a in qt.arrays().items():
             self.buffers[name][:, :, self.length : self.length + new, ...] = a
         self.length += new
+
+    def append_encoded(self, quantizer: Any, x: Any, xp: ModuleType) -> None:
+        """Append ``quantizer.quantize(x)`` (``x (B, H, new, d)``): written straight into the
+        buffers' next tokens when the quantizer can (``quantize_into(x, arrays)`` returns True,
+        as the fused GPU encodes do: no second copy of the codes), else quantized, then copied."""
+        into = getattr(quantizer, "quantize_into", None)
+        if into is not None and self.template is not None and x.shape[:2] == self.batch_heads:
+            new = x.shape[2]
+            self._reserve(new, self.buffers, xp)
+            span = slice(self.length, self.length + new)
+            if into(x, {name: b[:, :, span, ...] for name, b in self.buffers.items()}):
+                self.length += new
+                return
+        self.append(quantizer.quantize(x, xp=xp), xp)
+
+    @property
+    def batch_heads(self) -> tuple[int, ...]:
+        return tuple(next(iter(self.buffers.values())).shape[:2]) if self.buffers else ()
+
+    def _reserve(self, new: int, like: dict[str, Any], xp: ModuleType) -> None:
+        """Room for ``new`` more tokens; new buffers shaped and typed as the arrays ``like``."""
+        if self.length + new <= self.capacity:
+            return
+        needed = self.length + new
+        # Decode-sized appends get spare room (amortized growth); a large append (prefill)
+        # gets exactly what it needs, so a prompt cache holds no unused capacity.
+        spare = max(_MIN_GROWTH, needed // 16) if new < _MIN_GROWTH else 0
+        grow = needed + spare - self.capacity
+        for name, a in like.items():
+            old = self.buffers.get(name)
+            shape = (*a.shape[:2], grow, *a.shape[3:])
+            pad = xp.zeros(shape, dtype=a.dtype, device=_xp.device_of(a))
+            self.buffers[name] = pad if old is None else xp.concat([old, pad], axis=2)
 
     def view(self) -> QuantizedTensor:
         """The held tokens as a compressed tensor of leading shape ``(B, H, length)`` (views)."""
@@ -681,10 +704,8 @@ class KVStore:
             self._commit_pipeline(keys[:, :, :overflow, ...], values[:, :, :overflow, ...])
             keys, values = keys[:, :, overflow:, ...], values[:, :, overflow:, ...]
         elif overflow > 0 and self.config.plain:
-            self.keys.append(self.key_quantizer.quantize(keys[:, :, :overflow, ...], xp=xp), xp)
-            self.values.append(
-                self.value_quantizer.quantize(values[:, :, :overflow, ...], xp=xp), xp
-            )
+            self.keys.append_encoded(self.key_quantizer, keys[:, :, :overflow, ...], xp)
+            self.values.append_encoded(self.value_quantizer, values[:, :, :overflow, ...], xp)
             keys, values = keys[:, :, overflow:, ...], values[:, :, overflow:, ...]
         elif overflow > 0:
             if self.key_coding is None:

@@ -215,6 +215,14 @@ def quantize_triton(
     )
 
 
+def _fused(x: Any) -> bool:
+    """Whether :class:`TritonEncoder` encodes ``x`` with the fused kernel (CUDA tensors, unless
+    ``TQAI_KERNEL=reference``)."""
+    return (
+        isinstance(x, torch.Tensor) and x.is_cuda and os.environ.get("TQAI_KERNEL") != "reference"
+    )
+
+
 class TritonEncoder:
     """A TurboQuant_mse quantizer whose ``quantize`` runs :func:`quantize_triton` on CUDA tensors.
 
@@ -240,10 +248,15 @@ class TritonEncoder:
         return f"TritonEncoder({self.inner!r})"
 
     def quantize(self, x: Any, *, xp: Any = None) -> QuantizedTensor:
-        if (
-            isinstance(x, torch.Tensor)
-            and x.is_cuda
-            and os.environ.get("TQAI_KERNEL") != "reference"
-        ):
+        if _fused(x):
             return quantize_triton(x, self.inner)
         return self.inner.quantize(x, xp=xp)
+
+    def quantize_into(self, x: Any, arrays: dict[str, Any]) -> bool:
+        """Quantize ``x (..., d)`` straight into ``arrays`` (``packed``, ``norms``: views of a
+        history's next tokens, as :class:`~tqai.kvstore.KVStore` passes them) where
+        :meth:`quantize` takes the fused path; elsewhere write nothing and return False."""
+        if _fused(x):
+            quantize_triton(x, self.inner, out=(arrays["packed"], arrays["norms"]))
+            return True
+        return False
