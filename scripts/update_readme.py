@@ -456,7 +456,7 @@ def render_attention(doc: Any) -> str:
         ("context", _key("context"), True),
         ("SDPA bf16 us", lambda r: r["sdpa_us"], True),
         ("tqai us", lambda r: r["tqai_us"], True),
-        ("speedup", lambda r: f"{r['sdpa_us'] / r['tqai_us']:.2f}x", True),
+        ("speedup", _speedup("sdpa_us", "tqai_us"), True),
         ("tqai GB/s", lambda r: round(r["tqai_gbps"]), True),
     ]
     if roof:

@@ -12,8 +12,6 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from triton import knobs  # noqa: E402
-
 from tqai_torch.kernels.triton import launch  # noqa: E402
 
 
@@ -50,8 +48,13 @@ class _Jitted:
 
 @pytest.fixture
 def stream(monkeypatch):
+    """A stream from a stand-in driver, the direct launch on (as on Triton 3.6) and no hooks."""
     fake = types.SimpleNamespace(active=types.SimpleNamespace(get_current_stream=lambda i: 7))
     monkeypatch.setattr(launch, "driver", fake)
+    monkeypatch.setattr(launch, "_DIRECT", True)
+    hooks = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    monkeypatch.setattr(launch, "knobs", types.SimpleNamespace(runtime=hooks))
+    return hooks
 
 
 def test_fast_launch_takes_the_jit_once_per_key(stream):
@@ -71,19 +74,35 @@ def test_fast_launch_takes_the_jit_while_a_launch_hook_is_set(stream):
     fn = _Jitted([("x_ptr", False), ("A", True)])
     fast = launch.FastLaunch(fn)
     fast("k", 0, (1,), ("x",), {"A": 1})
-    chain = knobs.runtime.launch_enter_hook
-    if not hasattr(chain, "add"):  # Triton before 3.6: hooks are plain attributes
-        pytest.skip("needs Triton's hook chains")
-    assert not launch.launch_hooks_set()
-    chain.add(print)
-    try:
-        assert launch.launch_hooks_set()
-        fast("k", 0, (1,), ("x",), {"A": 1})
-    finally:
-        chain.remove(print)
-    assert not launch.launch_hooks_set()
-    assert len(fn.jit_calls) == 2
+    for empty in (None, types.SimpleNamespace(calls=[])):  # older Triton / 3.6's empty chain
+        stream.launch_enter_hook = empty
+        assert not launch.launch_hooks_set()
+    stream.launch_enter_hook = types.SimpleNamespace(calls=[print])  # a chain holding a hook
+    assert launch.launch_hooks_set()
+    fast("k", 0, (1,), ("x",), {"A": 1})
+    stream.launch_enter_hook = None
+    stream.launch_exit_hook = print  # a hook set as a plain callable
+    assert launch.launch_hooks_set()
+    fast("k", 0, (1,), ("x",), {"A": 1})
+    assert len(fn.jit_calls) == 3
     assert not fn.runs
+
+
+def test_fast_launch_takes_the_jit_on_every_call_without_the_direct_launch(stream, monkeypatch):
+    """Triton versions whose launcher was not checked (before 3.6) launch through the JIT."""
+    monkeypatch.setattr(launch, "_DIRECT", False)
+    fn = _Jitted([("x_ptr", False), ("A", True)])
+    fast = launch.FastLaunch(fn)
+    for _ in range(3):
+        fast("k", 0, (1,), ("x",), {"A": 1})
+    assert len(fn.jit_calls) == 3
+    assert not fn.runs
+
+
+def test_triton_holds_no_launch_hook_by_default():
+    """What the installed Triton keeps when no profiler is attached reads as no hook (3.6: empty
+    hook chains); before 3.4 (no ``triton.knobs``) hooks cannot be read and count as set."""
+    assert launch.launch_hooks_set() is (launch.knobs is None)
 
 
 def test_fast_launch_refuses_constexprs_before_other_parameters():

@@ -125,12 +125,13 @@ _LOAD_TEXTS = {
     (w, kb, vb): stage_load_asm(32 * w, vb, kb) for w in (4, 8) for kb, vb in SERVED_BITS
 }
 _STAGE_BLOCKS = {(kb, vb): stage_blocks(vb, kb) for kb, vb in SERVED_BITS}
+_STAGE_BYTES = {(w, kb, vb): stage_bytes(32 * w, vb, kb) for w in (4, 8) for kb, vb in SERVED_BITS}
 
 
 @gluon.constexpr_function
-def _stage_blocks(KB, VB):
-    """16-byte blocks a thread copies per pipeline stage (:func:`.decode_mma_ptx.stage_blocks`)."""
-    return _STAGE_BLOCKS[(KB, VB)]
+def _stage_bytes(W, KB, VB):
+    """Bytes of a pipeline stage (:func:`.decode_mma_ptx.stage_bytes`: rows, then norms)."""
+    return _STAGE_BYTES[(W, KB, VB)]
 
 
 @gluon.constexpr_function
@@ -357,7 +358,7 @@ def _pipelined_step(
     is a whole step, i.e. before ``n_full``; always masked in a ``MASKED`` step, which lies
     past them), fold step ``i`` into the warp's state."""
     STEP: gl.constexpr = 32 * W
-    STAGE_BYTES: gl.constexpr = _stage_blocks(KB, VB) * 16 * 32 * W + 256 * W  # stage_bytes
+    STAGE_BYTES: gl.constexpr = _stage_bytes(W, KB, VB)
     ahead = i + _STAGES - 1
     at = tw + (start + ahead * STEP)
     soff = tw * 0 + (_LUT + (ahead % _STAGES) * STAGE_BYTES)
@@ -743,7 +744,7 @@ def _history_partial(
     g4 = g[:, None] + 0 * c[None, :]
     tw = (w * 32)[:, None] + 0 * c[None, :]
     STEP: gl.constexpr = 32 * W
-    STAGE_BYTES: gl.constexpr = _stage_blocks(KB, VB) * 16 * 32 * W + 256 * W  # stage_bytes
+    STAGE_BYTES: gl.constexpr = _stage_bytes(W, KB, VB)
     # software pipeline: the operands are copied STAGES - 1 steps ahead (K4 keys: each thread
     # its own words into its own blocks; K3 keys, V2 values and the norms: each warp its rows
     # whole, read back after a warp sync; no block barriers); the first copies fly while the

@@ -10,6 +10,10 @@ type (int32, or int64 past its range); :func:`ints_key` also keys on ``== 1`` (o
 specialized it; one more key never launches a kernel on values it was not compiled for). The
 keys are built by C-level ``map`` over the arguments: a decode call has ~17 pointers and ~30
 integers, and a Python loop over them cost more host time than the launch saved.
+
+The compiled launcher's arguments (grid, stream, function, metadata, launch metadata, the two
+hooks, then every parameter in signature order) are those of Triton 3.6, where this was checked;
+with an older Triton every call takes the JIT, as before.
 """
 
 from __future__ import annotations
@@ -18,20 +22,29 @@ from itertools import repeat
 from operator import attrgetter, methodcaller, mod, not_
 from typing import Any
 
-from triton import knobs
+import triton
 from triton.runtime import driver
+
+try:
+    from triton import knobs
+except ImportError:  # Triton < 3.4
+    knobs = None
 
 __all__ = ["FastLaunch", "int_types_key", "ints_key", "launch_hooks_set", "pointers_key"]
 
 _INT32 = (-(2**31), 2**31 - 1)
 _dtype = attrgetter("dtype")
 _data_ptr = methodcaller("data_ptr")
+_DIRECT = knobs is not None and tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 6)
 
 
 def launch_hooks_set() -> bool:
     """Whether a Triton launch hook (a profiler's) is set: then every call takes the JIT, which
     calls it. Triton 3.6 keeps empty hook chains (``HookChain``, its hooks in ``.calls``) where
-    older versions kept None."""
+    older versions kept None. Without ``triton.knobs`` (before 3.4) the hooks cannot be read
+    here: True, so those versions keep the JIT."""
+    if knobs is None:
+        return True
     hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
     return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
 
@@ -75,10 +88,10 @@ class FastLaunch:
     ) -> None:
         """Launch ``fn[grid](*args, **constexprs, **options)``: through the JIT the first time
         for ``key`` (or while a launch hook is set), then through the kernel compiled then.
-        ``key`` must hold every argument's specialization (:func:`pointer_key`,
-        :func:`int_key`), the constexprs and the options."""
+        ``key`` must hold every argument's specialization (:func:`pointers_key`,
+        :func:`ints_key`, :func:`int_types_key`), the constexprs and the options."""
         kernel = self.kernels.get(key)
-        if kernel is None or launch_hooks_set():
+        if kernel is None or not _DIRECT or launch_hooks_set():
             kernel = self.fn[grid](*args, **constexprs, **options)
             if hasattr(kernel, "packed_metadata"):  # a compiled kernel (not the interpreter)
                 self.kernels[key] = kernel
