@@ -154,7 +154,7 @@ def test_cuda_store_appends_the_kernel_codes_in_place(monkeypatch):
         for t in (40, 1, 1, 1, 300, 1):
             k = torch.randn(1, 2, t, 64, device="cuda", generator=gen)
             layer.update(k, -k)
-            layer.store.commit()
+            layer.attend(k, None, 0.125)  # as the attention function does: commits the tokens
         return layer.store
 
     original = TritonEncoder.quantize_into

@@ -8,7 +8,7 @@ a zero vector gets norm 0 and codes of the unit vector 0), rotates the unit vect
 quantizer's rotation (a dense matmul in chunks of 64 input dims, ``tf32x3`` on the tensor
 cores, about float32 accuracy),
 counts the codebook boundaries below every coordinate (the nearest centroid; a value equal to a
-boundary goes to the lower cell, as in the reference), packs 8 codes of ``b`` bits into ``b``
+boundary goes to the lower cell, as in the reference; 8-bit codebooks by binary search), packs 8 codes of ``b`` bits into ``b``
 bytes LSB-first (the layout of :mod:`tqai.packing`) and stores the packed rows and the fp16
 norms. ``out=`` writes them in place, e.g. into the spare capacity of a growable history.
 
@@ -87,8 +87,14 @@ def _encode_kernel(
         rot = tl.load(rot_ptr + part[:, None] * DP + cols[None, :])
         y += tl.dot(unit_c, rot, input_precision="tf32x3")  # rotated unit vectors
     codes = tl.zeros((BLOCK_M, DP), tl.int32)
-    for k in tl.static_range((1 << BITS) - 1):
-        codes += (y > tl.load(bound_ptr + k)).to(tl.int32)
+    if BITS <= 4:  # count the boundaries below each coordinate, one compare each
+        for k in tl.static_range((1 << BITS) - 1):
+            codes += (y > tl.load(bound_ptr + k)).to(tl.int32)
+    else:  # the same count by binary search (255 compares unrolled took ptxas minutes)
+        for level in tl.static_range(BITS):
+            step = 1 << (BITS - 1 - level)
+            probe = tl.load(bound_ptr + codes + (step - 1))  # boundaries sorted: all below
+            codes += tl.where(y > probe, step, 0)
     codes = tl.where((dims < D)[None, :], codes, 0)  # padding codes are 0, as pack_bits pads
     shifts = tl.arange(0, 8) * BITS
     grouped = tl.reshape(codes, (BLOCK_M, WP, 8)).to(tl.uint64)
