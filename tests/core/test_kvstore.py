@@ -65,9 +65,28 @@ def test_nbytes_counts_codes_and_full_precision_parts():
     store.commit()
     parts = store.nbytes()
     assert parts["sinks"] == 2 * 1 * 2 * 4 * 64 * 4
-    # 296 tokens in buffers of capacity 296 (first growth): K 32 + 2, V 16 + 2 bytes per vector
+    # 296 tokens in buffers of capacity 304 (the first growth, to a multiple of 16 tokens):
+    # K 32 + 2, V 16 + 2 bytes per vector
     assert parts["codes"] == 2 * store.keys.capacity * (32 + 2 + 16 + 2)
-    assert store.keys.capacity >= 296
+    assert store.keys.capacity == 304
+
+
+def test_history_capacity_stays_a_multiple_of_16_tokens():
+    """Prompt-sized and token-sized appends: the buffers' token capacity (hence their strides'
+    divisibility, which GPU kernels are compiled for) is always a multiple of 16."""
+    store = KVStore(KVCacheConfig(bits_k=4, bits_v=2, sink_tokens=0, residual_window=0))
+    rng = np.random.default_rng(3)
+    seen = set()
+    for new in (37, 1, 1, 200, *[1] * 150, 1000, 3):
+        k = rng.standard_normal((1, 2, new, 64)).astype(np.float32)
+        store.update(k, k)
+        store.commit()
+        assert store.keys.length == store.values.length
+        assert store.keys.capacity >= store.keys.length
+        assert store.keys.capacity % 16 == 0
+        assert store.values.capacity % 16 == 0
+        seen.add(store.keys.capacity)
+    assert len(seen) > 2  # it grew several times
 
 
 def test_crop_and_map_batch():

@@ -78,6 +78,36 @@ def test_encode_writes_in_place_into_a_history_slice():
     assert bool((norms[:, :, :5] == -1).all() and (norms[:, :, 15:] == -1).all())
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts the kernels compiled for a CUDA device")
+def test_encode_at_every_token_offset_compiles_one_kernel(monkeypatch):
+    """A history's next token lies at any offset: its outputs' alignment is not specialized on,
+    so a growing history never compiles the encode again (mid-generation), and each offset holds
+    the reference's codes."""
+    from tqai_torch.kernels.triton import launch
+    from tqai_torch.kernels.triton.encode import _UNALIGNED, _encode_kernel, quantize_triton
+
+    if not _UNALIGNED:
+        pytest.skip("this Triton specializes every pointer on its alignment")
+    monkeypatch.setattr(launch, "_DIRECT", False)  # every call through Triton's own binder
+    q = TurboQuantMSE(128, 4, seed=2)
+    packed = torch.zeros(1, 2, 16, 64, dtype=torch.uint8, device="cuda")
+    norms = torch.zeros(1, 2, 16, dtype=torch.float16, device="cuda")
+    x = torch.randn(1, 2, 16, 128, device="cuda")
+    compiled = _encode_kernel.device_caches[torch.cuda.current_device()][0]
+    quantize_triton(x[:, :, :1], q, out=(packed[:, :, :1], norms[:, :, :1]))
+    kernels = len(compiled)
+    for t in range(1, 16):
+        quantize_triton(
+            x[:, :, t : t + 1], q, out=(packed[:, :, t : t + 1], norms[:, :, t : t + 1])
+        )
+    assert len(compiled) == kernels
+    ref = q.quantize(x)
+    assert torch.allclose(norms.float(), ref.norms.float(), rtol=2**-10, atol=0)
+    assert (q.codes(ref) == q.codes(quantize_triton(x, q))).float().mean().item() >= 0.999
+    got = type(ref)(spec=ref.spec, shape=ref.shape, dtype=ref.dtype, packed=packed, norms=norms)
+    assert (q.codes(got) == q.codes(ref)).float().mean().item() >= 0.999
+
+
 def test_encode_refuses_bad_input():
     from tqai_torch.kernels.triton.encode import quantize_triton
 

@@ -66,6 +66,10 @@ __all__ = [
 STRATEGIES = ("compressed", "residual", "full")
 _DEFAULT_RESIDUAL_WINDOW = 128
 _MIN_GROWTH = 128
+# capacities are whole multiples of this many tokens, so a history's strides keep their
+# divisibility as it grows (GPU kernels are compiled for the strides' divisibility by 16: a
+# growth to a new divisibility would compile them again in the middle of a generation)
+_CAPACITY_MULTIPLE = 16
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -394,9 +398,10 @@ class _PackedHistory:
             return
         needed = self.length + new
         # Decode-sized appends get spare room (amortized growth); a large append (prefill)
-        # gets exactly what it needs, so a prompt cache holds no unused capacity.
+        # gets what it needs, rounded up to the capacity multiple (at most 15 tokens unused).
         spare = max(_MIN_GROWTH, needed // 16) if new < _MIN_GROWTH else 0
-        grow = needed + spare - self.capacity
+        target = -(-(needed + spare) // _CAPACITY_MULTIPLE) * _CAPACITY_MULTIPLE
+        grow = target - self.capacity
         for name, a in like.items():
             old = self.buffers.get(name)
             shape = (*a.shape[:2], grow, *a.shape[3:])

@@ -21,6 +21,7 @@ fp16's range); :func:`quantize_triton` checks those only when ``check=True``.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -36,9 +37,20 @@ __all__ = ["TritonEncoder", "quantize_triton", "supports"]
 
 _BITS = (1, 2, 3, 4, 8)
 _FLOAT16_MAX = 65504.0
+# the outputs are views into a history at any token offset: specialized on their 16-byte
+# alignment, the kernel would compile a second time partway through a generation (a norm row
+# is 16-byte aligned every eighth token), seconds in the middle of a decode step. Not
+# specialized (where the installed Triton can say so), nothing is lost: the stores are per
+# byte and per row anyway
+_OUT_POINTERS = ["packed_ptr", "norm_ptr"]
+_UNALIGNED = (
+    {"do_not_specialize_on_alignment": _OUT_POINTERS}
+    if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
+    else {}
+)
 
 
-@triton.jit(do_not_specialize=["n_rows"])
+@triton.jit(do_not_specialize=["n_rows"], **_UNALIGNED)
 def _encode_kernel(
     x_ptr,  # (n_rows, D) rows, last stride 1
     stride_x,
@@ -203,10 +215,12 @@ def quantize_triton(
         args = (rows, strides[0], rot, bounds, packed_rows, strides[1], norm_rows, strides[2], n)
         constexprs = {"BITS": bits, "D": d, "DP": dp, "WR": -(-d // 8), "WP": dp // 8}
         constexprs |= {"DC": min(dp, 64), "BLOCK_M": block_m}
+        outputs = (packed_rows, norm_rows)
         key = (  # what Triton specializes the kernel on (n_rows: its type only)
             x.device.index,
             tuple(constexprs.values()),
-            pointers_key((rows, rot, bounds, packed_rows, norm_rows)),
+            pointers_key((rows, rot, bounds) + (() if _UNALIGNED else outputs)),
+            norm_rows.dtype,
             ints_key(strides),
             int_types_key((*strides, n)),
         )
