@@ -103,7 +103,6 @@ def test_encode_at_every_token_offset_compiles_one_kernel(monkeypatch):
     assert len(compiled) == kernels
     ref = q.quantize(x)
     assert torch.allclose(norms.float(), ref.norms.float(), rtol=2**-10, atol=0)
-    assert (q.codes(ref) == q.codes(quantize_triton(x, q))).float().mean().item() >= 0.999
     got = type(ref)(spec=ref.spec, shape=ref.shape, dtype=ref.dtype, packed=packed, norms=norms)
     assert (q.codes(got) == q.codes(ref)).float().mean().item() >= 0.999
 

@@ -6,11 +6,11 @@ Each program takes ``BLOCK_M`` vectors: it splits off the norm exactly as the re
 (rows scaled by their largest magnitude before squaring, so no finite vector over- or underflows;
 a zero vector gets norm 0 and codes of the unit vector 0), rotates the unit vectors with the
 quantizer's rotation (a dense matmul in chunks of 64 input dims, ``tf32x3`` on the tensor
-cores, about float32 accuracy),
-counts the codebook boundaries below every coordinate (the nearest centroid; a value equal to a
-boundary goes to the lower cell, as in the reference; 8-bit codebooks by binary search), packs 8 codes of ``b`` bits into ``b``
-bytes LSB-first (the layout of :mod:`tqai.packing`) and stores the packed rows and the fp16
-norms. ``out=`` writes them in place, e.g. into the spare capacity of a growable history.
+cores, about float32 accuracy), counts the codebook boundaries below every coordinate (the
+nearest centroid; a value equal to a boundary goes to the lower cell, as in the reference;
+8-bit codebooks by binary search), packs 8 codes of ``b`` bits into ``b`` bytes LSB-first (the
+layout of :mod:`tqai.packing`) and stores the packed rows and the fp16 norms. ``out=`` writes
+them in place, e.g. into the spare capacity of a growable history.
 
 Codes can differ from the reference only where a rotated coordinate lies within float32
 rounding of a boundary (the two rotations round differently); the tests bound how often.
