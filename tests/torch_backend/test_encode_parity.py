@@ -82,12 +82,11 @@ def test_encode_writes_in_place_into_a_history_slice():
 def test_encode_at_every_token_offset_compiles_one_kernel(monkeypatch):
     """A history's next token lies at any offset: its outputs' alignment is not specialized on,
     so a growing history never compiles the encode again (mid-generation), and each offset holds
-    the reference's codes."""
+    the reference's codes. (A Triton that cannot turn the specialization off compiles one more
+    kernel, for the aligned offsets, and no other.)"""
     from tqai_torch.kernels.triton import launch
     from tqai_torch.kernels.triton.encode import _UNALIGNED, _encode_kernel, quantize_triton
 
-    if not _UNALIGNED:
-        pytest.skip("this Triton specializes every pointer on its alignment")
     monkeypatch.setattr(launch, "_DIRECT", False)  # every call through Triton's own binder
     q = TurboQuantMSE(128, 4, seed=2)
     packed = torch.zeros(1, 2, 16, 64, dtype=torch.uint8, device="cuda")
@@ -100,7 +99,7 @@ def test_encode_at_every_token_offset_compiles_one_kernel(monkeypatch):
         quantize_triton(
             x[:, :, t : t + 1], q, out=(packed[:, :, t : t + 1], norms[:, :, t : t + 1])
         )
-    assert len(compiled) == kernels
+    assert len(compiled) == kernels + (0 if _UNALIGNED else 1)
     ref = q.quantize(x)
     assert torch.allclose(norms.float(), ref.norms.float(), rtol=2**-10, atol=0)
     got = type(ref)(spec=ref.spec, shape=ref.shape, dtype=ref.dtype, packed=packed, norms=norms)

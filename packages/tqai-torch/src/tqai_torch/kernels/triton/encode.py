@@ -215,12 +215,11 @@ def quantize_triton(
         args = (rows, strides[0], rot, bounds, packed_rows, strides[1], norm_rows, strides[2], n)
         constexprs = {"BITS": bits, "D": d, "DP": dp, "WR": -(-d // 8), "WP": dp // 8}
         constexprs |= {"DC": min(dp, 64), "BLOCK_M": block_m}
-        outputs = (packed_rows, norm_rows)
-        key = (  # what Triton specializes the kernel on (n_rows: its type only)
+        key = (  # what Triton specializes the kernel on (n_rows: its type only); the outputs'
+            # alignment too, which it may not (_UNALIGNED): a finer key costs a JIT call once
             x.device.index,
             tuple(constexprs.values()),
-            pointers_key((rows, rot, bounds) + (() if _UNALIGNED else outputs)),
-            norm_rows.dtype,
+            pointers_key((rows, rot, bounds, packed_rows, norm_rows)),
             ints_key(strides),
             int_types_key((*strides, n)),
         )
