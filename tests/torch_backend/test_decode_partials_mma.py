@@ -269,10 +269,13 @@ def test_pair_table_holds_both_codes_of_a_byte():
         assert [words[e] & 0xFFFF, words[e] >> 16] == [int(table[e & 15]), int(table[e >> 4])]
 
 
-def _table_smem(centroids, base: int, lane: int) -> tuple[np.ndarray, dict[int, int]]:
+def _table_smem(
+    centroids, base: int, lane: int, key_bits: int = 4
+) -> tuple[np.ndarray, dict[int, int]]:
     """The codebook's fp16 bits and the lane's copy of its pair table in shared memory."""
     words = [w & 0xFFFFFFFF for w in ptx.pair_table(centroids)]
-    smem = {base + 128 * e + 4 * lane: words[e] for e in range(256)}
+    stride = ptx.lut_stride(key_bits)
+    smem = {base + stride * e + 4 * lane: words[e] for e in range(256)}
     return np.asarray(centroids, np.float16).view(np.uint16), smem
 
 
@@ -310,7 +313,7 @@ def test_three_bit_key_lookup_gives_the_table_entries():
     centroids = np.sort(rng.standard_normal(8)) / 11
     assert ptx.pair_table(centroids)[64:] == [0] * 192
     base, lane = 0x400, 22
-    table, smem = _table_smem(centroids, base, lane)
+    table, smem = _table_smem(centroids, base, lane, key_bits=3)
     out = [f"o{k}" for k in range(16)]
     lines = ptx.key3_lookup_lines(["w0", "w1", "w2"], "lane", out)
     for _ in range(100):
@@ -366,6 +369,57 @@ def test_four_bit_value_lookup_pairs_two_tokens_per_dim():
                     assert [pair & 0xFFFF, pair >> 16] == [int(table[ca[dim]]), int(table[cb[dim]])]
 
 
+def _assert_in_stage(
+    written, which: int, stage: int, threads: int, key_bits: int, value_bits: int
+) -> None:
+    """Every byte address in ``written`` lies in stage ``which``'s own bytes (from ``stage``)
+    or, for 4-bit keys, in the odd halves of the pair table's 256-byte entries (never in the
+    table's words): stage 0's in entries 128-255, clear of the query rotation staged in the
+    first 32 KB while its copies fly; stage 1's in entries 0-127."""
+    own = range(stage, stage + ptx.stage_bytes(threads, value_bits, key_bits))
+    for at in written:
+        if at in own:
+            continue
+        assert key_bits == 4, at
+        assert 0 <= at < 256 * 256, (which, at)
+        assert at % 256 >= 128, (which, at)
+        assert (at >= 128 * 256) == (which == 0), (which, at)
+
+
+@pytest.mark.parametrize(("key_bits", "value_bits"), [(4, 2), (4, 4), (3, 2)])
+@pytest.mark.parametrize("threads", [128, 256])
+def test_stage_copies_of_all_threads_stay_apart_and_in_their_bytes(threads, key_bits, value_bits):
+    """copy_asm for every thread of a program: each stage byte is written by one thread only,
+    within the stage's bytes (K4 keys: its half of the pair table's odd halves), so the table,
+    the other stage and the other threads' blocks are never overwritten; the program's shared
+    memory holds both stages."""
+    tokens = threads  # a warp step of 32 tokens a warp
+    krow, vrow = 16 * key_bits, 16 * value_bits
+    memory = bytes(tokens * (krow + vrow) + 4 * tokens + 64)
+    knbase = tokens * (krow + vrow)
+    copy = ptx.copy_asm(threads, False, value_bits, key_bits)
+    sb = ptx.stage_bytes(threads, value_bits, key_bits)
+    for which in (0, 1):
+        stage = ptx.lut_bytes(key_bits) + which * sb
+        owner: dict[int, int] = {}
+        for tid in range(threads):
+            lane, w = tid % 32, tid // 32
+            smem: dict[int, int] = {}
+            ops = {"$4": 16 * lane, "$8": tokens * krow + 16 * lane, "$12": 32 * w}
+            ops["$16"] = tokens
+            ops |= {
+                "$20": lane // 4,
+                "$24": stage,
+                "$28": knbase,
+                "$32": ptx.key_stage_offset(which),
+            }
+            run_copy_and_load(copy, ops, memory, smem, tid)
+            for at in smem:
+                assert owner.setdefault(at, tid) == tid, (which, at, owner[at], tid)
+        _assert_in_stage(owner, which, stage, threads, key_bits, value_bits)
+    assert ptx.lut_bytes(key_bits) + 2 * sb <= 232448 // 2  # two programs an SM (sm_90)
+
+
 @pytest.mark.parametrize(("key_bits", "value_bits"), [(4, 2), (4, 4), (3, 2)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, key_bits, value_bits):
@@ -390,23 +444,27 @@ def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, key_bits
     memory += vnorms.tobytes() + bytes(16)
     copy = ptx.copy_asm(threads, masked, value_bits, key_bits)
     load = ptx.stage_load_asm(threads, value_bits, key_bits)
-    for tid, tb, stop in ((0, 32, 96), (37, 0, 21), (101, 64, 77), (127, 32, 50)):
+    cases = ((0, 32, 96), (37, 0, 21), (101, 64, 77), (127, 32, 50))
+    for index, (tid, tb, stop) in enumerate(cases):
         if not masked:
             stop = tokens  # unmasked copies need the whole step before stop
-        stage = 4096
+        which = index % 2  # stages 0 and 1 in turn
+        stage = ptx.lut_bytes(key_bits) + which * ptx.stage_bytes(threads, value_bits, key_bits)
+        kso = ptx.key_stage_offset(which)
         smem: dict[int, int] = {}
         for other in range(tid - tid % 32, tid - tid % 32 + 32):  # the warp's lanes
             lane = other % 32
             g, t = lane // 4, lane % 4
             ops = {"$4": kbase + 16 * lane, "$8": vbase + 16 * lane}
-            ops |= {"$12": tb, "$16": stop, "$20": g, "$24": stage}
+            ops |= {"$12": tb, "$16": stop, "$20": g, "$24": stage, "$32": kso}
             ops["$28"] = knbase if lane < 8 else vnbase
             run_copy_and_load(copy, ops, memory, smem, other)
+        _assert_in_stage(smem, which, stage, threads, key_bits, value_bits)
         lane = tid % 32
         g, t = lane // 4, lane % 4
         blocks = ptx.stage_blocks(value_bits, key_bits)
         nrd = 256 * (tid // 32) + 2 * g
-        ops = {f"${4 * blocks + 8}": stage}
+        ops = {f"${4 * blocks + 8}": stage, f"${4 * blocks + 16}": kso}
         ops |= {
             f"${4 * blocks + 12}": nrd + knbase % 16,
             f"${4 * blocks + 13}": nrd + 128 + vnbase % 16,

@@ -8,13 +8,16 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "LUT_BYTES",
     "STEP_TOKENS",
     "copy_asm",
+    "dense_blocks",
     "key3_lookup_lines",
     "key_asm",
     "key_lookup_lines",
+    "key_stage_offset",
     "lane_sum_asm",
+    "lut_bytes",
+    "lut_stride",
     "pair_table",
     "pair_value_lookup_lines",
     "softmax_asm",
@@ -27,22 +30,46 @@ __all__ = [
 ]
 
 STEP_TOKENS = 32  # tokens per warp and loop step (two tiles of 16)
-LUT_BYTES = 256 * 128  # the key pair table, one copy per lane, at the start of shared memory
+
+
+def lut_stride(key_bits: int) -> int:
+    """Bytes between entries of the key pair table, which lies at the start of shared memory,
+    one copy per lane (entry ``e`` of lane ``l`` at byte ``stride * e + 4 l``: a warp's reads
+    hit 32 banks). 4-bit keys: 256, so that one byte permute of a packed byte and the lane's
+    offset is the address (:func:`key_lookup_lines`); the odd 128 bytes of each entry, unused
+    by the table, hold the pipeline stages' key blocks (:func:`key_stage_offset`). 3-bit
+    keys: 128 (a pair's 6 bits are not a whole byte; shift and mask)."""
+    return 256 if key_bits == 4 else 128
+
+
+def lut_bytes(key_bits: int) -> int:
+    """Bytes of the key pair table's region: 256 entries (K4: 64 KB, K3: 32 KB)."""
+    return 256 * lut_stride(key_bits)
+
+
+def key_stage_offset(stage: int) -> int:
+    """4-bit keys: the byte offset of pipeline stage ``stage``'s (0 or 1) key blocks in the
+    pair table's region. Block ``j`` of thread ``r`` lies in the odd half of table entry
+    ``128 (1 - stage) + j * threads / 8 + r / 8``, at ``16 (r % 8)`` in it (8 threads' blocks a
+    half: 16-byte copies and loads without bank conflicts), so two stages of at most 256
+    threads fill the halves: stage 0 those of entries 128-255 (its copies fly while the query
+    rotation is staged in the region's first 32 KB), stage 1 those of entries 0-127."""
+    return 128 + 128 * 256 * (1 - stage)
+
+
 _NEG = "0fF149F2CA"  # -1e30: the score of a token outside the visible range
 
 
 def key_lookup_lines(x: str, lane: str, out: list[str]) -> list[str]:
     """PTX turning one packing group ``x`` (8 four-bit codes) into 4 fp16 pairs ``out`` (codes
     0-1, 2-3, 4-5, 6-7) read from the pair table in shared memory: entry ``e`` (a byte of
-    ``x``: two codes) of lane ``l`` lies at byte ``128 e + 4 l`` from the table's start, so a
-    warp's reads hit 32 different banks. ``lane``: ``4 l``; ``base``: the table's address."""
+    ``x``: two codes) of lane ``l`` lies at byte ``256 e + 4 l`` from the table's start
+    (:func:`lut_stride`), so one byte permute makes the address: byte ``k`` of ``x`` above the
+    low byte of ``lane`` (``4 l``, whose other bytes are 0). ``base``: the table's address."""
     lines = []
-    for k, shift in enumerate(("shl.b32 u, {x}, 7;", "shr.b32 u, {x}, 1;", "shr.b32 u, {x}, 9;",
-                               "shr.b32 u, {x}, 17;")):  # fmt: skip
+    for k in range(4):
         lines += [
-            shift.format(x=x),
-            "and.b32 u, u, 0x7F80;",
-            f"or.b32 u, u, {lane};",
+            f"prmt.b32 u, {x}, {lane}, 0x65{k}4;",
             "add.u32 u, u, base;",
             f"ld.shared.b32 {out[k]}, [u];",
         ]
@@ -132,23 +159,37 @@ def stage_blocks(value_bits: int, key_bits: int = 4) -> int:
     return key_bits + value_bits
 
 
+def _dense_keys(key_bits: int) -> int:
+    """Key blocks a thread has in a stage's own bytes: 3 (K3); K4 keys lie in the pair table's
+    odd halves (:func:`key_stage_offset`)."""
+    return 0 if key_bits == 4 else key_bits
+
+
+def dense_blocks(value_bits: int, key_bits: int = 4) -> int:
+    """16-byte blocks a thread has in a stage's own bytes (the rest: :func:`_dense_keys`)."""
+    return _dense_keys(key_bits) + value_bits
+
+
 NORM_BYTES = 256  # per warp and stage: the superset of the key norms (128), of the values' (128)
 
 
 def stage_bytes(threads: int, value_bits: int, key_bits: int = 4) -> int:
-    """Bytes of a pipeline stage: the 16-byte blocks of the rows, then the warps' norms."""
-    return stage_blocks(value_bits, key_bits) * 16 * threads + NORM_BYTES * (threads // 32)
+    """Bytes of a pipeline stage's own region: its dense blocks (:func:`dense_blocks`), then the
+    warps' norms."""
+    return dense_blocks(value_bits, key_bits) * 16 * threads + NORM_BYTES * (threads // 32)
 
 
-def _slot_lines(stage: str) -> list[str]:
-    """PTX setting ``sm`` to this thread's first 16-byte block of a stage: block ``j`` of the
-    stage lies ``j * 16 * threads`` bytes further (a warp's blocks are 512 contiguous bytes:
-    16-byte copies and loads without bank conflicts)."""
+def _key_slot_lines(stage: str) -> list[str]:
+    """PTX setting ``kh`` to this thread's first 4-bit key block of a stage (``stage``: the
+    operand holding :func:`key_stage_offset`); block ``j`` lies ``32 j * threads`` further."""
     return [
-        "mov.u32 sm, global_smem;",
-        "mov.u32 tid, %tid.x;",
-        "mad.lo.u32 sm, tid, 16, sm;",
-        f"add.u32 sm, sm, {stage};",
+        "shr.b32 kh, tid, 3;",
+        "and.b32 k7, tid, 7;",
+        "mul.lo.u32 kh, kh, 256;",
+        "mad.lo.u32 kh, k7, 16, kh;",
+        "mov.u32 k7, global_smem;",
+        "add.u32 kh, kh, k7;",
+        f"add.u32 kh, kh, {stage};",
     ]
 
 
@@ -158,8 +199,9 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
     the thread's key / value base at token 0 (K4: the key row of token ``g``; K3 keys and all
     values: the row bytes' chunk ``L`` = the lane), ``$12`` ``tb``, ``$16`` ``stop``, ``$20``
     ``g``, ``$24`` the stage's byte offset, ``$28`` the norm row's address (key norms for lanes
-    0-7, value norms for lanes 8-15). Blocks: first the keys (K4: key groups ``4 t .. 4 t + 3``
-    of tokens ``g, g + 8, g + 16, g + 24``, 16 bytes each, blocks 0-3; K3: the warp's 32 rows
+    0-7, value norms for lanes 8-15), ``$32`` the stage's :func:`key_stage_offset` (K4; else
+    unused). Blocks: first the keys (K4: key groups ``4 t .. 4 t + 3`` of tokens ``g, g + 8,
+    g + 16, g + 24``, 16 bytes each, blocks 0-3 in the pair table's odd halves; K3: the warp's 32 rows
     of 48 bytes, contiguous, 1536 bytes a warp in blocks 0-2, lane ``L`` copying 16-byte
     chunks ``L, L + 32, L + 64``); then the values, the warp's 32 rows in 16-byte chunks, lane
     ``L`` copying chunks ``L + 32 k`` (``k < value_bits``) into value block ``k`` (V2 rows
@@ -170,36 +212,35 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
     (rows) from ``stop`` on are not read (zero-filled; the norm chunks clamped to the bytes
     before ``stop``); else the whole step must lie before ``stop``."""
     blk = 16 * threads
+    dense_keys = _dense_keys(key_bits)
     lines = [
         "{",
         ".reg .pred p;",
-        ".reg .b32 sm, tid, r, tk, sz, sk, w;",
+        ".reg .b32 tid, r, tk, sz, sk, w, kh, k7;",
         ".reg .b64 ka, va;",
-        *_slot_lines("$24"),
+        "mov.u32 tid, %tid.x;",
+        # lanes copy each other's bytes: every lane of the warp is done reading the stage
+        # these copies overwrite
+        "bar.warp.sync 0xffffffff;",
         f"mad.wide.s32 ka, $12, {16 * key_bits}, $4;",
         f"mad.wide.s32 va, $12, {16 * value_bits}, $8;",
     ]
     if masked:
         lines.append("sub.s32 r, $16, $12;")
 
-    def copy(size: int, dst: int, src: str, tok: str) -> None:
-        kind = "cg" if size == 16 else "ca"  # .cg copies 16 bytes only
+    def copy(dst: str, src: str, tok: str) -> None:
         if not masked:
-            lines.append(f"cp.async.{kind}.shared.global [sm+{dst}], [{src}], {size};")
+            lines.append(f"cp.async.cg.shared.global [{dst}], [{src}], 16;")
             return
         # whole or nothing: the token is before stop
-        lines.extend(
-            [f"add.s32 tk, {tok};", "setp.lt.s32 p, tk, r;", f"selp.b32 sz, {size}, 0, p;"]
-        )
-        lines.append(f"cp.async.{kind}.shared.global [sm+{dst}], [{src}], {size}, sz;")
+        lines.extend([f"add.s32 tk, {tok};", "setp.lt.s32 p, tk, r;", "selp.b32 sz, 16, 0, p;"])
+        lines.append(f"cp.async.cg.shared.global [{dst}], [{src}], 16, sz;")
 
     krow = 16 * key_bits  # bytes per packed key row
-    # lanes copy each other's bytes: every lane of the warp is done reading the stage these
-    # copies overwrite
-    lines.insert(5, "bar.warp.sync 0xffffffff;")
     if key_bits == 4:
+        lines += _key_slot_lines("$32")
         for j, off in enumerate((0, 8, 16, 24)):
-            copy(16, j * blk, f"ka+{off * krow}", f"$20, {off}")
+            copy(f"kh+{32 * threads * j}", f"ka+{off * krow}", f"$20, {off}")
     else:
         # the warp's rows, contiguous: lane L's chunk k at 1536 w + 16 L + 512 k (row (L + 32 k)
         # // 3, i.e. * 43 >> 7 for L + 32 k < 96)
@@ -242,7 +283,7 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
     ]
     row_shift = 1 if value_bits == 2 else 2  # a row is 2 (V2) or 4 (V4) chunks
     for k in range(value_bits):
-        dst, src = f"sk+{(key_bits + k) * blk}", f"va+{512 * k}"
+        dst, src = f"sk+{(dense_keys + k) * blk}", f"va+{512 * k}"
         if not masked:
             lines.append(f"cp.async.cg.shared.global [{dst}], [{src}], 16;")
             continue
@@ -258,7 +299,7 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
     # address ``$28`` + 2 tb (key rows for lanes 0-7, value rows for lanes 8-15; rows need not
     # be aligned, so 5 chunks a kind), each copy clamped to the bytes before ``stop`` (never
     # past a row's visible tokens, never before an allocation's aligned start)
-    n_blocks = stage_blocks(value_bits, key_bits)
+    n_blocks = dense_blocks(value_bits, key_bits)
     lines += [
         "{",
         ".reg .pred pn;",
@@ -295,9 +336,9 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     """This thread's words of a pipeline stage (pack=4), once its copies have landed: out
     ``$0 ..`` blocks ``0 .. stage_blocks - 1`` (see :func:`copy_asm`), then 8 norms (fp16 bits
     in 32-bit registers: key g, g + 8, value g, g + 8 of tile 0, then of tile 1); in the
-    stage's byte offset, then the thread's offsets of its key and value norms in its warp's
-    norm bytes (``256 w + mis + 2 g``, ``+ 128`` for values; ``mis``: the row's address mod 16).
-    The warp syncs first (its lanes copied each other's bytes). K3: each lane reads its 12 bytes
+    stage's byte offset, the thread's offsets of its key and value norms in its warp's norm bytes
+    (``256 w + mis + 2 g``, ``+ 128`` for values; ``mis``: the row's address mod 16), then the
+    stage's :func:`key_stage_offset` (K4; else unused). The warp syncs first (its lanes copied each other's bytes). K3: each lane reads its 12 bytes
     of rows ``g, g + 8, g + 16, g + 24`` (words ``3 j .. 3 j + 2`` of token ``j``; a warp's reads
     of a word hit 32 banks: ``12 g + 3 t`` differ mod 32). V2: word ``g`` of rows ``2t, 2t+1,
     2t+8, 2t+9`` (and those + 16). V4: the 8 bytes of dims ``16 g .. 16 g + 15`` of the same
@@ -305,14 +346,17 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     hits 32 banks."""
     blk = 16 * threads
     n = stage_blocks(value_bits, key_bits)
-    soff, nrd = 4 * n + 8, 4 * n + 12  # operands after the outputs (blocks, 8 norms)
+    dense_keys = _dense_keys(key_bits)
+    # operands after the outputs (blocks, 8 norms)
+    soff, nrd, kso = 4 * n + 8, 4 * n + 12, 4 * n + 16
     lines = [
         "{",
-        ".reg .b32 sm, tid, rb, w, l, s, be, bo, x, h;",
-        *_slot_lines(f"${soff}"),
+        ".reg .b32 tid, rb, w, l, s, be, bo, x, h, kh, k7;",
+        "bar.warp.sync 0xffffffff;",  # the lanes' copies are each other's
+        "mov.u32 tid, %tid.x;",
+        "shr.b32 w, tid, 5;",
+        "and.b32 l, tid, 31;",
     ]
-    lines.insert(2, "bar.warp.sync 0xffffffff;")  # the lanes' copies are each other's
-    lines += ["shr.b32 w, tid, 5;", "and.b32 l, tid, 31;"]
     if key_bits == 3:
         lines += [
             "mov.u32 rb, global_smem;",
@@ -324,9 +368,10 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
             for i in range(3):
                 lines.append(f"ld.shared.b32 ${3 * j + i}, [rb+{384 * j + 4 * i}];")
     else:
+        lines += _key_slot_lines(f"${kso}")
         for j in range(4):
             regs = ", ".join(f"${4 * j + i}" for i in range(4))
-            lines.append(f"ld.shared.v4.b32 {{{regs}}}, [sm+{j * blk}];")
+            lines.append(f"ld.shared.v4.b32 {{{regs}}}, [kh+{32 * threads * j}];")
     lines += ["and.b32 s, l, 3;", "shr.b32 rb, l, 2;"]  # t, g
     if value_bits == 2:
         lines += [
@@ -344,7 +389,7 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
         out = 4 * key_bits
         for tile in range(2):
             for k, (base, d) in enumerate((("be", 0), ("bo", 0), ("be", 256), ("bo", 256))):
-                at = (key_bits + tile) * blk + d
+                at = (dense_keys + tile) * blk + d
                 lines.append(f"ld.shared.b32 ${out + 4 * tile + k}, [{base}+{at}];")
     else:
         # row 2t + e of a block (e = 0, 1): chunk 8t + 4e + g / 2 at position ^ 2t, the 8 bytes
@@ -366,7 +411,7 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
         out = 4 * key_bits
         for tile in range(2):
             for k, (base, blk_k) in enumerate((("be", 0), ("bo", 0), ("be", 1), ("bo", 1))):
-                at = (key_bits + 2 * tile + blk_k) * blk
+                at = (dense_keys + 2 * tile + blk_k) * blk
                 regs = f"${out + 8 * tile + 2 * k}, ${out + 8 * tile + 2 * k + 1}"
                 lines.append(f"ld.shared.v2.b32 {{{regs}}}, [{base}+{at}];")
     # the norms: tokens g + 8 j, j = 0..3 (tiles 0 and 1), keys then values
@@ -375,7 +420,8 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
         lines.append(f"add.u32 x, h, ${nrd + kind};")
         for j in range(4):
             reg = 4 * n + 4 * (j // 2) + 2 * kind + j % 2
-            lines.append(f"ld.shared.u16 ${reg}, [x+{n * blk + 16 * j}];")
+            at = dense_blocks(value_bits, key_bits) * blk + 16 * j
+            lines.append(f"ld.shared.u16 ${reg}, [x+{at}];")
     lines.append("}")
     return "\n".join(lines)
 

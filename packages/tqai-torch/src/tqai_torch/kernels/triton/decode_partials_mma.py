@@ -18,7 +18,8 @@ PTX does the rest:
   cores (the fp16 rotation copied into shared memory by ``cp.async`` first), and hands each
   lane its B-fragment words through shared memory, while its first copies are in flight.
 * Operands arrive by a software pipeline, ``STAGES - 1`` (one) steps ahead (``cp.async``): for
-  4-bit keys each thread copies exactly the bytes its fragments need into its own blocks; 3-bit
+  4-bit keys each thread copies exactly the bytes its fragments need into its own blocks (in
+  the odd halves of the pair table's 256-byte entries, which the table leaves free); 3-bit
   keys and 2-bit values are copied by each warp as its 32 rows whole, in 16-byte chunks, and
   read back after a warp sync (the layouts keep the reads free of bank conflicts); no block
   barrier in the loop. The norms are copied the same way (the chunks holding a warp step's,
@@ -27,9 +28,10 @@ PTX does the rest:
   ``(g, t) = (lane // 4, lane % 4)`` takes packing groups ``4 t .. 4 t + 3`` (16 bytes) of
   tokens ``g`` and ``g + 8``; each byte (two codes) indexes a 256-entry table of fp16 pairs in
   shared memory, one copy per lane (bank-conflict free), and the words read are A-fragment
-  registers as they stand (two integer instructions and one shared load per pair). 3-bit keys:
-  the lane takes the same groups (12 bytes a token), every 6 bits (a pair of codes, in one
-  word or across two by a funnel shift) index a 64-entry table laid out the same way. The query
+  registers as they stand (one byte permute, the byte above the lane's offset, is the address:
+  entries 256 bytes apart; one shared load per pair). 3-bit keys: the lane takes the same
+  groups (12 bytes a token), every 6 bits (a pair of codes, in one word or across two by a
+  funnel shift) index a 64-entry table of entries 128 bytes apart (shift, mask). The query
   fragments are then simply dims ``32 t .. 32 t + 31`` of head ``g``. Heads ``>= G`` are zero
   columns (G <= 8).
 * Online softmax in base 2 per head (lanes ``t`` hold heads ``2 t, 2 t + 1``; the max reduces
@@ -49,10 +51,11 @@ bounds hold. Served: TurboQuant_mse keys of 4 bits (any 16-entry codebook) and v
 (any codebook) or 4 bits (the keys' codebook), or keys of 3 bits and values of 2; fp16 norms,
 head_dim 128, at most 8 query heads per KV head, packed rows stored whole and 16-byte aligned;
 CUDA only (PTX; the interpreter runs the block kernel); Triton >= 3.6 (Gluon's API moves
-between releases; older versions take the block kernel). Shared memory: the table (32 KB,
-which first holds the staged query rotation), ``STAGES`` stages of ``96 * 32 * W`` bytes of
-rows (K4/V4: ``128 * 32 * W``, K3/V2: ``80 * 32 * W``) and ``256 * W`` of norms, and 2 KB for
-the rotation's operand exchange (8 warps: 86, 102 and 78 KB; two programs per SM, which the
+between releases; older versions take the block kernel). Shared memory: the table (K4: 64 KB,
+whose odd halves hold both stages' keys; K3: 32 KB; its first 32 KB first hold the staged
+query rotation), ``STAGES`` stages of ``32 * 32 * W`` bytes of value rows (K4/V4:
+``64 * 32 * W``, K3/V2: ``80 * 32 * W`` of key and value rows) and ``256 * W`` of norms, and 2 KB
+for the rotation's operand exchange (8 warps: 86, 102 and 78 KB; two programs per SM, which the
 registers allow).
 
 The kernel is launched with programmatic dependent launch: a program stages its constants (the
@@ -78,11 +81,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from tqai_torch.kernels.triton.decode_mma_ptx import (
-    LUT_BYTES,
     STEP_TOKENS,
     copy_asm,
     key_asm,
+    key_stage_offset,
     lane_sum_asm,
+    lut_bytes,
+    lut_stride,
     pair_table,
     softmax_asm,
     stage_blocks,
@@ -126,12 +131,26 @@ _LOAD_TEXTS = {
 }
 _STAGE_BLOCKS = {(kb, vb): stage_blocks(vb, kb) for kb, vb in SERVED_BITS}
 _STAGE_BYTES = {(w, kb, vb): stage_bytes(32 * w, vb, kb) for w in (4, 8) for kb, vb in SERVED_BITS}
+_LUT_BYTES = {kb: lut_bytes(kb) for kb, _ in SERVED_BITS}
+_LUT_STRIDES = {kb: lut_stride(kb) for kb, _ in SERVED_BITS}
 
 
 @gluon.constexpr_function
 def _stage_bytes(W, KB, VB):
     """Bytes of a pipeline stage (:func:`.decode_mma_ptx.stage_bytes`: rows, then norms)."""
     return _STAGE_BYTES[(W, KB, VB)]
+
+
+@gluon.constexpr_function
+def _lut(KB):
+    """Bytes of the pair table's region (:func:`.decode_mma_ptx.lut_bytes`): the stages follow."""
+    return _LUT_BYTES[KB]
+
+
+@gluon.constexpr_function
+def _lut_stride(KB):
+    """Bytes between the pair table's entries (:func:`.decode_mma_ptx.lut_stride`)."""
+    return _LUT_STRIDES[KB]
 
 
 @gluon.constexpr_function
@@ -159,8 +178,8 @@ def _load_text(W, KB, VB):
 @gluon.constexpr_function
 def _load_cons(KB, VB):
     """Out: the stage's blocks (4 words each) and 8 norms; in: the stage's offset, the thread's
-    norm offsets."""
-    return ",".join(["=r"] * (4 * _STAGE_BLOCKS[(KB, VB)] + 8)) + ",r" * 8
+    norm offsets, the stage's key offset."""
+    return ",".join(["=r"] * (4 * _STAGE_BLOCKS[(KB, VB)] + 8)) + ",r" * 12
 
 
 _LANE_SUM = gl.constexpr(lane_sum_asm())
@@ -174,11 +193,13 @@ _SEG_PROGRAMS = gl.constexpr(SEG_PROGRAMS)
 SEG_TOKENS_PER_PROGRAM = 8  # segment tokens a program takes (2 rounds), while the wave has room
 STAGES = 2  # pipeline depth: a thread's copies run one step ahead of its compute (3: no faster)
 _STAGES = gl.constexpr(STAGES)
-_LUT = gl.constexpr(LUT_BYTES)
+# K4: the stages' key blocks in the pair table's odd halves, which hold two stages
+_KEY_STAGE0 = gl.constexpr(key_stage_offset(0))
+_KEY_STAGE_STEP = gl.constexpr(key_stage_offset(1) - key_stage_offset(0))
 _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b32 [$0], $2;")
 _STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
 _LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
-_COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 8 + ",r" * 16 + ",l" * 4)
+_COPY_CONS = gl.constexpr("=r,=r,=r,=r" + ",l" * 8 + ",r" * 16 + ",l" * 4 + ",r" * 4)
 # wait until a stage's copies have landed: all but the STAGES - 1 newest groups
 _WAIT = gl.constexpr(
     f"cp.async.wait_group {STAGES - 1};\n" + "".join(f"mov.b32 ${i}, 0;\n" for i in range(4))
@@ -215,7 +236,8 @@ def _program_smem(num_warps: int, key_bits: int, value_bits: int) -> int:
     allocation (the table, whose bytes first hold the staged query rotation, and the stages)
     and the compiler's exchange of the query rotation's operand beyond it."""
     stages = -(-STAGES * stage_bytes(32 * num_warps, value_bits, key_bits) // (512 * num_warps))
-    return (LUT_BYTES // (512 * num_warps) + stages) * 512 * num_warps + _OPERAND_EXCHANGE
+    lut = lut_bytes(key_bits) // (512 * num_warps)
+    return (lut + stages) * 512 * num_warps + _OPERAND_EXCHANGE
 
 
 @gluon.jit
@@ -246,15 +268,16 @@ def _rotate(mat, xt_hi, xt_lo, W: gl.constexpr):
 
 @gluon.jit
 def _copy_step(
-    bases, tb, stop, g, soff, W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr,
+    bases, tb, stop, g, soff, kso, W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr,
     VB: gl.constexpr,
 ):  # fmt: skip
     """Start the asynchronous copies of one warp step (tokens ``tb .. tb + 31``; ``MASKED``:
     nothing from ``stop`` on, else the whole step lies before it) into the stage at byte offset
-    ``soff``; ``bases``: the 3 per-thread byte addresses of :func:`.decode_mma_ptx.copy_asm`."""
+    ``soff`` (K4 keys: at ``kso``, :func:`.decode_mma_ptx.key_stage_offset`); ``bases``: the 3
+    per-thread byte addresses of :func:`.decode_mma_ptx.copy_asm`."""
     kb, vb, nb = bases
     gl.inline_asm_elementwise(
-        _copy_text(W, MASKED, KB, VB), _COPY_CONS, [kb, vb, tb, stop, g, soff, nb],
+        _copy_text(W, MASKED, KB, VB), _COPY_CONS, [kb, vb, tb, stop, g, soff, nb, kso],
         dtype=gl.int32, is_pure=False, pack=4,
     )  # fmt: skip
 
@@ -267,12 +290,12 @@ def _norms(bits):
 
 @gluon.jit
 def _step(
-    soff, nrd, tok0, g, t, c, lo, stop,
+    soff, kso, nrd, tok0, g, t, c, lo, stop,
     q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
     W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr, VB: gl.constexpr,
 ):  # fmt: skip
     """32 tokens of one warp (tiles at tok0 and tok0 + 16), read from the pipeline stage at
-    byte offset ``soff`` once its copies have landed (``nrd``: the thread's norm offsets, see
+    byte offsets ``soff`` / ``kso`` (K4 keys) once its copies have landed (``nrd``: the thread's norm offsets, see
     :func:`.decode_mma_ptx.stage_load_asm`), folded into the warp's running state."""
     gl.inline_asm_elementwise(
         _WAIT, "=r,=r,=r,=r,r,r,r,r", [soff], dtype=gl.int32, is_pure=False, pack=4
@@ -283,16 +306,16 @@ def _step(
     # 12 words of the 4 tokens in ka0, kb0, ka1), then values (V4: two blocks a tile)
     if KB == 3:
         ka0, kb0, ka1, v0, v1, n0, n1 = gl.inline_asm_elementwise(
-            load, load_cons, [soff, nrd], dtype=(gl.int32,) * 7, is_pure=False, pack=4
+            load, load_cons, [soff, nrd, kso], dtype=(gl.int32,) * 7, is_pure=False, pack=4
         )
         kb1 = ka1
     elif VB == 4:
         ka0, kb0, ka1, kb1, v0, v0b, v1, v1b, n0, n1 = gl.inline_asm_elementwise(
-            load, load_cons, [soff, nrd], dtype=(gl.int32,) * 10, is_pure=False, pack=4
+            load, load_cons, [soff, nrd, kso], dtype=(gl.int32,) * 10, is_pure=False, pack=4
         )
     else:
         ka0, kb0, ka1, kb1, v0, v1, n0, n1 = gl.inline_asm_elementwise(
-            load, load_cons, [soff, nrd], dtype=(gl.int32,) * 8, is_pure=False, pack=4
+            load, load_cons, [soff, nrd, kso], dtype=(gl.int32,) * 8, is_pure=False, pack=4
         )
     nb0 = _norms(n0)
     nb1 = _norms(n1)
@@ -359,18 +382,21 @@ def _pipelined_step(
     past them), fold step ``i`` into the warp's state."""
     STEP: gl.constexpr = 32 * W
     STAGE_BYTES: gl.constexpr = _stage_bytes(W, KB, VB)
+    LUT: gl.constexpr = _lut(KB)
     ahead = i + _STAGES - 1
     at = tw + (start + ahead * STEP)
-    soff = tw * 0 + (_LUT + (ahead % _STAGES) * STAGE_BYTES)
+    soff = tw * 0 + (LUT + (ahead % _STAGES) * STAGE_BYTES)
+    kso = tw * 0 + (_KEY_STAGE0 + (ahead % _STAGES) * _KEY_STAGE_STEP)
     if MASKED:
-        _copy_step(bases, at, stop4, g4, soff, W, True, KB, VB)
+        _copy_step(bases, at, stop4, g4, soff, kso, W, True, KB, VB)
     elif ahead < n_full:
-        _copy_step(bases, at, stop4, g4, soff, W, False, KB, VB)
+        _copy_step(bases, at, stop4, g4, soff, kso, W, False, KB, VB)
     else:
-        _copy_step(bases, at, stop4, g4, soff, W, True, KB, VB)
+        _copy_step(bases, at, stop4, g4, soff, kso, W, True, KB, VB)
     tok = start + i * STEP + w * 32
     m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
-        tw * 0 + (_LUT + (i % _STAGES) * STAGE_BYTES), nrd, tok, g, t, c, lo, stop,
+        tw * 0 + (LUT + (i % _STAGES) * STAGE_BYTES),
+        tw * 0 + (_KEY_STAGE0 + (i % _STAGES) * _KEY_STAGE_STEP), nrd, tok, g, t, c, lo, stop,
         q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, W, MASKED, KB,
         VB,
     )  # fmt: skip
@@ -745,15 +771,16 @@ def _history_partial(
     tw = (w * 32)[:, None] + 0 * c[None, :]
     STEP: gl.constexpr = 32 * W
     STAGE_BYTES: gl.constexpr = _stage_bytes(W, KB, VB)
+    LUT: gl.constexpr = _lut(KB)
     # software pipeline: the operands are copied STAGES - 1 steps ahead (K4 keys: each thread
-    # its own words into its own blocks; K3 keys, V2 values and the norms: each warp its rows
-    # whole, read back after a warp sync; no block barriers); the first copies fly while the
-    # program rotates its query and fills the table
-    # the kernel's one allocation: the pair table's bytes (the staged query rotation first),
-    # the pipeline's stages, the warps' merge at the end
+    # its own words into its own blocks, in the pair table's odd halves; K3 keys, V2 values and
+    # the norms: each warp its rows whole, read back after a warp sync; no block barriers); the
+    # first copies fly while the program rotates its query and fills the table
+    # the kernel's one allocation: the pair table's bytes (the staged query rotation first, in
+    # the first 32 KB), the pipeline's stages, the warps' merge at the end
     buf = gl.allocate_shared_memory(
         gl.float32,
-        [_LUT // (512 * W) + (_STAGES * STAGE_BYTES + 512 * W - 1) // (512 * W), 32 * W, 4],
+        [LUT // (512 * W) + (_STAGES * STAGE_BYTES + 512 * W - 1) // (512 * W), 32 * W, 4],
         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
     )
     # the query rotation first (its own commit group), into the table's bytes
@@ -761,7 +788,7 @@ def _history_partial(
     _copy_rotation(mat, rot_ptr, W)
     # the tables' loads are issued before the query's rotation, to overlap their latency:
     # the key pair table goes into shared memory, one copy per lane (entry e of lane l at byte
-    # 128 e + 4 l; thread (warp w, lane l) writes entries w, w + W, ... of column l)
+    # stride * e + 4 l; thread (warp w, lane l) writes entries w, w + W, ... of column l)
     FL: gl.constexpr = gl.BlockedLayout([1, 256 // W], [32, 1], [W, 1], [1, 0])
     fr = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, FL))
     fe = (fr // 32)[:, None] + W * gl.arange(0, 256 // W, layout=gl.SliceLayout(0, FL))[None, :]
@@ -786,7 +813,8 @@ def _history_partial(
             tw + (start + s * STEP),
             stop4,
             g4,
-            tw * 0 + (_LUT + s * STAGE_BYTES),  # the stages follow the pair table
+            tw * 0 + (LUT + s * STAGE_BYTES),  # the stages follow the pair table
+            tw * 0 + (_KEY_STAGE0 + s * _KEY_STAGE_STEP),
             W,
             True,
             KB,
@@ -800,7 +828,7 @@ def _history_partial(
     )
     gl.thread_barrier()  # every lane has its query words before the table overwrites them
     gl.inline_asm_elementwise(
-        _STORE, "=r,r,r", [fe * 128 + ((fr % 32) * 4)[:, None], pairs],
+        _STORE, "=r,r,r", [fe * _lut_stride(KB) + ((fr % 32) * 4)[:, None], pairs],
         dtype=gl.int32, is_pure=False, pack=1,
     )  # fmt: skip
     gl.thread_barrier()
