@@ -54,6 +54,8 @@ def key_stage_offset(stage: int) -> int:
     half: 16-byte copies and loads without bank conflicts), so two stages of at most 256
     threads fill the halves: stage 0 those of entries 128-255 (its copies fly while the query
     rotation is staged in the region's first 32 KB), stage 1 those of entries 0-127."""
+    if stage not in (0, 1):
+        raise ValueError(f"stage must be 0 or 1 (the table's halves hold two), got {stage}")
     return 128 + 128 * 256 * (1 - stage)
 
 
@@ -201,8 +203,8 @@ def copy_asm(threads: int, masked: bool, value_bits: int = 2, key_bits: int = 4)
     ``g``, ``$24`` the stage's byte offset, ``$28`` the norm row's address (key norms for lanes
     0-7, value norms for lanes 8-15), ``$32`` the stage's :func:`key_stage_offset` (K4; else
     unused). Blocks: first the keys (K4: key groups ``4 t .. 4 t + 3`` of tokens ``g, g + 8,
-    g + 16, g + 24``, 16 bytes each, blocks 0-3 in the pair table's odd halves; K3: the warp's 32 rows
-    of 48 bytes, contiguous, 1536 bytes a warp in blocks 0-2, lane ``L`` copying 16-byte
+    g + 16, g + 24``, 16 bytes each, blocks 0-3 in the pair table's odd halves; K3: the warp's
+    32 rows of 48 bytes, contiguous, 1536 bytes a warp in blocks 0-2, lane ``L`` copying 16-byte
     chunks ``L, L + 32, L + 64``); then the values, the warp's 32 rows in 16-byte chunks, lane
     ``L`` copying chunks ``L + 32 k`` (``k < value_bits``) into value block ``k`` (V2 rows
     ``r`` and ``r ^ 1`` swapped where ``r`` has bit 2 set; V4 chunk positions ``^ 2 *`` bits 1
@@ -338,12 +340,12 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     in 32-bit registers: key g, g + 8, value g, g + 8 of tile 0, then of tile 1); in the
     stage's byte offset, the thread's offsets of its key and value norms in its warp's norm bytes
     (``256 w + mis + 2 g``, ``+ 128`` for values; ``mis``: the row's address mod 16), then the
-    stage's :func:`key_stage_offset` (K4; else unused). The warp syncs first (its lanes copied each other's bytes). K3: each lane reads its 12 bytes
-    of rows ``g, g + 8, g + 16, g + 24`` (words ``3 j .. 3 j + 2`` of token ``j``; a warp's reads
-    of a word hit 32 banks: ``12 g + 3 t`` differ mod 32). V2: word ``g`` of rows ``2t, 2t+1,
-    2t+8, 2t+9`` (and those + 16). V4: the 8 bytes of dims ``16 g .. 16 g + 15`` of the same
-    rows, row ``2t + e`` of a block at chunk ``8t + 4e + g / 2`` (position ``^ 2t``). Every read
-    hits 32 banks."""
+    stage's :func:`key_stage_offset` (K4; else unused). The warp syncs first (its lanes copied
+    each other's bytes). K3: each lane reads its 12 bytes of rows ``g, g + 8, g + 16, g + 24``
+    (words ``3 j .. 3 j + 2`` of token ``j``; a warp's reads of a word hit 32 banks: ``12 g +
+    3 t`` differ mod 32). V2: word ``g`` of rows ``2t, 2t+1, 2t+8, 2t+9`` (and those + 16).
+    V4: the 8 bytes of dims ``16 g .. 16 g + 15`` of the same rows, row ``2t + e`` of a block at
+    chunk ``8t + 4e + g / 2`` (position ``^ 2t``). Every read hits 32 banks."""
     blk = 16 * threads
     n = stage_blocks(value_bits, key_bits)
     dense_keys = _dense_keys(key_bits)

@@ -193,9 +193,11 @@ _SEG_PROGRAMS = gl.constexpr(SEG_PROGRAMS)
 SEG_TOKENS_PER_PROGRAM = 8  # segment tokens a program takes (2 rounds), while the wave has room
 STAGES = 2  # pipeline depth: a thread's copies run one step ahead of its compute (3: no faster)
 _STAGES = gl.constexpr(STAGES)
-# K4: the stages' key blocks in the pair table's odd halves, which hold two stages
-_KEY_STAGE0 = gl.constexpr(key_stage_offset(0))
-_KEY_STAGE_STEP = gl.constexpr(key_stage_offset(1) - key_stage_offset(0))
+# K4: the stages' key blocks in the pair table's odd halves, which hold two stages (a deeper
+# pipeline fails here, at import)
+_KEY_STAGES = [key_stage_offset(s) for s in range(STAGES)]
+_KEY_STAGE0 = gl.constexpr(_KEY_STAGES[0])
+_KEY_STAGE_STEP = gl.constexpr(_KEY_STAGES[1] - _KEY_STAGES[0])
 _STORE = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b32 [$0], $2;")
 _STORE_HALF = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nst.shared.b16 [$0], $2;")
 _LOAD_WORD = gl.constexpr("mov.u32 $0, global_smem;\nadd.u32 $0, $0, $1;\nld.shared.b32 $0, [$0];")
@@ -295,8 +297,9 @@ def _step(
     W: gl.constexpr, MASKED: gl.constexpr, KB: gl.constexpr, VB: gl.constexpr,
 ):  # fmt: skip
     """32 tokens of one warp (tiles at tok0 and tok0 + 16), read from the pipeline stage at
-    byte offsets ``soff`` / ``kso`` (K4 keys) once its copies have landed (``nrd``: the thread's norm offsets, see
-    :func:`.decode_mma_ptx.stage_load_asm`), folded into the warp's running state."""
+    byte offsets ``soff`` / ``kso`` (K4 keys) once its copies have landed (``nrd``: the thread's
+    norm offsets, see :func:`.decode_mma_ptx.stage_load_asm`), folded into the warp's running
+    state."""
     gl.inline_asm_elementwise(
         _WAIT, "=r,=r,=r,=r,r,r,r,r", [soff], dtype=gl.int32, is_pure=False, pack=4
     )
