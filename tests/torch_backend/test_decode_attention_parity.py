@@ -15,7 +15,7 @@ from tqai.packing import pack_bits, unpack_bits
 
 triton = pytest.importorskip("triton")
 from kernel_parity import check_kernel_output  # noqa: E402
-from ptx_model import prmt  # noqa: E402
+from ptx_model import run_ptx  # noqa: E402
 from triton_interpret import DEVICE, INTERPRET, MARKS  # noqa: E402
 
 pytestmark = MARKS
@@ -150,35 +150,9 @@ def test_group_layout_matches_packing():
 
 
 def _run_ptx(asm: str, inputs: dict[int, int]) -> list[int]:
-    """Interpret the few PTX instructions the PRMT lookups use (32-bit registers)."""
-    regs: dict[str, int] = {}
-    outs: dict[int, int] = {}
-
-    def val(x: str) -> int:
-        x = x.strip()
-        return inputs[int(x[1:])] if x.startswith("$") else regs[x] if x in regs else int(x, 0)
-
-    ops = {
-        "shr.b32": lambda x, y: x >> y,
-        "shl.b32": lambda x, y: (x << y) & 0xFFFFFFFF,
-        "and.b32": lambda x, y: x & y,
-        "xor.b32": lambda x, y: x ^ y,
-        "mul.lo.u32": lambda x, y: (x * y) & 0xFFFFFFFF,
-        "prmt.b32": prmt,
-    }
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        if op == "mov.b32":  # mov.b32 {$i, $j}, r: split into two 16-bit outputs
-            halves, src = rest.split("},")
-            lo, hi = (int(h.strip()[1:]) for h in halves.strip("{ ").split(","))
-            outs[lo], outs[hi] = val(src) & 0xFFFF, val(src) >> 16
-            continue
-        dst, *args = (a.strip() for a in rest.split(","))
-        regs[dst] = ops[op](*(val(a) for a in args))
-    return [outs[i] for i in range(8)]
+    """The block kernel's lookup PTX run on operands ``$k`` = ``inputs[k]``: its 8 outputs."""
+    regs = run_ptx(asm, {f"${k}": v for k, v in inputs.items()})
+    return [regs[f"${i}"] for i in range(8)]
 
 
 @pytest.mark.parametrize("bits", [2, 4])

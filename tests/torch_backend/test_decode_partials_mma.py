@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from kernel_parity import check_kernel_output
-from ptx_model import lop3, prmt, run_copy_and_load
+from ptx_model import run_ptx, word_smem
 
 from tqai import TurboQuantMSE
 from tqai.attention import compressed_attention
@@ -237,30 +237,6 @@ def test_mma_partials_refuse_what_they_do_not_serve():
         decode_attention_triton(q, keys, values, kq, vq, scale=0.1, partials="fast")
 
 
-def _run(lines: list[str], regs: dict[str, int], smem: dict[int, int] | None = None):
-    """Interpret the lookups' PTX (32-bit registers; ``lop3`` truth tables as PTX defines;
-    ``ld.shared`` reads ``smem``, a dict of byte address -> 32-bit word)."""
-    ops = {
-        "and.b32": lambda x, y: x & y,
-        "or.b32": lambda x, y: x | y,
-        "shr.b32": lambda x, y: x >> y,
-        "shl.b32": lambda x, y: (x << y) & 0xFFFFFFFF,
-        "add.u32": lambda x, y: (x + y) & 0xFFFFFFFF,
-        "lop3.b32": lop3,
-        "mad.lo.u32": lambda x, y, z: (x * y + z) & 0xFFFFFFFF,
-        "prmt.b32": prmt,
-        "shf.r.wrap.b32": lambda lo, hi, n: ((hi << 32 | lo) >> (n & 31)) & 0xFFFFFFFF,
-    }
-    for line in lines:
-        op, rest = line.rstrip(";").split(None, 1)
-        dst, *args = (a.strip() for a in rest.split(","))
-        if op == "ld.shared.b32":
-            regs[dst] = smem[regs[args[0].strip("[]")]]
-            continue
-        regs[dst] = ops[op](*(regs[a] if a in regs else int(a, 0) for a in args))
-    return regs
-
-
 def test_pair_table_holds_both_codes_of_a_byte():
     centroids = np.sort(np.random.default_rng(3).standard_normal(16)) / 11
     table = np.asarray(centroids, np.float16).view(np.uint16)
@@ -275,7 +251,7 @@ def _table_smem(
     """The codebook's fp16 bits and the lane's copy of its pair table in shared memory."""
     words = [w & 0xFFFFFFFF for w in ptx.pair_table(centroids)]
     stride = ptx.lut_stride(key_bits)
-    smem = {base + stride * e + 4 * lane: words[e] for e in range(256)}
+    smem = word_smem({base + stride * e + 4 * lane: words[e] for e in range(256)})
     return np.asarray(centroids, np.float16).view(np.uint16), smem
 
 
@@ -302,7 +278,7 @@ def test_key_lookup_gives_the_table_entries():
         for _ in range(100):
             codes = rng.integers(0, 16, 8)
             regs = {"x": sum(int(c) << (4 * i) for i, c in enumerate(codes))}
-            got = _run(lines, regs | {"lane": 4 * lane, "base": base}, smem)
+            got = run_ptx(lines, regs | {"lane": 4 * lane, "base": base}, smem)
             _assert_pairs(got, out, table, codes)
 
 
@@ -320,7 +296,7 @@ def test_three_bit_key_lookup_gives_the_table_entries():
         codes = rng.integers(0, 8, 32)
         stream = sum(int(c) << (3 * i) for i, c in enumerate(codes))
         regs = {f"w{i}": (stream >> (32 * i)) & 0xFFFFFFFF for i in range(3)}
-        got = _run(lines, regs | {"lane": 4 * lane, "base": base}, smem)
+        got = run_ptx(lines, regs | {"lane": 4 * lane, "base": base}, smem)
         _assert_pairs(got, out, table, codes)
 
 
@@ -336,7 +312,7 @@ def test_value_lookup_pairs_two_tokens_per_dim():
         regs = {"L": lo, "H": hi}
         regs["a"] = sum(int(c) << (2 * i) for i, c in enumerate(ca))
         regs["b"] = sum(int(c) << (2 * i) for i, c in enumerate(cb))
-        got = _run(lines, regs)
+        got = run_ptx(lines, regs)
         for chunk in range(2):
             for s in range(4):
                 for k, dim in ((0, 8 * chunk + s), (1, 8 * chunk + 4 + s)):
@@ -361,7 +337,7 @@ def test_four_bit_value_lookup_pairs_two_tokens_per_dim():
                 regs[f"{name}{w}"] = sum(
                     int(c) << (4 * i) for i, c in enumerate(codes[8 * w :][:8])
                 )
-        got = _run(lines, regs, smem)
+        got = run_ptx(lines, regs, smem)
         for chunk in range(2):
             for s in range(4):
                 for k, dim in ((0, 8 * chunk + s), (1, 8 * chunk + 4 + s)):
@@ -413,7 +389,7 @@ def test_stage_copies_of_all_threads_stay_apart_and_in_their_bytes(threads, key_
                 "$28": knbase,
                 "$32": ptx.key_stage_offset(which),
             }
-            run_copy_and_load(copy, ops, memory, smem, tid)
+            run_ptx(copy, ops, smem, memory, tid)
             for at in smem:
                 assert owner.setdefault(at, tid) == tid, (which, at, owner[at], tid)
         _assert_in_stage(owner, which, stage, threads, key_bits, value_bits)
@@ -460,7 +436,7 @@ def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, key_bits
             ops = {"$4": kbase + 16 * lane, "$8": vbase + 16 * lane}
             ops |= {"$12": tb, "$16": stop, "$20": g, "$24": stage, "$32": kso}
             ops["$28"] = knbase if lane < 8 else vnbase
-            run_copy_and_load(copy, ops, memory, smem, other)
+            run_ptx(copy, ops, smem, memory, other)
         _assert_in_stage(smem, which, stage, threads, key_bits, value_bits)
         lane = tid % 32
         g, t = lane // 4, lane % 4
@@ -471,7 +447,7 @@ def test_pipeline_copies_each_thread_exactly_its_fragment_words(masked, key_bits
             f"${4 * blocks + 12}": nrd + knbase % 16,
             f"${4 * blocks + 13}": nrd + 128 + vnbase % 16,
         }
-        got = run_copy_and_load(load, ops, memory, smem, tid)
+        got = run_ptx(load, ops, smem, memory, tid)
         words = [got[f"${k}"] for k in range(4 * blocks)]
         norms = [got[f"${4 * blocks + k}"] for k in range(8)]
         for tile in range(2):
