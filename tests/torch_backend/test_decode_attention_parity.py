@@ -15,7 +15,6 @@ from tqai.packing import pack_bits, unpack_bits
 
 triton = pytest.importorskip("triton")
 from kernel_parity import check_kernel_output  # noqa: E402
-from ptx_model import run_ptx  # noqa: E402
 from triton_interpret import DEVICE, INTERPRET, MARKS  # noqa: E402
 
 pytestmark = MARKS
@@ -147,41 +146,6 @@ def test_group_layout_matches_packing():
                 got = (groups[:, j] >> (bits * i)) & (2**bits - 1)
                 assert torch.equal(got, codes[:, dim]), (bits, d, dim)
             assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, d).to(torch.int64), codes)
-
-
-def _run_ptx(asm: str, inputs: dict[int, int]) -> list[int]:
-    """The block kernel's lookup PTX run on operands ``$k`` = ``inputs[k]``: its 8 outputs."""
-    regs = run_ptx(asm, {f"${k}": v for k, v in inputs.items()})
-    return [regs[f"${i}"] for i in range(8)]
-
-
-@pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("d", [64, 128, 256])
-def test_prmt_lookups_match_the_table(bits, d):
-    """The byte-permute PTX of the fast path, interpreted instruction by instruction, returns the
-    fp16 centroids of every code (the interpreter cannot run inline PTX; the GPU tests do)."""
-    import numpy as np
-
-    from tqai.codebooks import lloyd_max_codebook
-    from tqai_torch.kernels.triton import decode_attention as k
-
-    centroids = lloyd_max_codebook(d, bits).centroids
-    regs = [r & 0xFFFFFFFF for r in k._prmt_registers(centroids)]
-    table = np.asarray(centroids, np.float16).view(np.uint16)
-    asm = k._PRMT4 if bits == 4 else k._PRMT2
-    rng = np.random.default_rng(d + bits)
-    for _ in range(200):
-        codes = rng.integers(0, 2**bits, 8)
-        group = sum(int(x) << (bits * i) for i, x in enumerate(codes))
-        got = _run_ptx(asm, {8: group, 9: regs[0], 10: regs[1], 11: regs[2], 12: regs[3]})
-        assert got == [int(table[x]) for x in codes]
-
-
-def test_prmt_registers_need_a_symmetric_codebook():
-    from tqai_torch.kernels.triton import decode_attention as k
-
-    assert k._prmt_registers([float(i) for i in range(16)]) is None  # not symmetric: gathers
-    assert k._prmt_registers([0.5] * 8) is None  # 3 bits: gathers
 
 
 def test_decode_attention_refuses_bad_input():
