@@ -10,6 +10,7 @@ from tqai_torch.kernels.triton.decode_mma_ptx import table_words
 
 __all__ = ["PRMT2", "PRMT4", "prmt_registers"]
 
+
 # Byte-permute lookups (PTX ``prmt``): the fp16 table lives in registers as its low bytes and its
 # high bytes, ``prmt`` picks 4 bytes at once by 4 nibble selectors, and two more ``prmt`` weave
 # low and high bytes into fp16 pairs. No memory access and no address arithmetic per code.
@@ -17,7 +18,22 @@ __all__ = ["PRMT2", "PRMT4", "prmt_registers"]
 # 4 bits: the Lloyd-Max codebook is symmetric, c[15 - j] = -c[j] (checked on the host, in fp16),
 # so the table holds c[0..7] ($9, $10: low bytes; $11, $12: high bytes): code j reads entry
 # (j & 7) ^ (7 if j & 8 else 0) and flips the sign bit when j & 8. $8: one packing group (8 codes).
-PRMT4 = """{
+def _prmt4_half(sel: str, pattern: str, first: int) -> str:
+    """Four codes of :data:`PRMT4`: entries by the selectors ``sel``, the sign bytes of these
+    codes (``pattern`` of ``se``, ``so``), fp16 pairs into outputs ``first .. first + 3``."""
+    return f"""prmt.b32 lo, $9, $10, {sel};
+prmt.b32 hi, $11, $12, {sel};
+prmt.b32 sg, se, so, {pattern};
+xor.b32 hi, hi, sg;
+prmt.b32 r, lo, hi, 0x5140;
+mov.b32 {{${first}, ${first + 1}}}, r;
+prmt.b32 r, lo, hi, 0x7362;
+mov.b32 {{${first + 2}, ${first + 3}}}, r;
+"""
+
+
+PRMT4 = (
+    """{
 .reg .b32 t, f, m, mh, lo, hi, se, so, sg, r;
 shr.b32 t, $8, 3;
 and.b32 t, t, 0x11111111;
@@ -28,24 +44,12 @@ shl.b32 se, t, 7;
 and.b32 se, se, 0x80808080;
 shl.b32 so, t, 3;
 and.b32 so, so, 0x80808080;
-prmt.b32 lo, $9, $10, m;
-prmt.b32 hi, $11, $12, m;
-prmt.b32 sg, se, so, 0x5140;
-xor.b32 hi, hi, sg;
-prmt.b32 r, lo, hi, 0x5140;
-mov.b32 {$0, $1}, r;
-prmt.b32 r, lo, hi, 0x7362;
-mov.b32 {$2, $3}, r;
-shr.b32 mh, m, 16;
-prmt.b32 lo, $9, $10, mh;
-prmt.b32 hi, $11, $12, mh;
-prmt.b32 sg, se, so, 0x7362;
-xor.b32 hi, hi, sg;
-prmt.b32 r, lo, hi, 0x5140;
-mov.b32 {$4, $5}, r;
-prmt.b32 r, lo, hi, 0x7362;
-mov.b32 {$6, $7}, r;
-}"""
+"""
+    + _prmt4_half("m", "0x5140", 0)
+    + "shr.b32 mh, m, 16;\n"
+    + _prmt4_half("mh", "0x7362", 4)
+    + "}"
+)
 # 2 bits: the 4-entry table is one register of low bytes ($9) and one of high bytes ($10); even
 # and odd codes of the group are spread into nibble selectors, looked up, and interleaved.
 PRMT2 = """{
