@@ -393,7 +393,7 @@ def test_stage_copies_of_all_threads_stay_apart_and_in_their_bytes(threads, key_
             for at in smem:
                 assert owner.setdefault(at, tid) == tid, (which, at, owner[at], tid)
         _assert_in_stage(owner, which, stage, threads, key_bits, value_bits)
-    assert ptx.lut_bytes(key_bits) + 2 * sb <= 232448 // 2  # two programs an SM (sm_90)
+    assert 2 * ptx.program_smem(threads, value_bits, key_bits, 2) <= ptx.SMEM_PER_SM  # 2 an SM
     with pytest.raises(ValueError, match="stage must be 0 or 1"):  # the halves hold two stages
         ptx.key_stage_offset(2)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "SMEM_PER_SM",
     "STEP_TOKENS",
     "copy_asm",
     "dense_blocks",
@@ -20,6 +21,7 @@ __all__ = [
     "lut_stride",
     "pair_table",
     "pair_value_lookup_lines",
+    "program_smem",
     "softmax_asm",
     "stage_blocks",
     "stage_bytes",
@@ -179,6 +181,20 @@ def stage_bytes(threads: int, value_bits: int, key_bits: int = 4) -> int:
     """Bytes of a pipeline stage's own region: its dense blocks (:func:`dense_blocks`), then the
     warps' norms."""
     return dense_blocks(value_bits, key_bits) * 16 * threads + NORM_BYTES * (threads // 32)
+
+
+SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may hold together
+_OPERAND_EXCHANGE = 2048  # bytes: the query's B operand, through shared memory to the mma layout
+
+
+def program_smem(threads: int, value_bits: int, key_bits: int, stages: int) -> int:
+    """Bytes of shared memory a program of ``threads`` takes: the kernel's one allocation, in
+    rows of ``16 * threads`` bytes (the pair table's region, whose bytes first hold the staged
+    query rotation, then ``stages`` pipeline stages), and the compiler's exchange of the query
+    rotation's operand beyond it."""
+    row = 16 * threads
+    n_stages = -(-stages * stage_bytes(threads, value_bits, key_bits) // row)
+    return (lut_bytes(key_bits) // row + n_stages) * row + _OPERAND_EXCHANGE
 
 
 def _key_slot_lines(stage: str) -> list[str]:

@@ -81,6 +81,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from tqai_torch.kernels.triton.decode_mma_ptx import (
+    SMEM_PER_SM,
     STEP_TOKENS,
     copy_asm,
     key_asm,
@@ -89,6 +90,7 @@ from tqai_torch.kernels.triton.decode_mma_ptx import (
     lut_bytes,
     lut_stride,
     pair_table,
+    program_smem,
     softmax_asm,
     stage_blocks,
     stage_bytes,
@@ -183,7 +185,6 @@ def _load_cons(KB, VB):
 
 
 _LANE_SUM = gl.constexpr(lane_sum_asm())
-_SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may hold together
 _REGISTERS_PER_SM = 65536  # sm_90: 32-bit registers of a multiprocessor
 # 16 warps per SM (2 programs of 8 warps, 4 of 4) need at most 128 registers a thread; without the
 # cap ptxas takes ~200 for the builds with segments (their cold code) and one program fits
@@ -228,18 +229,6 @@ def _rotation_mma(W):
     """The tensor-core layout of a rotation's product ``(128 dims, 8 heads)``: ``mma.m16n8k16``
     tiles, the dims over the warps."""
     return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
-
-
-_OPERAND_EXCHANGE = 2048  # bytes: the query's B operand, through shared memory to the mma layout
-
-
-def _program_smem(num_warps: int, key_bits: int, value_bits: int) -> int:
-    """Bytes of shared memory a program of ``num_warps`` warps takes: the kernel's one
-    allocation (the table, whose bytes first hold the staged query rotation, and the stages)
-    and the compiler's exchange of the query rotation's operand beyond it."""
-    stages = -(-STAGES * stage_bytes(32 * num_warps, value_bits, key_bits) // (512 * num_warps))
-    lut = lut_bytes(key_bits) // (512 * num_warps)
-    return (lut + stages) * 512 * num_warps + _OPERAND_EXCHANGE
 
 
 @gluon.jit
@@ -1137,7 +1126,7 @@ def launch_mma_decode(
     # a whole wave: as many programs per SM as shared memory and the register file hold (K3/V2's
     # 74 KB would let three 8-warp programs in by shared memory; the registers hold two)
     kbits, vbits = key_q.spec.n_bits, value_q.spec.n_bits
-    by_smem = _SMEM_PER_SM // _program_smem(num_warps, kbits, vbits)
+    by_smem = SMEM_PER_SM // program_smem(32 * num_warps, vbits, kbits, STAGES)
     per_sm = max(1, min(by_smem, _REGISTERS_PER_SM // (_MAX_REGISTERS * 32 * num_warps)))
     if tokens_per_split is None:
         tokens_per_split = math.ceil(t / max(1, per_sm * sm_count // bh))
