@@ -52,6 +52,32 @@ def test_store_attention_equals_dequantized_attention(xp, strategy, sinks, windo
     assert store.pending_length == 0  # nothing stays staged after attend
 
 
+def test_sinks_and_window_are_the_stores_own_arrays(xp):
+    """A long prompt's sink and window tokens are copies: changing the caller's arrays after
+    the commit changes nothing the store holds (in torch and numpy a slice would be a view,
+    keeping the whole prompt in full precision alive)."""
+    rng = np.random.default_rng(3)
+    k_host = rng.standard_normal((1, 2, 100, 16)).astype(np.float32)
+    v_host = rng.standard_normal((1, 2, 100, 16)).astype(np.float32)
+    config = KVCacheConfig(
+        bits_k=4, bits_v=4, sink_tokens=4, residual_window=8, norm_dtype="float32"
+    )
+    store = KVStore(config)
+    k, v = make_array(xp, k_host), make_array(xp, v_host)
+    store.update(k, v)
+    store.commit()
+    try:
+        k[...] = 0.0
+        v[...] = 0.0
+    except (TypeError, ValueError):  # a library without in-place writes cannot alias either
+        pass
+    held = [to_host(a) for a in (*store.sinks, *store.window)]
+    np.testing.assert_array_equal(held[0], k_host[:, :, :4])
+    np.testing.assert_array_equal(held[1], v_host[:, :, :4])
+    np.testing.assert_array_equal(held[2], k_host[:, :, -store.window_length :])
+    np.testing.assert_array_equal(held[3], v_host[:, :, -store.window_length :])
+
+
 def test_eight_bits_is_close_to_exact():
     store = KVStore(KVCacheConfig(bits_k=8, bits_v=8, norm_dtype="float32"))
     out, exact = _run(store, np, [30, 1, 1], np.random.default_rng(1))

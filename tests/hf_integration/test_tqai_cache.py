@@ -272,6 +272,29 @@ def test_nbytes_is_real_and_smaller_than_bf16():
     assert cache.nbytes() < 0.5 * bf16
 
 
+def test_full_precision_tokens_hold_only_their_own_bytes():
+    """After a one-forward prefill, the sink and window tokens are the cache's own compact
+    tensors, not views that keep the whole prompt's keys and values (the attention's
+    projections, all of it in full precision) alive; and decode steps keep them so."""
+    model = build("llama")
+    ids = _prompt(batch=2, length=300)
+    cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=4, residual_window=8)
+    with torch.no_grad():
+        out = model(ids, **cache_kw(cache))
+        for step in range(3):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(nxt, **cache_kw(cache))
+            for layer in cache.layers:
+                store = layer.store
+                held = [*store.sinks, *store.window]
+                assert all(t.untyped_storage().nbytes() <= 2 * t.numel() * t.element_size()
+                           for t in held), step  # fmt: skip
+    tqai_torch.unpatch(model)
+    first = cache.layers[0].store
+    assert first.sink_length == 4
+    assert first.window_length == 8
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -353,6 +353,19 @@ def _cat(xp: ModuleType, parts: list[Any], axis: int) -> Any:
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=axis)
 
 
+def _kept(xp: ModuleType, part: Any, whole: int) -> Any:
+    """``part``, a slice along the token axis of an array of ``whole`` tokens, as the store
+    keeps it: its own row-major copy when it is at most half of that array, so that a few sink
+    or window tokens never keep a long prompt's full-precision keys and values alive (a slice is
+    a view into the caller's array in torch and numpy), and hold the layout a loaded cache
+    holds (the same layout gives the same rounding, so a saved cache's logits are exact)."""
+    if 2 * part.shape[2] > whole:
+        return part
+    out = xp.zeros(part.shape, dtype=part.dtype, device=_xp.device_of(part))
+    out[...] = part
+    return out
+
+
 class _PackedHistory:
     """Growable buffers for the arrays of a :class:`QuantizedTensor` along the token axis."""
 
@@ -689,7 +702,10 @@ class KVStore:
         if room > 0:
             take = min(room, keys.shape[2])
             weights = None if weights is None else weights[..., take:]
-            head = (keys[:, :, :take, ...], values[:, :, :take, ...])
+            head = (
+                _kept(xp, keys[:, :, :take, ...], keys.shape[2]),
+                _kept(xp, values[:, :, :take, ...], values.shape[2]),
+            )
             self.sinks = (
                 head
                 if self.sinks is None
@@ -702,6 +718,7 @@ class KVStore:
             keys = _cat(xp, [self.window[0], keys], 2)
             values = _cat(xp, [self.window[1], values], 2)
             weights = None
+        window_of = keys.shape[2]  # the tokens the window below is sliced from
         overflow = keys.shape[2] - self.config.window
         if overflow > 0 and self.quantize_staged:
             self._just_coded = (keys[:, :, :overflow, ...], values[:, :, :overflow, ...])
@@ -725,7 +742,9 @@ class KVStore:
                 ):
                     hist.append(qt, xp)
             keys, values = keys[:, :, overflow:, ...], values[:, :, overflow:, ...]
-        self.window = (keys, values) if keys.shape[2] else None
+        self.window = (
+            (_kept(xp, keys, window_of), _kept(xp, values, window_of)) if keys.shape[2] else None
+        )
 
     def _fit(self, keys: Any, values: Any, weights: Any) -> None:
         """Fit the codings from the first tokens past the sinks (the prompt, window included);
