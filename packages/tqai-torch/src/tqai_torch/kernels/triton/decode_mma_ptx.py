@@ -21,6 +21,7 @@ __all__ = [
     "lut_stride",
     "pair_table",
     "pair_value_lookup_lines",
+    "program_rows",
     "program_smem",
     "softmax_asm",
     "stage_blocks",
@@ -187,14 +188,21 @@ SMEM_PER_SM = 227 * 1024  # sm_90: shared memory a multiprocessor's blocks may h
 _OPERAND_EXCHANGE = 2048  # bytes: the query's B operand, through shared memory to the mma layout
 
 
-def program_smem(threads: int, value_bits: int, key_bits: int, stages: int) -> int:
-    """Bytes of shared memory a program of ``threads`` takes: the kernel's one allocation, in
-    rows of ``16 * threads`` bytes (the pair table's region, whose bytes first hold the staged
-    query rotation, then ``stages`` pipeline stages), and the compiler's exchange of the query
-    rotation's operand beyond it."""
+def program_rows(threads: int, value_bits: int, key_bits: int, stages: int) -> int:
+    """Rows of ``16 * threads`` bytes in the kernel's one shared allocation: the pair table's
+    region (whose bytes first hold the staged query rotation), then ``stages`` pipeline
+    stages."""
     row = 16 * threads
     n_stages = -(-stages * stage_bytes(threads, value_bits, key_bits) // row)
-    return (lut_bytes(key_bits) // row + n_stages) * row + _OPERAND_EXCHANGE
+    return lut_bytes(key_bits) // row + n_stages
+
+
+def program_smem(threads: int, value_bits: int, key_bits: int, stages: int) -> int:
+    """Bytes of shared memory a program of ``threads`` takes: the kernel's one allocation
+    (:func:`program_rows`), and the compiler's exchange of the query rotation's operand beyond
+    it."""
+    rows = program_rows(threads, value_bits, key_bits, stages)
+    return rows * 16 * threads + _OPERAND_EXCHANGE
 
 
 def _key_slot_lines(stage: str) -> list[str]:

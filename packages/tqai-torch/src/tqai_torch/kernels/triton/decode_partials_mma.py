@@ -90,6 +90,7 @@ from tqai_torch.kernels.triton.decode_mma_ptx import (
     lut_bytes,
     lut_stride,
     pair_table,
+    program_rows,
     program_smem,
     softmax_asm,
     stage_blocks,
@@ -144,6 +145,13 @@ def _stage_bytes(W, KB, VB):
 
 
 @gluon.constexpr_function
+def _program_rows(W, KB, VB):
+    """Rows of ``512 * W`` bytes of the kernel's one shared allocation
+    (:func:`.decode_mma_ptx.program_rows`, which the launcher's budget counts too)."""
+    return _PROGRAM_ROWS[(W, KB, VB)]
+
+
+@gluon.constexpr_function
 def _lut(KB):
     """Bytes of the pair table's region (:func:`.decode_mma_ptx.lut_bytes`): the stages follow."""
     return _LUT_BYTES[KB]
@@ -194,6 +202,9 @@ _SEG_PROGRAMS = gl.constexpr(SEG_PROGRAMS)
 SEG_TOKENS_PER_PROGRAM = 8  # segment tokens a program takes (2 rounds), while the wave has room
 STAGES = 2  # pipeline depth: a thread's copies run one step ahead of its compute (3: no faster)
 _STAGES = gl.constexpr(STAGES)
+_PROGRAM_ROWS = {
+    (w, kb, vb): program_rows(32 * w, vb, kb, STAGES) for w in (4, 8) for kb, vb in SERVED_BITS
+}
 # K4: the stages' key blocks in the pair table's odd halves, which hold two stages (a deeper
 # pipeline fails here, at import)
 _KEY_STAGES = [key_stage_offset(s) for s in range(STAGES)]
@@ -772,7 +783,7 @@ def _history_partial(
     # the first 32 KB), the pipeline's stages, the warps' merge at the end
     buf = gl.allocate_shared_memory(
         gl.float32,
-        [LUT // (512 * W) + (_STAGES * STAGE_BYTES + 512 * W - 1) // (512 * W), 32 * W, 4],
+        [_program_rows(W, KB, VB), 32 * W, 4],
         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
     )
     # the query rotation first (its own commit group), into the table's bytes
