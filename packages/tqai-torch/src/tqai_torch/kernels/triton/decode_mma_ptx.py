@@ -64,6 +64,11 @@ def key_stage_offset(stage: int) -> int:
 
 _NEG = "0fF149F2CA"  # -1e30: the score of a token outside the visible range
 
+# _OUTPUTS_LAST: Triton's inline PTX declares no early clobbers, so an output may take the
+# register of an input that dies at the call; each `asm` here reads all its inputs (or copies
+# them) before it writes any output. (A build that broke this rule computed a running sum from
+# an output written just before: wrong only from a warp's second step on.)
+
 
 def key_lookup_lines(x: str, lane: str, out: list[str]) -> list[str]:
     """PTX turning one packing group ``x`` (8 four-bit codes) into 4 fp16 pairs ``out`` (codes
@@ -377,7 +382,12 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     soff, nrd, kso = 4 * n + 8, 4 * n + 12, 4 * n + 16
     lines = [
         "{",
-        ".reg .b32 tid, rb, w, l, s, be, bo, x, h, kh, k7;",
+        ".reg .b32 tid, rb, w, l, s, be, bo, x, h, kh, k7, soff, nrd<2>, kso;",
+        # the inputs first (_OUTPUTS_LAST)
+        f"mov.u32 soff, ${soff};",
+        f"mov.u32 nrd0, ${nrd};",
+        f"mov.u32 nrd1, ${nrd + 1};",
+        f"mov.u32 kso, ${kso};",
         "bar.warp.sync 0xffffffff;",  # the lanes' copies are each other's
         "mov.u32 tid, %tid.x;",
         "shr.b32 w, tid, 5;",
@@ -386,7 +396,7 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     if key_bits == 3:
         lines += [
             "mov.u32 rb, global_smem;",
-            f"add.u32 rb, rb, ${soff};",
+            "add.u32 rb, rb, soff;",
             "mad.lo.u32 rb, w, 1536, rb;",
             "mad.lo.u32 rb, l, 12, rb;",  # 48 g + 12 t = 12 (4 g + t)
         ]
@@ -394,7 +404,7 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
             for i in range(3):
                 lines.append(f"ld.shared.b32 ${3 * j + i}, [rb+{384 * j + 4 * i}];")
     else:
-        lines += _key_slot_lines(f"${kso}")
+        lines += _key_slot_lines("kso")
         for j in range(4):
             regs = ", ".join(f"${4 * j + i}" for i in range(4))
             lines.append(f"ld.shared.v4.b32 {{{regs}}}, [kh+{32 * threads * j}];")
@@ -402,7 +412,7 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
     if value_bits == 2:
         lines += [
             "mov.u32 be, global_smem;",
-            f"add.u32 be, be, ${soff};",
+            "add.u32 be, be, soff;",
             "mad.lo.u32 be, w, 512, be;",
             "mad.lo.u32 be, s, 64, be;",
             "mad.lo.u32 be, rb, 4, be;",
@@ -422,7 +432,7 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
         # of dims 16g .. 16g + 15 in its half g % 2
         lines += [
             "mov.u32 h, global_smem;",
-            f"add.u32 h, h, ${soff};",
+            "add.u32 h, h, soff;",
             "mad.lo.u32 h, w, 512, h;",
             "mad.lo.u32 h, s, 128, h;",
             "and.b32 x, rb, 1;",
@@ -441,9 +451,9 @@ def stage_load_asm(threads: int, value_bits: int = 2, key_bits: int = 4) -> str:
                 regs = f"${out + 8 * tile + 2 * k}, ${out + 8 * tile + 2 * k + 1}"
                 lines.append(f"ld.shared.v2.b32 {{{regs}}}, [{base}+{at}];")
     # the norms: tokens g + 8 j, j = 0..3 (tiles 0 and 1), keys then values
-    lines += ["mov.u32 h, global_smem;", f"add.u32 h, h, ${soff};"]
+    lines += ["mov.u32 h, global_smem;", "add.u32 h, h, soff;"]
     for kind in range(2):
-        lines.append(f"add.u32 x, h, ${nrd + kind};")
+        lines.append(f"add.u32 x, h, nrd{kind};")
         for j in range(4):
             reg = 4 * n + 4 * (j // 2) + 2 * kind + j % 2
             at = dense_blocks(value_bits, key_bits) * blk + 16 * j
@@ -487,13 +497,14 @@ def key_asm(masked: bool, key_bits: int = 4, tile: int = 0) -> str:
                 f"{{{', '.join(a)}}}, {{${q + 2 * sigma}, ${q + 1 + 2 * sigma}}}, {{{acc}}};"
             )
     lines += [f"add.f32 c{i}, c{i}, d{i};" for i in range(4)]
-    lines += [f"mul.f32 $0, c0, ${nrm};", f"mul.f32 $1, c1, ${nrm};"]
-    lines += [f"mul.f32 $2, c2, ${nrm + 1};", f"mul.f32 $3, c3, ${nrm + 1};"]
+    lines += [f"mul.f32 c0, c0, ${nrm};", f"mul.f32 c1, c1, ${nrm};"]
+    lines += [f"mul.f32 c2, c2, ${nrm + 1};", f"mul.f32 c3, c3, ${nrm + 1};"]
     if masked:
         lines += [".reg .pred bad;", f"setp.lt.f32 bad, ${nrm + 2}, 0f00000000;"]
-        lines += [f"@bad mov.f32 $0, {_NEG};", f"@bad mov.f32 $1, {_NEG};"]
+        lines += [f"@bad mov.f32 c0, {_NEG};", f"@bad mov.f32 c1, {_NEG};"]
         lines += [f"setp.lt.f32 bad, ${nrm + 3}, 0f00000000;"]
-        lines += [f"@bad mov.f32 $2, {_NEG};", f"@bad mov.f32 $3, {_NEG};"]
+        lines += [f"@bad mov.f32 c2, {_NEG};", f"@bad mov.f32 c3, {_NEG};"]
+    lines += [f"mov.f32 ${i}, c{i};" for i in range(4)]  # last: see _OUTPUTS_LAST
     lines.append("}")
     return "\n".join(lines)
 
@@ -503,7 +514,7 @@ def softmax_asm() -> str:
     alpha, ``$12-$15`` / ``$16-$19`` the value product's B fragments of tiles 0 / 1 (two fp16
     pairs, then zeros); in ``$20-$27`` the tiles' scores, ``$28-$35`` their norms, ``$36-$39`` m,
     ``$40-$43`` l. Columns are heads ``(2t, 2t+1, 2t, 2t+1)``; l is per lane (tokens g, g+8)."""
-    lines = ["{", ".reg .f32 u, v, w, z, m0, m1, a0, a1, p<8>, q<8>;", ".reg .b32 r, k;"]
+    lines = ["{", ".reg .f32 u, v, w, z, m0, m1, a0, a1, p<8>, q<8>;", ".reg .b32 r, b<4>;"]
     lines += ["max.f32 u, $20, $22;", "max.f32 w, $24, $26;", "max.f32 u, u, w;"]
     lines += ["max.f32 v, $21, $23;", "max.f32 w, $25, $27;", "max.f32 v, v, w;"]
     for lane_mask in (4, 8, 16):
@@ -520,11 +531,8 @@ def softmax_asm() -> str:
     lines += ["mul.f32 u, $40, a0;", "mul.f32 v, $41, a1;"]
     lines += [f"add.f32 u, u, p{i};" for i in (0, 2, 4, 6)]
     lines += [f"add.f32 v, v, p{i};" for i in (1, 3, 5, 7)]
-    for col, reg in enumerate(("m0", "m1", "m0", "m1", "u", "v", "u", "v")):
-        lines.append(f"mov.f32 ${col}, {reg};")
-    for col, reg in enumerate(("a0", "a1", "a0", "a1")):
-        lines.append(f"mov.f32 ${8 + col}, {reg};")
-    for tile, nb, out in ((0, 28, 12), (1, 32, 16)):
+    frags = []
+    for tile, nb in ((0, 28), (1, 32)):
         o = 4 * tile
         lines += [
             f"mul.f32 q{o}, p{o}, ${nb + 2};",
@@ -532,14 +540,15 @@ def softmax_asm() -> str:
             f"mul.f32 q{o + 2}, p{o + 2}, ${nb + 3};",
             f"mul.f32 q{o + 3}, p{o + 3}, ${nb + 3};",
             f"cvt.rn.f16x2.f32 r, q{o + 1}, q{o};",
-            "movmatrix.sync.aligned.m8n8.trans.b16 k, r;",
-            f"mov.b32 ${out}, k;",
+            f"movmatrix.sync.aligned.m8n8.trans.b16 b{2 * tile}, r;",
             f"cvt.rn.f16x2.f32 r, q{o + 3}, q{o + 2};",
-            "movmatrix.sync.aligned.m8n8.trans.b16 k, r;",
-            f"mov.b32 ${out + 1}, k;",
-            f"mov.b32 ${out + 2}, 0;",
-            f"mov.b32 ${out + 3}, 0;",
+            f"movmatrix.sync.aligned.m8n8.trans.b16 b{2 * tile + 1}, r;",
         ]
+        frags += [f"b{2 * tile}", f"b{2 * tile + 1}", "0", "0"]
+    # the outputs last (_OUTPUTS_LAST)
+    outs = ("m0", "m1", "m0", "m1", "u", "v", "u", "v", "a0", "a1", "a0", "a1")
+    lines += [f"mov.f32 ${col}, {reg};" for col, reg in enumerate(outs)]
+    lines += [f"mov.b32 ${12 + col}, {reg};" for col, reg in enumerate(frags)]
     lines.append("}")
     return "\n".join(lines)
 
@@ -556,8 +565,11 @@ def value_asm(rescale: bool, value_bits: int = 2) -> str:
     p = 40 if value_bits == 2 else 44  # P's B fragment
     alpha = p + 4
     acc = alpha + 4 if rescale else alpha
-    lines = ["{", ".reg .b32 x, z, sel, sh, f<32>;", ".reg .f32 r<32>;"]
+    lines = ["{", ".reg .b32 x, z, sel, sh, bp<2>, f<32>;", ".reg .f32 r<32>;"]
+    # the inputs the products read, first: the products write the outputs one by one
+    # (_OUTPUTS_LAST)
     lines += [f"mov.f32 r{i}, ${acc + i};" for i in range(32)]
+    lines += [f"mov.b32 bp0, ${p};", f"mov.b32 bp1, ${p + 1};"]
     if rescale:
         lines += [
             ".reg .pred moved, other;",
@@ -587,7 +599,7 @@ def value_asm(rescale: bool, value_bits: int = 2) -> str:
         c = ", ".join(f"r{4 * j + i}" for i in range(4))
         lines.append(
             f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d}}}, {{{a}}}, "
-            f"{{${p}, ${p + 1}}}, {{{c}}};"
+            f"{{bp0, bp1}}, {{{c}}};"
         )
     lines.append("}")
     return "\n".join(lines)
