@@ -295,6 +295,46 @@ def test_full_precision_tokens_hold_only_their_own_bytes():
     assert first.window_length == 8
 
 
+def _storages(obj, found, depth=0):
+    """Every torch tensor storage reachable from ``obj`` through the attributes of tqai's
+    objects, lists, tuples and dicts (the quantizers, shared by the layers, left out): data
+    pointer -> bytes."""
+    if depth > 6:
+        return
+    if isinstance(obj, torch.Tensor):
+        found[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    elif isinstance(obj, dict):
+        for value in list(obj.values()):
+            _storages(value, found, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _storages(value, found, depth + 1)
+    elif type(obj).__module__.startswith("tqai") and hasattr(obj, "__dict__"):
+        for name, value in list(vars(obj).items()):
+            if "quantizer" not in name:
+                _storages(value, found, depth + 1)
+
+
+def test_cache_holds_the_bytes_it_reports():
+    """After a one-forward prefill and decode steps, every tensor a layer's store can reach is
+    what ``nbytes`` counts (the packed buffers, sinks, window), up to the window's tokens
+    sharing a step's slightly larger tensor: no second copy of the prompt's codes."""
+    model = build("llama")
+    ids = _prompt(batch=2, length=300)
+    cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=4, residual_window=8)
+    with torch.no_grad():
+        out = model(ids, **cache_kw(cache))
+        for _ in range(3):
+            out = model(out.logits[:, -1].argmax(-1, keepdim=True), **cache_kw(cache))
+    tqai_torch.unpatch(model)
+    for layer in cache.layers:
+        store = layer.store
+        found: dict[int, int] = {}
+        _storages(store, found)
+        window = sum(t.numel() * t.element_size() for t in store.window)
+        assert sum(found.values()) <= sum(store.nbytes().values()) + window
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -44,7 +44,7 @@ import numpy as np
 from tqai import _xp
 from tqai.attention import CompressedHistory, _group, compressed_attention_multi
 from tqai.codebooks import validate_dim
-from tqai.container import ITEMSIZE, NORM_DTYPES, QuantizedTensor, dtype_name
+from tqai.container import ITEMSIZE, NORM_DTYPES, QuantizedTensor, QuantizerSpec, dtype_name
 from tqai.kvlayout import (
     StreamCoding,
     attention_weight_mass,
@@ -372,7 +372,10 @@ class _PackedHistory:
     def __init__(self) -> None:
         self.buffers: dict[str, Any] = {}
         self.length = 0
-        self.template: QuantizedTensor | None = None
+        # the held tokens' spec and dtype, from the first append (not that append's arrays:
+        # keeping them would hold its codes a second time)
+        self.spec: QuantizerSpec | None = None
+        self.dtype: str | None = None
 
     @property
     def capacity(self) -> int:
@@ -380,8 +383,8 @@ class _PackedHistory:
 
     def append(self, qt: QuantizedTensor, xp: ModuleType) -> None:
         new = qt.shape[2]
-        if self.template is None:
-            self.template = qt
+        if self.spec is None:
+            self.spec, self.dtype = qt.spec, qt.dtype
         self._reserve(new, qt.arrays(), xp)
         for name, a in qt.arrays().items():
             self.buffers[name][:, :, self.length : self.length + new, ...] = a
@@ -392,7 +395,7 @@ class _PackedHistory:
         buffers' next tokens when the quantizer can (``quantize_into(x, arrays)`` returns True,
         as the fused GPU encodes do: no second copy of the codes), else quantized, then copied."""
         into = getattr(quantizer, "quantize_into", None)
-        if into is not None and self.template is not None and x.shape[:2] == self.batch_heads:
+        if into is not None and self.spec is not None and x.shape[:2] == self.batch_heads:
             new = x.shape[2]
             self._reserve(new, self.buffers, xp)
             span = slice(self.length, self.length + new)
@@ -425,8 +428,9 @@ class _PackedHistory:
         """The held tokens as a compressed tensor of leading shape ``(B, H, length)`` (views)."""
         arrays = {name: b[:, :, : self.length, ...] for name, b in self.buffers.items()}
         b, h = arrays["norms"].shape[:2]
-        spec, dtype = self.template.spec, self.template.dtype
-        return QuantizedTensor(spec=spec, shape=(b, h, self.length), dtype=dtype, **arrays)
+        return QuantizedTensor(
+            spec=self.spec, shape=(b, h, self.length), dtype=self.dtype, **arrays
+        )
 
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
@@ -437,7 +441,7 @@ class _PackedHistory:
     def copy(self, clone) -> _PackedHistory:
         new = _PackedHistory()
         new.buffers = {name: clone(b) for name, b in self.buffers.items()}
-        new.length, new.template = self.length, self.template
+        new.length, new.spec, new.dtype = self.length, self.spec, self.dtype
         return new
 
     def nbytes(self) -> int:
