@@ -13,8 +13,8 @@ reports:
   CPU the subprocesses run with glibc's mmap threshold fixed at 64 KiB
   (``MALLOC_MMAP_THRESHOLD_``): by default glibc raises it after the first large free, then
   keeps freed temporaries in its heap, and the resident high-water mark of the same run varied
-  by up to ~100 MiB (K4/V2 at 4096 tokens: 29.6 to 234.6 MiB); with it fixed, freed blocks of
-  64 KiB and more go back to the system and the peak is what was live at once.
+  (K4/V2 at 4096 tokens: 28 to 106 MiB in six runs); with it fixed (28 to 30 MiB), freed blocks
+  of 64 KiB and more go back to the system and the peak is what was live at once.
 
 Writes benchmarks/results/memory.json rows {"context", "config", "cache_bytes",
 "baseline_cache_bytes", "peak_bytes", "baseline_peak_bytes"} and prints the table.
