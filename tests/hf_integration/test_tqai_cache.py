@@ -272,29 +272,6 @@ def test_nbytes_is_real_and_smaller_than_bf16():
     assert cache.nbytes() < 0.5 * bf16
 
 
-def test_full_precision_tokens_hold_only_their_own_bytes():
-    """After a one-forward prefill, the sink and window tokens are the cache's own compact
-    tensors, not views that keep the whole prompt's keys and values (the attention's
-    projections, all of it in full precision) alive; and decode steps keep them so."""
-    model = build("llama")
-    ids = _prompt(batch=2, length=300)
-    cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=4, residual_window=8)
-    with torch.no_grad():
-        out = model(ids, **cache_kw(cache))
-        for step in range(3):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(nxt, **cache_kw(cache))
-            for layer in cache.layers:
-                store = layer.store
-                held = [*store.sinks, *store.window]
-                assert all(t.untyped_storage().nbytes() <= 2 * t.numel() * t.element_size()
-                           for t in held), step  # fmt: skip
-    tqai_torch.unpatch(model)
-    first = cache.layers[0].store
-    assert first.sink_length == 4
-    assert first.window_length == 8
-
-
 def _storages(obj, found, depth=0):
     """Every torch tensor storage reachable from ``obj`` through the attributes of tqai's
     objects, lists, tuples and dicts (the quantizers, shared by the layers, left out): data
@@ -315,18 +292,30 @@ def _storages(obj, found, depth=0):
                 _storages(value, found, depth + 1)
 
 
-def test_cache_holds_the_bytes_it_reports():
-    """After a one-forward prefill and decode steps, every tensor a layer's store can reach is
-    what ``nbytes`` counts (the packed buffers, sinks, window), up to the window's tokens
-    sharing a step's slightly larger tensor: no second copy of the prompt's codes."""
+def test_cache_holds_only_its_own_bytes():
+    """After a one-forward prefill, the sink and window tokens are the cache's own compact
+    tensors, not views that keep the whole prompt's keys and values (the attention's
+    projections, all of it in full precision) alive, and decode steps keep them so; and every
+    tensor a layer's store can reach is what ``nbytes`` counts (the packed buffers, sinks,
+    window), up to the window's tokens sharing a step's slightly larger tensor: no second copy
+    of the prompt's codes."""
     model = build("llama")
     ids = _prompt(batch=2, length=300)
     cache = tqai_torch.patch(model, bits_k=4, bits_v=2, sink_tokens=4, residual_window=8)
     with torch.no_grad():
         out = model(ids, **cache_kw(cache))
-        for _ in range(3):
-            out = model(out.logits[:, -1].argmax(-1, keepdim=True), **cache_kw(cache))
+        for step in range(3):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(nxt, **cache_kw(cache))
+            for layer in cache.layers:
+                store = layer.store
+                held = [*store.sinks, *store.window]
+                assert all(t.untyped_storage().nbytes() <= 2 * t.numel() * t.element_size()
+                           for t in held), step  # fmt: skip
     tqai_torch.unpatch(model)
+    first = cache.layers[0].store
+    assert first.sink_length == 4
+    assert first.window_length == 8
     for layer in cache.layers:
         store = layer.store
         found: dict[int, int] = {}
