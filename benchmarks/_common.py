@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +34,24 @@ def machine() -> dict:
         "python": platform.python_version(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
     }
+
+
+def peak_rss_env() -> dict[str, str]:
+    """The environment for a subprocess whose peak resident memory is measured: glibc's mmap
+    threshold fixed at 64 KiB. By default glibc raises the threshold after the first large
+    free and then keeps freed temporaries in its heap, so the resident high-water mark of the
+    same run varies (``bench_memory.py``, K4/V2 at 4096 tokens: 28 to 106 MiB in six runs; with
+    the threshold fixed, 28 to 30): freed blocks of 64 KiB and more go back to the system and
+    the peak is what was live at once."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's resident high-water mark (``ru_maxrss``, ``VmHWM``) to what is
+    resident now, so that a peak measured from here is this section's alone and not an earlier
+    transient's (Linux >= 4.0, ``/proc/self/clear_refs``; elsewhere nothing is reset)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:

@@ -9,7 +9,8 @@ A causal prefill of T tokens for one attention layer at SmolLM2-135M's shapes (9
   flash-attention CPU kernel for causal fp32 attention).
 
 Each (provider, T) runs in a fresh process; ``peak`` is the growth of the process's peak
-resident memory over what it held after creating the inputs (CPU), or
+resident memory over what it held after creating the inputs (CPU: its high-water mark reset
+there, glibc's mmap threshold fixed, ``_common.peak_rss_env``), or
 ``torch.cuda.max_memory_allocated`` minus the inputs (CUDA). Time is the median of a few runs.
 Writes benchmarks/results/chunked_<device>.json.
 
@@ -27,7 +28,7 @@ import sys
 import time
 
 import torch
-from _common import machine, print_table, write_json
+from _common import machine, peak_rss_env, print_table, reset_peak_rss, write_json
 
 HEADS, KV_HEADS, HEAD_DIM, CHUNK = 9, 3, 64, 512
 PROVIDERS = ("reference", "chunked", "torch")
@@ -59,6 +60,7 @@ def _run(provider: str, context: int, device: str, repeats: int) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
+        reset_peak_rss()  # the inputs' creation may have peaked higher than they hold
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
     with torch.no_grad():
@@ -92,7 +94,9 @@ def main() -> None:
         for provider in PROVIDERS:
             cmd = [sys.executable, __file__, "--device", args.device, "--repeats",
                    str(args.repeats), "--child", provider, str(context)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, check=True, env=peak_rss_env()
+            )
             r = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append({"provider": provider, "context": context, "chunk": CHUNK, **r})
             print(rows[-1], flush=True)

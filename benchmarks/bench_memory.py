@@ -8,13 +8,9 @@ reports:
 
 - ``cache_bytes``: the bytes the cache object holds (tensor storage actually allocated);
 - ``peak_bytes``: on CPU the subprocess's peak resident memory minus its resident memory just
-  before the cache was created (``ru_maxrss``); on CUDA ``torch.cuda.max_memory_allocated``
-  minus the memory allocated before; i.e. everything the cache and the attention needed. On
-  CPU the subprocesses run with glibc's mmap threshold fixed at 64 KiB
-  (``MALLOC_MMAP_THRESHOLD_``): by default glibc raises it after the first large free, then
-  keeps freed temporaries in its heap, and the resident high-water mark of the same run varied
-  (K4/V2 at 4096 tokens: 28 to 106 MiB in six runs); with it fixed (28 to 30 MiB), freed blocks
-  of 64 KiB and more go back to the system and the peak is what was live at once.
+  before the cache was created (``ru_maxrss``, its high-water mark reset there); on CUDA ``torch.cuda.max_memory_allocated``
+  minus the memory allocated before; i.e. everything the cache and the attention needed. The
+  subprocesses run with glibc's mmap threshold fixed (``_common.peak_rss_env``).
 
 Writes benchmarks/results/memory.json rows {"context", "config", "cache_bytes",
 "baseline_cache_bytes", "peak_bytes", "baseline_peak_bytes"} and prints the table.
@@ -26,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -71,6 +66,9 @@ def measure(context: int, config: str, device: str = "cpu") -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        from _common import reset_peak_rss
+
+        reset_peak_rss()
         before = _rss_bytes()
     if bits is None:
         cache = DynamicCache(config=model_config)
@@ -123,7 +121,7 @@ def main() -> None:
         print(json.dumps(measure(int(args.measure[0]), args.measure[1], args.device)))
         return
 
-    from _common import machine, print_table, write_json
+    from _common import machine, peak_rss_env, print_table, write_json
 
     rows = []
     for context in args.contexts:
@@ -142,7 +140,7 @@ def main() -> None:
                 check=True,
                 capture_output=True,
                 text=True,
-                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)},
+                env=peak_rss_env(),
             )
             results[config] = json.loads(out.stdout.strip().splitlines()[-1])
         base = results["baseline"]
