@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import platform
+import resource
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,8 +48,15 @@ def peak_rss_env() -> dict[str, str]:
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
 
 
+def peak_rss_bytes() -> int:
+    """This process's resident high-water mark in bytes (``ru_maxrss``: KiB on Linux, bytes on
+    macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def reset_peak_rss() -> None:
-    """Reset this process's resident high-water mark (``ru_maxrss``, ``VmHWM``) to what is
+    """Reset this process's resident high-water mark (:func:`peak_rss_bytes`) to what is
     resident now, so that a peak measured from here is this section's alone and not an earlier
     transient's (Linux >= 4.0, ``/proc/self/clear_refs``; elsewhere nothing is reset)."""
     with contextlib.suppress(OSError):

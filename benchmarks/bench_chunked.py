@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
-from _common import machine, peak_rss_env, print_table, reset_peak_rss, write_json
+from _common import (
+    machine,
+    peak_rss_bytes,
+    peak_rss_env,
+    print_table,
+    reset_peak_rss,
+    write_json,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, CHUNK = 9, 3, 64, 512
 PROVIDERS = ("reference", "chunked", "torch")
@@ -61,7 +67,7 @@ def _run(provider: str, context: int, device: str, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         reset_peak_rss()  # the inputs' creation may have peaked higher than they hold
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = peak_rss_bytes()
     times = []
     with torch.no_grad():
         for _ in range(repeats):
@@ -71,10 +77,7 @@ def _run(provider: str, context: int, device: str, repeats: int) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             del out
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
     return {"seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
 
 

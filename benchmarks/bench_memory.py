@@ -8,9 +8,10 @@ reports:
 
 - ``cache_bytes``: the bytes the cache object holds (tensor storage actually allocated);
 - ``peak_bytes``: on CPU the subprocess's peak resident memory minus its resident memory just
-  before the cache was created (``ru_maxrss``, its high-water mark reset there); on CUDA ``torch.cuda.max_memory_allocated``
-  minus the memory allocated before; i.e. everything the cache and the attention needed. The
-  subprocesses run with glibc's mmap threshold fixed (``_common.peak_rss_env``).
+  before the cache was created (its high-water mark reset there; the subprocesses run with
+  glibc's mmap threshold fixed, ``_common.peak_rss_env``); on CUDA
+  ``torch.cuda.max_memory_allocated`` minus the memory allocated before; i.e. everything the
+  cache and the attention needed.
 
 Writes benchmarks/results/memory.json rows {"context", "config", "cache_bytes",
 "baseline_cache_bytes", "peak_bytes", "baseline_peak_bytes"} and prints the table.
@@ -22,17 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
+
+from _common import (
+    machine,
+    peak_rss_bytes,
+    peak_rss_env,
+    print_table,
+    reset_peak_rss,
+    write_json,
+)
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM = 30, 3, 9, 64
 CONFIGS = {"baseline": None, "K8/V8": (8, 8), "K4/V4": (4, 4), "K4/V2": (4, 2), "K3/V2": (3, 2)}
 STEP = 1024  # tokens per cache update (8192 on CUDA, where the fill is launch-bound)
-
-
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(context: int, config: str, device: str = "cpu") -> dict:
@@ -66,10 +71,8 @@ def measure(context: int, config: str, device: str = "cpu") -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        from _common import reset_peak_rss
-
         reset_peak_rss()
-        before = _rss_bytes()
+        before = peak_rss_bytes()
     if bits is None:
         cache = DynamicCache(config=model_config)
     else:
@@ -105,7 +108,7 @@ def measure(context: int, config: str, device: str = "cpu") -> dict:
         )
     else:
         held = cache.nbytes()
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes()) - before
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()) - before
     return {"cache_bytes": held, "peak_bytes": peak}
 
 
@@ -120,8 +123,6 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(int(args.measure[0]), args.measure[1], args.device)))
         return
-
-    from _common import machine, peak_rss_env, print_table, write_json
 
     rows = []
     for context in args.contexts:
