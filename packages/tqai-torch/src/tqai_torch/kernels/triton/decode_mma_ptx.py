@@ -560,8 +560,10 @@ def value_asm(rescale: bool, value_bits: int = 2) -> str:
     ``$32-$39``, two words each, then ``$40`` the lane's offset in the pair table), P's B
     fragment, then (when ``rescale``) alpha (heads 2t, 2t+1, 2t, 2t+1), then the accumulators.
     Accumulator ``j`` rows g / g+8 are dims ``16 g + 8 (j // 4) + j % 4`` and that + 4.
-    ``rescale``: the accumulators are first multiplied by alpha, skipped (a warp-uniform
-    branch) when no lane's running max moved, i.e. every alpha is 1."""
+    ``rescale``: the accumulators are first multiplied by alpha; V4 skips that (a warp-uniform
+    branch) when no lane's running max moved, i.e. every alpha is 1, V2 always multiplies: its
+    loop step is then one basic block, which ptxas schedules better than the 32 multiplies
+    cost (NOTES, session 17)."""
     p = 40 if value_bits == 2 else 44  # P's B fragment
     alpha = p + 4
     acc = alpha + 4 if rescale else alpha
@@ -570,7 +572,9 @@ def value_asm(rescale: bool, value_bits: int = 2) -> str:
     # (_OUTPUTS_LAST)
     lines += [f"mov.f32 r{i}, ${acc + i};" for i in range(32)]
     lines += [f"mov.b32 bp0, ${p};", f"mov.b32 bp1, ${p + 1};"]
-    if rescale:
+    if rescale and value_bits == 2:
+        lines += [f"mul.f32 r{i}, r{i}, ${alpha + i % 2};" for i in range(32)]
+    elif rescale:
         lines += [
             ".reg .pred moved, other;",
             f"setp.neu.f32 moved, ${alpha}, 0f3F800000;",
