@@ -320,6 +320,19 @@ def test_value_lookup_pairs_two_tokens_per_dim():
                     assert [pair & 0xFFFF, pair >> 16] == [int(table[ca[dim]]), int(table[cb[dim]])]
 
 
+def test_value_products_rescale_without_a_branch_for_two_bit_values():
+    """V2's rescale multiplies every accumulator by alpha with no branch, so that its loop step
+    stays one basic block (measured faster: NOTES, session 17); V4 skips an unmoved rescale
+    behind a warp vote. Both multiply each accumulator by its head's alpha exactly once."""
+    for bits, branches in ((2, False), (4, True)):
+        text = ptx.value_asm(True, bits)
+        assert ("bra.uni" in text) is branches
+        alpha = 44 if bits == 2 else 48
+        for i in range(32):
+            assert text.count(f"mul.f32 r{i}, r{i}, ${alpha + i % 2};") == 1
+        assert "bra" not in ptx.value_asm(False, bits)
+
+
 def test_four_bit_value_lookup_pairs_two_tokens_per_dim():
     """V4 words are looked up in the key pair table (one codebook), then each dim's entries of
     the two tokens are paired, in :func:`value_lookup_lines`'s order."""
