@@ -572,9 +572,8 @@ def value_asm(rescale: bool, value_bits: int = 2) -> str:
     # (_OUTPUTS_LAST)
     lines += [f"mov.f32 r{i}, ${acc + i};" for i in range(32)]
     lines += [f"mov.b32 bp0, ${p};", f"mov.b32 bp1, ${p + 1};"]
-    if rescale and value_bits == 2:
-        lines += [f"mul.f32 r{i}, r{i}, ${alpha + i % 2};" for i in range(32)]
-    elif rescale:
+    skip_unmoved = rescale and value_bits == 4  # V2: no branch, see above
+    if skip_unmoved:
         lines += [
             ".reg .pred moved, other;",
             f"setp.neu.f32 moved, ${alpha}, 0f3F800000;",
@@ -583,7 +582,9 @@ def value_asm(rescale: bool, value_bits: int = 2) -> str:
             "vote.sync.any.pred moved, moved, 0xffffffff;",
             "@!moved bra.uni TQAI_KEEP${:uid};",
         ]
+    if rescale:
         lines += [f"mul.f32 r{i}, r{i}, ${alpha + i % 2};" for i in range(32)]
+    if skip_unmoved:
         lines.append("TQAI_KEEP${:uid}:")
     if value_bits == 2:
         for pair, (wa, wb) in enumerate((("$32", "$33"), ("$34", "$35"))):
