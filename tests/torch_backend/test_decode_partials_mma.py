@@ -158,6 +158,93 @@ def test_mma_calls_back_to_back_each_read_their_own_inputs(graph):
         check_kernel_output(out, refs[i % len(refs)], torch.bfloat16)
 
 
+DRAWN = [  # (case, tokens per split, warps): programs of 8 steps, which draw their chunks
+    ((1, 32, 8, 9001, 4, 3), 2048, 8),
+    ((3, 32, 8, 5000, 0, 0), 1024, 4),  # batch 3, no segments
+    ((1, 16, 2, 20000, 2, 3), 2048, 8),  # G = 8
+    ((2, 24, 8, 7000, 1, 1), 1024, 4),  # G = 3
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("graph", [False, True])
+def test_mma_drawn_chunks_match_reference_call_after_call(bits, graph, monkeypatch):
+    """Programs of many steps draw their chunks from per-KV-head pools at run time: every
+    chunk is walked once (whichever warp draws it), and the pools start from zero again for
+    the next call, eager or replayed from a CUDA graph."""
+    from tqai_torch.kernels.triton import decode_partials_mma as dpm
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    drawn = []
+    rule = ptx.draws_at_run_time
+    monkeypatch.setattr(dpm, "draws_at_run_time", lambda *a: drawn.append(rule(*a)) or drawn[-1])
+    inputs = [
+        (_inputs(case, torch.bfloat16, seed=40 + i, bits=bits), split, warps)
+        for i, (case, split, warps) in enumerate(DRAWN)
+    ]
+
+    def calls():
+        return [
+            decode_attention_triton(
+                q, keys, values, kq, vq, partials="mma", tokens_per_split=split,
+                num_warps=warps, **kw,
+            )
+            for (q, keys, values, kq, vq, kw), split, warps in inputs * 2
+        ]  # fmt: skip
+
+    outs = calls()
+    assert drawn
+    assert all(drawn)
+    runs = [outs, calls()]
+    if graph:
+        torch.cuda.synchronize()
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            outs = calls()
+        for _ in range(2):
+            captured.replay()
+            torch.cuda.synchronize()
+            runs.append([o.clone() for o in outs])
+    torch.cuda.synchronize()
+    for run in runs:
+        for i, out in enumerate(run):
+            q, keys, values, kq, vq, kw = inputs[i % len(inputs)][0]
+            ref = compressed_attention(q.float(), keys, values, kq, vq, **kw)
+            check_kernel_output(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_mma_deterministic_algorithms_keep_the_static_splits(monkeypatch):
+    """With torch's deterministic algorithms on, no chunk is drawn at run time: two calls give
+    the same bits."""
+    from tqai_torch.kernels.triton.decode_attention import decode_attention_triton
+
+    case, split, warps = DRAWN[0]
+    q, keys, values, kq, vq, kw = _inputs(case, torch.bfloat16, seed=40)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    outs = [
+        decode_attention_triton(
+            q, keys, values, kq, vq, partials="mma", tokens_per_split=split, num_warps=warps, **kw
+        )
+        for _ in range(2)
+    ]
+    assert torch.equal(outs[0], outs[1])
+    check_kernel_output(
+        outs[0], compressed_attention(q.float(), keys, values, kq, vq, **kw), torch.bfloat16
+    )
+
+
+def test_chunks_are_drawn_only_for_long_splits_in_one_wave():
+    from tqai_torch.kernels.triton.decode_mma_ptx import DYNAMIC_MIN_STEPS, draws_at_run_time
+
+    steps = DYNAMIC_MIN_STEPS
+    assert draws_at_run_time(False, steps, 264, 264)
+    assert not draws_at_run_time(False, steps - 1, 264, 264)  # too few steps a program
+    assert not draws_at_run_time(False, steps, 265, 264)  # a second wave
+    assert not draws_at_run_time(True, steps, 8, 264)  # per-sequence bounds
+
+
 @pytest.mark.gpu
 def test_mma_and_block_partials_agree_on_a_history_view():
     """A view into a larger buffer is read in place; both partials kernels agree."""

@@ -202,6 +202,20 @@ def program_rows(threads: int, value_bits: int, key_bits: int, stages: int) -> i
     return lut_bytes(key_bits) // row + n_stages
 
 
+# the history's chunks are drawn at run time (DYNAMIC) once a program's share is this many steps
+# (and the call's programs fit one wave): draws_at_run_time
+DYNAMIC_MIN_STEPS = 8
+
+
+def draws_at_run_time(has_bounds: bool, steps: int, programs: int, wave: int) -> bool:
+    """Whether the decode kernel's history programs draw their chunks at run time (its
+    ``DYNAMIC`` build): without per-sequence bounds, when a program's share is at least
+    ``DYNAMIC_MIN_STEPS`` steps and all ``programs`` fit one ``wave``. Measured on the H200
+    (benchmarks/NOTES.md, session 18): at batch 1 it pays from 64K tokens (8 steps a program),
+    costs at 32K (4 steps), and where the segments' programs wait for a second wave (batch 8)."""
+    return not has_bounds and steps >= DYNAMIC_MIN_STEPS and programs <= wave
+
+
 def program_smem(threads: int, value_bits: int, key_bits: int, stages: int) -> int:
     """Bytes of shared memory a program of ``threads`` takes: the kernel's one allocation
     (:func:`program_rows`), and the compiler's exchange of the query rotation's operand beyond

@@ -10,7 +10,13 @@ program that finishes a KV head last (an atomic ticket) merges its parts and wri
 
 Per history program, each warp walks its own tokens, 32 per step (two tiles of 16), and keeps
 its own running max, sum and value accumulator in registers; the warps merge once at the end
-through shared memory. Every tensor is a *per-thread* register tensor (``(32 * W, 4)``, row =
+through shared memory, and the program stores its partial (the sums divided by their softmax
+sum, as fp16). Long splits (:func:`.decode_mma_ptx.draws_at_run_time`) are not fixed ranges:
+each warp takes one chunk of 32 tokens of its own, then draws the next from one of the KV
+head's pools (an atomic counter, a step ahead) until the pool is empty, so that the two
+programs an SM holds, which the warp schedulers do not serve alike, and SMs of unequal speed
+all end together; the order in which chunks are walked then varies between calls (not under
+torch's deterministic algorithms). Every tensor is a *per-thread* register tensor (``(32 * W, 4)``, row =
 thread), so each lane loads exactly the packed words its ``mma.m16n8k16`` fragments need, and
 PTX does the rest:
 
@@ -84,6 +90,7 @@ from tqai_torch.kernels.triton.decode_mma_ptx import (
     SMEM_PER_SM,
     STEP_TOKENS,
     copy_asm,
+    draws_at_run_time,
     key_asm,
     key_stage_offset,
     lane_sum_asm,
@@ -229,6 +236,21 @@ _WAIT_OLDER = gl.constexpr("cp.async.wait_group 1;\nmov.b32 $0, 0;")
 # while the merge ends (only its staging: it waits for this call before reading anything)
 _GRID_WAIT = gl.constexpr("griddepcontrol.wait;\nmov.b32 $0, 0;")
 _GRID_LAUNCH = gl.constexpr("griddepcontrol.launch_dependents;\nmov.b32 $0, 0;")
+# the history's chunks drawn at run time (DYNAMIC): a KV head's chunks in one pool per warp
+# index (warp w of every program draws from pool w: one counter each, on its own 128-byte line,
+# so that no counter takes more than ~1/W of the draws: one counter for all measured ~15 ns
+# a draw, slower than the warps draw). Lane 0 of a warp adds one to its pool's counter (a
+# relaxed atomic: the counter orders nothing, the tickets publish the partials) and holds the
+# old value, the other lanes 0; _BROADCAST, a step later, hands it to the warp, so that the
+# atomic's round trip hides behind a step of compute
+_DRAW = gl.constexpr(
+    "{\n.reg .pred first;\n.reg .b32 lane, tid, wid;\n.reg .b64 at;\n"
+    "mov.u32 lane, %laneid;\nsetp.eq.u32 first, lane, 0;\nmov.u32 tid, %tid.x;\n"
+    "shr.u32 wid, tid, 5;\nmad.wide.u32 at, wid, 128, $1;\nmov.b32 $0, 0;\n"
+    "@first atom.global.add.u32 $0, [at], 1;\n}"
+)
+_WARP_INDEX = gl.constexpr("mov.u32 $0, %tid.x;\nshr.u32 $0, $0, 5;")
+_BROADCAST = gl.constexpr("shfl.sync.idx.b32 $0, $1, 0, 0x1f, 0xffffffff;")
 
 # the (128, 128) fp16 rotations in shared memory, read as tensor-core A operands (ldmatrix):
 # rows of 256 bytes, their 16-byte chunks swizzled by row % 8
@@ -282,6 +304,33 @@ def _copy_step(
         _copy_text(W, MASKED, KB, VB), _COPY_CONS, [kb, vb, tb, stop, g, soff, nb, kso],
         dtype=gl.int32, is_pure=False, pack=4,
     )  # fmt: skip
+
+
+@gluon.jit
+def _draw(pools_ptr):
+    """Start a warp's draw from its pool's counter (int32, at ``pools_ptr`` + 32 x the warp's
+    index): lane 0 holds the count drawn once the atomic returns, the other lanes 0;
+    :func:`_broadcast` reads it."""
+    return gl.inline_asm_elementwise(
+        _DRAW, "=r,l", [pools_ptr], dtype=gl.int32, is_pure=False, pack=1
+    )
+
+
+@gluon.jit
+def _warp_index(any_scalar):
+    """The warp's index in its program, as a scalar (the same in a warp; ``any_scalar``: an
+    input the asm needs, not read)."""
+    return gl.inline_asm_elementwise(
+        _WARP_INDEX, "=r,r", [any_scalar], dtype=gl.int32, is_pure=True, pack=1
+    )
+
+
+@gluon.jit
+def _broadcast(drawn):
+    """Lane 0's value of ``drawn`` (a :func:`_draw`), the same in every lane of the warp."""
+    return gl.inline_asm_elementwise(
+        _BROADCAST, "=r,r", [drawn], dtype=gl.int32, is_pure=False, pack=1
+    )
 
 
 @gluon.jit
@@ -528,6 +577,14 @@ def _merge_segments(
     return m_s, l_s, a_s
 
 
+@gluon.jit
+def _partial_sums(ws_ptr, acc_off):
+    """The history partials' sums: fp16, normalized (divided by their ``l``), at the byte offset
+    of ``acc_off`` float32 words, in parts of ``G x 256`` halves (the float32 parts' bytes: the
+    segments' partials keep float32 sums)."""
+    return (ws_ptr + acc_off).to(gl.pointer_type(gl.float16), bitcast=True)
+
+
 @gluon.constexpr_function
 def _merge_shape(GQ, W):
     """How the merge spreads a round of split partials ``(SC, GQ, 128)`` over its threads:
@@ -576,7 +633,7 @@ def _split_round(
     m_c = gl.load(ws_ptr + m_off + rows, mask=ok, other=-1.0e30)
     l_c = gl.load(ws_ptr + l_off + rows, mask=ok, other=0.0)
     a_c = gl.load(
-        ws_ptr + acc_off + ((first + s0 + s3) * G + h3) * 128 + d3,
+        _partial_sums(ws_ptr, acc_off) + ((first + s0 + s3) * G + h3) * 256 + d3,
         mask=((s0 + s3) < n_hist) & (h3 < G), other=0.0,
     )  # fmt: skip
     return m_c, l_c, a_c
@@ -588,10 +645,10 @@ def _fold_round(m_run, l_run, acc, m_c, l_c, a_c, S3: gl.constexpr):
     with a round of split partials folded in (online softmax over the splits)."""
     m_new = gl.maximum(m_run, gl.max(m_c, axis=0))
     scale = gl.exp2(m_run - m_new)
-    w = gl.exp2(m_c - m_new[None, :])  # (SC, GQ)
-    l_run = l_run * scale + gl.sum(w * l_c, axis=0)
+    w = gl.exp2(m_c - m_new[None, :]) * l_c  # (SC, GQ); the sums come divided by l
+    l_run = l_run * scale + gl.sum(w, axis=0)
     scale_a = gl.convert_layout(scale, gl.SliceLayout(1, gl.SliceLayout(0, S3)))
-    acc = acc * scale_a[:, None] + gl.sum(w[:, :, None] * a_c, axis=0)
+    acc = acc * scale_a[:, None] + gl.sum(w[:, :, None] * a_c.to(gl.float32), axis=0)
     return m_new, l_run, acc
 
 
@@ -732,15 +789,23 @@ def _rotated_query(
 def _history_partial(
     query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off, acc_off, part,
     kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs, start, stop, bounds_ptr,
-    n_pre, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh,
+    n_pre, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb, vn_sh, split, n_static, dyn_ptr,
     G: gl.constexpr, GQ: gl.constexpr, W: gl.constexpr, HAS_BOUNDS: gl.constexpr,
-    KB: gl.constexpr, VB: gl.constexpr,
+    KB: gl.constexpr, VB: gl.constexpr, DYNAMIC: gl.constexpr,
 ):  # fmt: skip
     """The partial of history tokens ``[start, stop)`` (of them the visible ones, when
     ``HAS_BOUNDS``) for the query heads of one KV head: the program's walk, then its warps
     merged and stored at workspace part ``part`` (m / l: 16 rows; sums: ``G x 128`` in the
     values' rotated domain). Before the grid wait it only stages the constants (the query
-    rotation, the tables)."""
+    rotation, the tables).
+
+    ``DYNAMIC`` (no bounds; ``start`` 0, ``stop`` the history's length): the history in chunks
+    of 32 tokens, the last ``n_static`` one per warp (warp ``w`` of program ``split``: chunk
+    ``n_chunks - 1 - (split * W + w)``, in a first, masked step: the tail's partial chunk is
+    among them), the others in ``W`` pools (pool ``j``: chunks ``j, j + W, ...``), drawn one
+    at a time by warp ``j`` of every program of the KV head from its pool's counter at
+    ``dyn_ptr`` + 32 j: each warp walks until its pool runs out, so that the programs end
+    together whatever their share of an SM (NOTES, session 18)."""
     L: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [W, 1], [1, 0])
     r = gl.arange(0, 32 * W, layout=gl.SliceLayout(1, L))
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, L))
@@ -812,19 +877,31 @@ def _history_partial(
         lo = gl.load(bounds_ptr + 2 * b) - n_pre
         stop = gl.minimum(stop, gl.load(bounds_ptr + 2 * b + 1) - n_pre)
     stop4 = tw * 0 + stop
-    for s in gl.static_range(_STAGES - 1):
+    if DYNAMIC:
+        wq = _warp_index(split)
+        drawn = _draw(dyn_ptr)  # the chunk of the second step
+        n_chunks = (stop + 31) // 32
+        n_dyn = n_chunks - n_static
+        first = n_chunks - 1 - (split * W + w)
+        tok_first = gl.where(first >= 0, first * 32, n_chunks * 32)  # none left: all masked
         _copy_step(
-            bases,
-            tw + (start + s * STEP),
-            stop4,
-            g4,
-            tw * 0 + (LUT + s * STAGE_BYTES),  # the stages follow the pair table
-            tw * 0 + (_KEY_STAGE0 + s * _KEY_STAGE_STEP),
-            W,
-            True,
-            KB,
-            VB,
-        )
+            bases, tok_first[:, None] + 0 * c[None, :], stop4, g4, tw * 0 + LUT,
+            tw * 0 + _KEY_STAGE0, W, True, KB, VB,
+        )  # fmt: skip
+    else:
+        for s in gl.static_range(_STAGES - 1):
+            _copy_step(
+                bases,
+                tw + (start + s * STEP),
+                stop4,
+                g4,
+                tw * 0 + (LUT + s * STAGE_BYTES),  # the stages follow the pair table
+                tw * 0 + (_KEY_STAGE0 + s * _KEY_STAGE_STEP),
+                W,
+                True,
+                KB,
+                VB,
+            )
     # the staged rotation has landed (the first stage's copies, newer, may still fly)
     gl.inline_asm_elementwise(_WAIT_OLDER, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
     gl.thread_barrier()
@@ -848,23 +925,64 @@ def _history_partial(
     a5 = gl.zeros([32 * W, 4], gl.float32, layout=L)
     a6 = gl.zeros([32 * W, 4], gl.float32, layout=L)
     a7 = gl.zeros([32 * W, 4], gl.float32, layout=L)
-    n_steps = (gl.maximum(stop - start, 0) + STEP - 1) // STEP
-    # whole steps need no masks (no bounds); the rest of the split takes one masked step
-    n_full = 0
-    if not HAS_BOUNDS:
-        n_full = (stop - start) // STEP
-    for i in range(n_full):
-        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _pipelined_step(
-            i, n_full, start, bases, nrd, tw, stop4, g4, w, g, t, c, lo,
-            stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-            W, False, KB, VB,
+    if DYNAMIC:
+        # the first, static step (masked), then the drawn chunks while the counter lasts; a
+        # warp's copies run a step ahead of its compute and its draws two
+        nxt = wq + _broadcast(drawn) * W
+        drawn = _draw(dyn_ptr)
+        _copy_step(
+            bases, tw * 0 + nxt * 32, stop4, g4, tw * 0 + (LUT + STAGE_BYTES),
+            tw * 0 + (_KEY_STAGE0 + _KEY_STAGE_STEP), W, True, KB, VB,
         )  # fmt: skip
-    for i in range(n_full, n_steps):
-        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _pipelined_step(
-            i, n_full, start, bases, nrd, tw, stop4, g4, w, g, t, c, lo,
-            stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
-            W, True, KB, VB,
+        m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
+            tw * 0 + LUT, tw * 0 + _KEY_STAGE0, nrd, tok_first, g, t, c, lo, stop,
+            q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, W, True, KB,
+            VB,
         )  # fmt: skip
+        # the two stages' offsets, swapped each step by an exclusive or
+        SWAP: gl.constexpr = LUT ^ (LUT + STAGE_BYTES)
+        KSWAP: gl.constexpr = _KEY_STAGE0 ^ (_KEY_STAGE0 + _KEY_STAGE_STEP)
+        here = split * 0 + (LUT + STAGE_BYTES)
+        khere = split * 0 + (_KEY_STAGE0 + _KEY_STAGE_STEP)
+        cur = nxt
+        while cur < n_dyn:
+            nxt = wq + _broadcast(drawn) * W
+            drawn = _draw(dyn_ptr)
+            at = tw * 0 + nxt * 32
+            soff = tw * 0 + (here ^ SWAP)
+            kso = tw * 0 + (khere ^ KSWAP)
+            if VB == 2:
+                _copy_step(bases, at, stop4, g4, soff, kso, W, True, KB, VB)
+            elif nxt < n_dyn:
+                _copy_step(bases, at, stop4, g4, soff, kso, W, False, KB, VB)
+            else:
+                _copy_step(bases, at, stop4, g4, soff, kso, W, True, KB, VB)
+            m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _step(
+                tw * 0 + here, tw * 0 + khere, nrd, w * 0 + cur * 32, g, t, c, lo, stop,
+                q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7, W, False,
+                KB, VB,
+            )  # fmt: skip
+            cur = nxt
+            here = here ^ SWAP
+            khere = khere ^ KSWAP
+    else:
+        n_steps = (gl.maximum(stop - start, 0) + STEP - 1) // STEP
+        # whole steps need no masks (no bounds); the rest of the split takes one masked step
+        n_full = 0
+        if not HAS_BOUNDS:
+            n_full = (stop - start) // STEP
+        for i in range(n_full):
+            m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _pipelined_step(
+                i, n_full, start, bases, nrd, tw, stop4, g4, w, g, t, c, lo,
+                stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
+                W, False, KB, VB,
+            )  # fmt: skip
+        for i in range(n_full, n_steps):
+            m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7 = _pipelined_step(
+                i, n_full, start, bases, nrd, tw, stop4, g4, w, g, t, c, lo,
+                stop, q0, q1, q2, q3, lane4, vtab, m, l_sum, a0, a1, a2, a3, a4, a5, a6, a7,
+                W, True, KB, VB,
+            )  # fmt: skip
     # the copies beyond the split (zero-fill) land, and every warp is done with the table and
     # its stages, before the buffer is reused below
     gl.inline_asm_elementwise(_WAIT_ALL, "=r,f", [m], dtype=gl.int32, is_pure=False, pack=1)
@@ -896,16 +1014,20 @@ def _history_partial(
     real = head < G
     once = (cl < 4) & (cr < 2) & real
     gl.store(ws_ptr + m_off + part * 16 + head, m_tot, mask=once)
-    gl.store(ws_ptr + l_off + part * 16 + head, _merge_column(buf, 9, wts, W, ML), mask=once)
-    out = ws_ptr + acc_off + (part * G + head) * 128 + 16 * (cl // 4) + 4 * (cr // 2)
-    gl.store(out + 0, _merge_column(buf, 0, wts, W, ML), mask=real)
-    gl.store(out + 1, _merge_column(buf, 1, wts, W, ML), mask=real)
-    gl.store(out + 2, _merge_column(buf, 2, wts, W, ML), mask=real)
-    gl.store(out + 3, _merge_column(buf, 3, wts, W, ML), mask=real)
-    gl.store(out + 8, _merge_column(buf, 4, wts, W, ML), mask=real)
-    gl.store(out + 9, _merge_column(buf, 5, wts, W, ML), mask=real)
-    gl.store(out + 10, _merge_column(buf, 6, wts, W, ML), mask=real)
-    gl.store(out + 11, _merge_column(buf, 7, wts, W, ML), mask=real)
+    l_tot = _merge_column(buf, 9, wts, W, ML)
+    gl.store(ws_ptr + l_off + part * 16 + head, l_tot, mask=once)
+    # the sums divided by l as fp16 (the merge's loads halved; the weighted average of the
+    # values' centroids scaled by their norms: fp16's range and precision hold it)
+    inv = gl.where(l_tot > 0.0, 1.0 / l_tot, 0.0)
+    out = _partial_sums(ws_ptr, acc_off) + (part * G + head) * 256 + 16 * (cl // 4) + 4 * (cr // 2)
+    gl.store(out + 0, (_merge_column(buf, 0, wts, W, ML) * inv).to(gl.float16), mask=real)
+    gl.store(out + 1, (_merge_column(buf, 1, wts, W, ML) * inv).to(gl.float16), mask=real)
+    gl.store(out + 2, (_merge_column(buf, 2, wts, W, ML) * inv).to(gl.float16), mask=real)
+    gl.store(out + 3, (_merge_column(buf, 3, wts, W, ML) * inv).to(gl.float16), mask=real)
+    gl.store(out + 8, (_merge_column(buf, 4, wts, W, ML) * inv).to(gl.float16), mask=real)
+    gl.store(out + 9, (_merge_column(buf, 5, wts, W, ML) * inv).to(gl.float16), mask=real)
+    gl.store(out + 10, (_merge_column(buf, 6, wts, W, ML) * inv).to(gl.float16), mask=real)
+    gl.store(out + 11, (_merge_column(buf, 7, wts, W, ML) * inv).to(gl.float16), mask=real)
 
 
 # run-time values the kernel is never specialized on (each call has its own); the other integer
@@ -974,6 +1096,7 @@ def _mma_decode_kernel(
     SEG_SPLIT: gl.constexpr,  # n_segp > 1 (a build apart: the merge's code for one stays lean)
     KB: gl.constexpr,  # key bits: 4, or 3 (values of 2 bits)
     VB: gl.constexpr,  # value bits: 2, or 4 (looked up in the key pair table: one codebook)
+    DYNAMIC: gl.constexpr,  # the history's chunks drawn at run time (no bounds): _history_partial
 ):
     bh = gl.program_id(0)
     split = gl.program_id(1)
@@ -984,6 +1107,14 @@ def _mma_decode_kernel(
     part = bh * n_parts + split
     start = split * split_len
     stop = gl.minimum(start + split_len, T)
+    # DYNAMIC: every history program walks the whole history's drawn chunks (after its own
+    # static one), from the KV head's W pools, lines of 32 counters after the tickets (cnt_ptr:
+    # 32 (W + 1) B * Hkv)
+    n_static = (n_parts - n_segp) * W
+    dyn_ptr = cnt_ptr + 32 * (gl.num_programs(0) + W * bh)
+    if DYNAMIC:
+        start = 0
+        stop = T
     if HAS_SEG:
         if split >= n_parts - n_segp:
             seg_from = 0  # a lone program takes them all (a constant: no spill in this build)
@@ -1000,16 +1131,16 @@ def _mma_decode_kernel(
                 query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
                 acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
                 start, stop, bounds_ptr, n_pre, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb,
-                vn_sh,
-                G, GQ, W, HAS_BOUNDS, KB, VB,
+                vn_sh, split, n_static, dyn_ptr,
+                G, GQ, W, HAS_BOUNDS, KB, VB, DYNAMIC,
             )  # fmt: skip
     else:
         _history_partial(
             query_ptr, stride_qb, stride_qh, rot_ptr, qscale, ws_ptr, m_off, l_off,
             acc_off, part, kp_ptr, kn_ptr, vp_ptr, vn_ptr, ktab_ptr, vtab_ptr, b, h, bs,
             start, stop, bounds_ptr, n_pre, kp_sb, kp_sh, kn_sb, kn_sh, vp_sb, vp_sh, vn_sb,
-            vn_sh,
-            G, GQ, W, HAS_BOUNDS, KB, VB,
+            vn_sh, split, n_static, dyn_ptr,
+            G, GQ, W, HAS_BOUNDS, KB, VB, DYNAMIC,
         )  # fmt: skip
     # take a ticket: the program that takes the last one merges the KV head's parts. The
     # barrier orders every thread's stores of this partial before the ticket, whose release
@@ -1023,6 +1154,10 @@ def _mma_decode_kernel(
             bh * G, G, GQ, W, HAS_SEG, SEG_SPLIT,
         )  # fmt: skip
         gl.store(cnt_ptr + bh, 0)
+        if DYNAMIC:  # every program has taken its ticket: no warp draws any more
+            PL: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+            pool = gl.arange(0, 32 * W, layout=PL)
+            gl.store(dyn_ptr + pool, 0, mask=pool % 32 == 0)
 
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -1113,8 +1248,8 @@ _COUNTERS: dict = {}
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per-KV-head tickets of the fused merge, zero between calls (the last program resets
-    its own)."""
+    """Per-KV-head tickets of the fused merge, then (``DYNAMIC``) the KV heads' pools of drawn
+    chunks, zero between calls (the last program of a KV head resets its own)."""
     found = _COUNTERS.get(device)
     if found is None or found.numel() < n:
         found = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
@@ -1159,15 +1294,20 @@ def launch_mma_decode(
     kp, kn, vp, vn = keys.packed, keys.norms, values.packed, values.norms
     args = (
         query, *query.stride()[:2], qscale, kmat, vmat,
-        ws, m_off, l_off, acc_off, _counters(device, bh), out,
+        ws, m_off, l_off, acc_off, _counters(device, 32 * (num_warps + 1) * bh), out,
         kp, kn, vp, vn, ktab, vtab,
         t, split_len, n_kv, rows_per_seq, query if bounds is None else bounds,
         *kp.stride()[:2], *kn.stride()[:2], *vp.stride()[:2], *vn.stride()[:2],
         *prefix, *suffix, n_segp, seg_span,
     )  # fmt: skip
+    # drawn chunks are walked in an order that varies from call to call (so do the sums'
+    # roundings): not under torch's deterministic algorithms
+    dynamic = not torch.are_deterministic_algorithms_enabled() and draws_at_run_time(
+        bounds is not None, split_len // step, bh * slots, per_sm * sm_count
+    )
     constexprs = (
         g, 1 << (g - 1).bit_length(), num_warps, bounds is not None, has_seg, n_segp > 1,
-        kbits, vbits,
+        kbits, vbits, dynamic,
     )  # fmt: skip
     _launch(device, (bh, slots, 1), args, constexprs)
 
@@ -1197,9 +1337,9 @@ def _launch(device: torch.device, grid: tuple, args: tuple, constexprs: tuple) -
         ints_key(_specialized(args)),
         int_types_key(_ints(args)),
     )
-    g, gq, w, has_bounds, has_seg, seg_split, kb, vb = constexprs
+    g, gq, w, has_bounds, has_seg, seg_split, kb, vb, dynamic = constexprs
     names = {"G": g, "GQ": gq, "W": w, "HAS_BOUNDS": has_bounds, "HAS_SEG": has_seg}
-    names |= {"SEG_SPLIT": seg_split, "KB": kb, "VB": vb}
+    names |= {"SEG_SPLIT": seg_split, "KB": kb, "VB": vb, "DYNAMIC": dynamic}
     _LAUNCHES(
         key, device.index, grid[:2], args, names,
         num_warps=w, maxnreg=_MAX_REGISTERS, launch_pdl=True,
