@@ -235,6 +235,29 @@ def test_mma_deterministic_algorithms_keep_the_static_splits(monkeypatch):
     )
 
 
+def test_outgrown_counters_stay_allocated_for_captured_graphs():
+    """A CUDA graph captured with the counters keeps their address: a larger call's new
+    counters must not free them."""
+    pytest.importorskip("triton")
+    import gc
+    import weakref
+
+    from tqai_torch.kernels.triton import decode_partials_mma as dpm
+
+    device = torch.device("cpu")
+    dpm._COUNTERS.pop(device, None)
+    first = dpm._counters(device, 10)
+    assert dpm._counters(device, 1000) is first
+    gone = weakref.ref(first)
+    del first
+    larger = dpm._counters(device, 5000)
+    gc.collect()
+    assert gone() is not None
+    assert larger.numel() >= 5000
+    assert not larger.any()
+    dpm._COUNTERS.pop(device)
+
+
 def test_chunks_are_drawn_only_for_long_splits_in_one_wave():
     from tqai_torch.kernels.triton.decode_mma_ptx import DYNAMIC_MIN_STEPS, draws_at_run_time
 

@@ -16,9 +16,9 @@ each warp takes one chunk of 32 tokens of its own, then draws the next from one 
 head's pools (an atomic counter, a step ahead) until the pool is empty, so that the two
 programs an SM holds, which the warp schedulers do not serve alike, and SMs of unequal speed
 all end together; the order in which chunks are walked then varies between calls (not under
-torch's deterministic algorithms). Every tensor is a *per-thread* register tensor (``(32 * W, 4)``, row =
-thread), so each lane loads exactly the packed words its ``mma.m16n8k16`` fragments need, and
-PTX does the rest:
+torch's deterministic algorithms). Every tensor is a *per-thread* register tensor
+(``(32 * W, 4)``, row = thread), so each lane loads exactly the packed words its
+``mma.m16n8k16`` fragments need, and PTX does the rest:
 
 * The program first rotates and scales the query heads of its KV head itself, on the tensor
   cores (the fp16 rotation copied into shared memory by ``cp.async`` first), and hands each
@@ -795,9 +795,9 @@ def _history_partial(
 ):  # fmt: skip
     """The partial of history tokens ``[start, stop)`` (of them the visible ones, when
     ``HAS_BOUNDS``) for the query heads of one KV head: the program's walk, then its warps
-    merged and stored at workspace part ``part`` (m / l: 16 rows; sums: ``G x 128`` in the
-    values' rotated domain). Before the grid wait it only stages the constants (the query
-    rotation, the tables).
+    merged and stored at workspace part ``part`` (m / l: 16 rows; the sums divided by l: fp16,
+    ``G x 128`` in the values' rotated domain, :func:`_partial_sums`). Before the grid wait it
+    only stages the constants (the query rotation, the tables).
 
     ``DYNAMIC`` (no bounds; ``start`` 0, ``stop`` the history's length): the history in chunks
     of 32 tokens, the last ``n_static`` one per warp (warp ``w`` of program ``split``: chunk
@@ -1245,14 +1245,20 @@ def serves_mma(query: torch.Tensor, keys: Any, values: Any, key_q: Any, value_q:
 
 
 _COUNTERS: dict = {}
+_OUTGROWN: list = []  # counters a larger call replaced: CUDA graphs may still use them
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """Per-KV-head tickets of the fused merge, then (``DYNAMIC``) the KV heads' pools of drawn
-    chunks, zero between calls (the last program of a KV head resets its own)."""
+    chunks, zero between calls (the last program of a KV head resets its own). A larger call
+    gets a new tensor (at least twice the size); the old one stays allocated, since a CUDA
+    graph captured with it still reads and writes it on every replay."""
     found = _COUNTERS.get(device)
     if found is None or found.numel() < n:
-        found = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        if found is not None:
+            _OUTGROWN.append(found)
+        size = max(n, 1024 if found is None else 2 * found.numel())
+        found = _COUNTERS[device] = torch.zeros(size, dtype=torch.int32, device=device)
     return found
 
 
