@@ -1047,7 +1047,7 @@ def _mma_decode_kernel(
     m_off,
     l_off,
     acc_off,
-    cnt_ptr,  # (>= B * Hkv,) int32 tickets, zero between calls
+    cnt_ptr,  # int32, zero between calls: B * Hkv tickets, then (DYNAMIC) the pools' counters
     out_ptr,  # (B, Hq, 1, 128) contiguous, the query dtype
     kp_ptr,  # packed key rows, 64 bytes each (16-byte aligned)
     kn_ptr,  # key norms, fp16, unit token stride
